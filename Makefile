@@ -1,0 +1,46 @@
+# egress-sidecar: `make run` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.test-installed
+SYSTEM_STAMP := .venv/.system-installed
+
+.PHONY: run test unit e2e sealed bench soak lint clean venv system-deps
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/egress-sidecar run $(if $(CONFIG),--config $(CONFIG))
+
+$(TEST_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+# Debian packages the tests drive for real (nginx upstreams, promtool, curl, unshare/ip).
+$(SYSTEM_STAMP): | $(PY)
+	./scripts/install-system-deps.sh
+	touch $@
+
+system-deps: $(SYSTEM_STAMP)
+
+test: $(TEST_STAMP) $(SYSTEM_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+unit: $(TEST_STAMP)
+	$(PY) -m pytest -q tests/unit
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check sidecar tests || true
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

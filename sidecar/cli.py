@@ -1,0 +1,61 @@
+"""`egress-sidecar` command line: run, check-config, print-default-config, inject."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from sidecar import config as config_module
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egress-sidecar", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="start the sidecar (data and admin listeners)")
+    run.add_argument("--config", metavar="FILE", help="YAML config file (default: the embedded defaults)")
+
+    check = commands.add_parser("check-config", help="validate a config file without starting")
+    check.add_argument("file", metavar="FILE")
+
+    commands.add_parser("print-default-config", help="print the embedded, documented default config")
+
+    inject = commands.add_parser("inject", help="serve the mutating admission webhook over TLS")
+    inject.add_argument("--cert", required=True, metavar="FILE")
+    inject.add_argument("--key", required=True, metavar="FILE")
+    inject.add_argument("--host", default="0.0.0.0")
+    inject.add_argument("--port", type=int, default=8443)
+    inject.add_argument("--settings", metavar="FILE", help="injector settings (YAML): image, defaults")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        try:
+            config_module.load(args.file)
+        except config_module.ConfigError as exc:
+            print(f"egress-sidecar: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.file}: ok")
+        return 0
+    if args.command == "print-default-config":
+        sys.stdout.write(config_module.embedded_default_text())
+        return 0
+    if args.command == "inject":
+        from sidecar.inject.server import serve  # the webhook is not loaded by the data plane
+
+        return serve(cert=args.cert, key=args.key, host=args.host, port=args.port, settings=args.settings)
+    try:
+        config = config_module.load(args.config)
+    except config_module.ConfigError as exc:
+        print(f"egress-sidecar: {exc}", file=sys.stderr)
+        return 2
+    from sidecar.server import run
+
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

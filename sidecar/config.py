@@ -1,0 +1,356 @@
+"""The sidecar's configuration: one frozen object, built and validated once at start.
+
+Every field has a default here, so `egress-sidecar run` works with no file. A YAML file
+overrides any field (dicts merge key by key, lists replace), then a few environment
+variables override the common fields. Validation is msgspec's: an error names the key
+path (`$.pool.max_connections`) and the problem, and start-up stops.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+class Seconds(float):
+    """A duration in seconds, written in config as `5s`, `250ms`, `1m`, `1.5s` or a bare number."""
+
+    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+    _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+    @classmethod
+    def parse(cls, value: object) -> Seconds:
+        if isinstance(value, bool):
+            raise ValueError("expected a duration like `5s` or `250ms`")
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            match = cls._PATTERN.match(value)
+            if not match:
+                raise ValueError(f"expected a duration like `5s` or `250ms`, got {value!r}")
+            number = float(match.group(1)) * cls._UNITS[match.group(2)]
+        else:
+            raise ValueError(f"expected a duration like `5s` or `250ms`, got {value!r}")
+        if number < 0:
+            raise ValueError("a duration cannot be negative")
+        return cls(number)
+
+    def __repr__(self) -> str:
+        return f"{float(self):g}s"
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Seconds:
+        return Seconds.parse(value)
+    raise NotImplementedError(f"unsupported config type {kind!r}")
+
+
+def _enc_hook(value: Any) -> Any:
+    if isinstance(value, Seconds):
+        return f"{float(value):g}s"
+    raise NotImplementedError(f"cannot encode {type(value)!r}")
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base for every config section: immutable, unknown keys are errors (typos fail loudly)."""
+
+
+class Listen(_Section):
+    host: str = "127.0.0.1"
+    port: int = 15001
+    # Binding anywhere but loopback turns the sidecar into a proxy other pods can use:
+    # it must be asked for explicitly.
+    allow_non_loopback: bool = False
+
+
+class AdminListen(_Section):
+    host: str = "0.0.0.0"
+    port: int = 15090
+
+
+class Pool(_Section):
+    max_connections: int = 100
+    # httpcore counts every connection against the keep-alive limit, so a lower value makes
+    # it close and re-handshake connections under load: keep it equal to max_connections.
+    max_keepalive_connections: int = 100
+    keepalive_expiry: Seconds = Seconds(60)
+    http2: bool = False
+
+
+class Timeouts(_Section):
+    connect: Seconds = Seconds(5)
+    read: Seconds = Seconds(30)
+    write: Seconds = Seconds(30)
+    pool: Seconds = Seconds(1)
+
+
+class RouteTimeouts(_Section):
+    """Per-route timeouts; a field left out takes the global value."""
+
+    connect: Seconds | None = None
+    read: Seconds | None = None
+    write: Seconds | None = None
+    pool: Seconds | None = None
+
+
+class TLS(_Section):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Verification is never off unless a route says so explicitly; start-up logs a warning.
+    insecure_skip_verify: bool = False
+
+
+class Policy(_Section):
+    default: Literal["allow-public", "deny"] = "allow-public"
+    allow_hosts: list[str] = []
+    deny_hosts: list[str] = []
+    allow_cidrs: list[str] = []
+    # Destinations reached over plain HTTP instead of HTTPS (forward-proxy form only).
+    plain_http_hosts: list[str] = []
+
+
+class RetryBudget(_Section):
+    percent: float = 20.0
+    window: Seconds = Seconds(10)
+    min_retries: int = 3
+
+
+class Retries(_Section):
+    attempts: int = 0  # retries after the first try
+    on: list[str | int] = msgspec.field(default_factory=lambda: ["connect", "reset"])
+    methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"])
+    backoff_base: Seconds = Seconds(0.025)
+    backoff_max: Seconds = Seconds(0.25)
+    max_body_bytes: int = 65536
+    budget: RetryBudget = RetryBudget()
+
+
+class CircuitBreaker(_Section):
+    consecutive_failures: int = 0  # 0: off
+    window: Seconds = Seconds(10)
+    cooldown: Seconds = Seconds(5)
+
+
+class HeaderValue(_Section):
+    """A header a route injects: a literal `value`, or a secret read from `file`."""
+
+    value: str | None = None
+    file: str | None = None
+    template: str = "{}"
+
+
+class Route(_Section):
+    name: str
+    prefix: str
+    upstream: str
+    timeouts: RouteTimeouts = RouteTimeouts()
+    retries: Retries | None = None
+    circuit_breaker: CircuitBreaker | None = None
+    headers: dict[str, HeaderValue] = {}
+    tls: TLS | None = None
+    http2: bool | None = None
+    max_in_flight: int | None = None
+
+
+class Metrics(_Section):
+    enabled: bool = True
+    max_upstreams: int = 100
+
+
+class Log(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    access: bool = True
+
+
+class Drain(_Section):
+    grace: Seconds = Seconds(20)
+
+
+class Forwarding(_Section):
+    """Headers a proxy may add; off by default so the upstream sees exactly the app's request."""
+
+    via: bool = False
+    x_forwarded_for: bool = False
+    request_id: bool = True  # pass (or generate) x-request-id upstream
+
+
+class Limits(_Section):
+    max_in_flight: int = 1000
+    max_request_line: int = 8192
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    header_timeout: Seconds = Seconds(10)
+    body_idle_timeout: Seconds = Seconds(60)
+
+
+class Config(_Section):
+    listen: Listen = Listen()
+    admin: AdminListen = AdminListen()
+    pool: Pool = Pool()
+    timeouts: Timeouts = Timeouts()
+    tls: TLS = TLS()
+    policy: Policy = Policy()
+    resolve: dict[str, str] = {}
+    routes: list[Route] = []
+    forwarding: Forwarding = Forwarding()
+    limits: Limits = Limits()
+    metrics: Metrics = Metrics()
+    log: Log = Log()
+    drain: Drain = Drain()
+
+
+# Environment variables for the fields a pod spec most often sets, and their key paths.
+ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
+    "EGRESS_LISTEN_HOST": ("listen", "host"),
+    "EGRESS_LISTEN_PORT": ("listen", "port"),
+    "EGRESS_ADMIN_HOST": ("admin", "host"),
+    "EGRESS_ADMIN_PORT": ("admin", "port"),
+    "EGRESS_LOG_LEVEL": ("log", "level"),
+    "EGRESS_LOG_FORMAT": ("log", "format"),
+    "EGRESS_POLICY_DEFAULT": ("policy", "default"),
+    "EGRESS_DRAIN_GRACE": ("drain", "grace"),
+    "EGRESS_POOL_MAX_CONNECTIONS": ("pool", "max_connections"),
+    "EGRESS_POOL_HTTP2": ("pool", "http2"),
+}
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge two raw config mappings: dicts merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The raw config mapping that the EGRESS_* environment variables describe."""
+    raw: dict[str, Any] = {}
+    for name, path in ENV_OVERRIDES.items():
+        if name not in environ:
+            continue
+        value: Any = yaml.safe_load(environ[name]) if environ[name] != "" else ""
+        node = raw
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return raw
+
+
+def from_mapping(raw: Mapping[str, Any]) -> Config:
+    """Validate a raw mapping into a Config, or raise ConfigError naming the key."""
+    try:
+        config = msgspec.convert(raw, Config, dec_hook=_dec_hook, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    check_semantics(config)
+    return config
+
+
+def check_semantics(config: Config) -> None:
+    """Rules that span fields or need more than a type; each error names its key."""
+
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(f"invalid config: {problem} - at `$.{key}`")
+
+    for key, port in (("listen.port", config.listen.port), ("admin.port", config.admin.port)):
+        if not 0 <= port <= 65535:
+            fail(key, f"port {port} is out of range 0-65535")
+    if config.listen.port == config.admin.port and config.listen.port != 0:
+        fail("admin.port", "the admin port must differ from listen.port")
+    if not _is_loopback(config.listen.host) and not config.listen.allow_non_loopback:
+        fail("listen.host", f"{config.listen.host!r} is not loopback; set listen.allow_non_loopback: true "
+             "to expose the proxy beyond the pod (other pods could use it as an open proxy)")
+    if config.pool.max_connections < 1:
+        fail("pool.max_connections", "must be at least 1")
+    if config.pool.max_keepalive_connections != config.pool.max_connections:
+        fail("pool.max_keepalive_connections", "must equal pool.max_connections "
+             "(a lower value makes httpcore close and re-open connections under load)")
+    for index, cidr in enumerate(config.policy.allow_cidrs):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            fail(f"policy.allow_cidrs[{index}]", f"{cidr!r} is not a CIDR range")
+    for name, address in config.resolve.items():
+        try:
+            ipaddress.ip_address(address.strip("[]"))
+        except ValueError:
+            fail(f"resolve.{name}", f"{address!r} is not an IP address")
+    seen: set[str] = set()
+    for index, route in enumerate(config.routes):
+        where = f"routes[{index}]"
+        if route.name in seen:
+            fail(f"{where}.name", f"duplicate route name {route.name!r}")
+        seen.add(route.name)
+        if not route.prefix.startswith("/") or route.prefix.rstrip("/") == "":
+            fail(f"{where}.prefix", f"{route.prefix!r} must start with '/' and name a path segment")
+        if not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", route.upstream):
+            fail(f"{where}.upstream", f"{route.upstream!r} must be an http:// or https:// base URL")
+        for header, source in route.headers.items():
+            if (source.value is None) == (source.file is None):
+                fail(f"{where}.headers.{header}", "set exactly one of `value` or `file`")
+            if "{}" not in source.template:
+                fail(f"{where}.headers.{header}.template", "the template must contain {}")
+        if route.max_in_flight is not None and route.max_in_flight < 1:
+            fail(f"{where}.max_in_flight", "must be at least 1")
+        if route.retries is not None:
+            for reason in route.retries.on:
+                if isinstance(reason, str) and reason not in ("connect", "reset", "timeout"):
+                    fail(f"{where}.retries.on", f"unknown retry reason {reason!r} "
+                         "(connect, reset, timeout, or a status code)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def embedded_default_text() -> str:
+    """The documented default config shipped in the package (what the Helm chart mounts)."""
+    return resources.files("sidecar").joinpath("default.yaml").read_text()
+
+
+def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the effective config: defaults, then the YAML file, then environment variables."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raw = loaded
+    raw = merge(raw, env_overrides(os.environ if environ is None else environ))
+    return from_mapping(raw)
+
+
+def to_builtins(config: Config) -> Any:
+    """Plain data for display (`/config`); callers redact secrets."""
+    return msgspec.to_builtins(config, enc_hook=_enc_hook)
