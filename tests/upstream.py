@@ -30,7 +30,10 @@ class Seen:
     method: str
     target: str
     headers: list[tuple[str, str]]
-    body_size: int = 0
+    body_size: int = 0  # body bytes received so far (updated as they arrive)
+    body_complete: bool = False  # the request body ended properly
+    peer_closed: bool = False  # the client (the sidecar) closed the connection while this request was open
+    connection: int = 0  # the connection's number (1-based, in order of acceptance)
 
 
 @dataclass
@@ -61,6 +64,8 @@ class _Handler:
         self.reader = reader
         self.writer = writer
         self.conn = h11.Connection(h11.SERVER)
+        self.number = 0
+        self.drop_next = False  # /drop-next: the next request on this connection gets no answer
 
     async def send(self, *events: Any) -> None:
         for event in events:
@@ -85,8 +90,18 @@ class _Handler:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
+    async def wait_for_close(self, seen: Seen) -> None:
+        """Read and discard until the peer closes, then record it (stall cases)."""
+        try:
+            while await self.reader.read(65536):
+                pass
+        except (ConnectionError, ssl.SSLError, OSError):
+            pass
+        seen.peer_closed = True
+
     async def run(self) -> None:
         self.state.connections += 1
+        self.number = self.state.connections
         self.state.open_connections += 1
         try:
             while True:
@@ -109,17 +124,24 @@ class _Handler:
             if not self.writer.transport.is_closing():
                 self.writer.close()
 
-    async def read_body(self) -> tuple[int, str]:
+    async def read_body(self, seen: Seen) -> tuple[int, str]:
         digest = hashlib.sha256()
         size = 0
         while True:
-            event = await self.next_event()
+            try:
+                event = await self.next_event()
+            except (ConnectionError, ssl.SSLError, OSError, h11.RemoteProtocolError):
+                seen.peer_closed = True
+                raise ConnectionError("client went away mid-body") from None
             if isinstance(event, h11.Data):
                 size += len(event.data)
+                seen.body_size = size
                 digest.update(event.data)
             elif isinstance(event, h11.EndOfMessage):
+                seen.body_complete = True
                 return size, digest.hexdigest()
             else:
+                seen.peer_closed = True
                 raise ConnectionError("client went away mid-body")
 
     async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes = b"") -> None:
@@ -133,22 +155,26 @@ class _Handler:
         parts = urlsplit(target)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         headers = [(k.decode(), v.decode()) for k, v in request.headers.raw_items()]
-        seen = Seen(request.method.decode(), target, headers)
+        seen = Seen(request.method.decode(), target, headers, connection=self.number)
         self.state.requests.append(seen)
         path = parts.path
+        if self.drop_next:
+            # The keep-alive race: the server gave up on this idle connection just as the
+            # client reused it. It reads the request, then closes without an answer.
+            self.writer.close()
+            return False
         if path == "/reset":
             self.reset()
             return False
         if path == "/stall":
-            await asyncio.sleep(3600)
+            await self.wait_for_close(seen)
             return False
         if path == "/garbage":
             self.writer.write(b"NOT HTTP AT ALL\r\n\r\n")
             await self.writer.drain()
             self.writer.close()
             return False
-        size, sha = await self.read_body()
-        seen.body_size = size
+        size, sha = await self.read_body(seen)
         if path == "/echo" or path.startswith("/echo/"):
             body = json.dumps(
                 {"method": seen.method, "target": target, "headers": headers, "body_size": size, "body_sha256": sha}
@@ -198,6 +224,21 @@ class _Handler:
             await asyncio.sleep(0.05)
             self.reset()
             return False
+        elif path == "/stall-mid":
+            # Headers and the first KiB of 100,000 bytes, then nothing until the peer closes.
+            await self.send(h11.Response(status_code=200, headers=[("content-length", "100000")]))
+            await self.send(h11.Data(data=b"x" * 1024))
+            await self.wait_for_close(seen)
+            return False
+        elif path == "/close-after":
+            # A complete keep-alive response (no `Connection: close`), then the server closes
+            # the connection anyway, as a server whose keep-alive timeout fired would.
+            await self.respond(200, [("content-length", "2")], b"ok")
+            self.writer.close()
+            return False
+        elif path == "/drop-next":
+            await self.respond(200, [("content-length", "2")], b"ok")
+            self.drop_next = True
         elif path == "/close":
             # HTTP/1.0 style: the body ends when the connection closes.
             self.writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + random_bytes(5000, 7))
