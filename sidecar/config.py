@@ -191,12 +191,14 @@ class Forwarding(_Section):
 
 
 class Limits(_Section):
+    """Caps on what one client may send (limits.py enforces the head ones, forward.py the body one)."""
+
     max_in_flight: int = 1000
-    max_request_line: int = 8192
-    max_header_bytes: int = 65536
-    max_headers: int = 100
-    header_timeout: Seconds = Seconds(10)
-    body_idle_timeout: Seconds = Seconds(60)
+    max_request_line: int = 8192  # the request target's length, bytes (414 uri_too_long)
+    max_header_bytes: int = 65536  # header names + values, bytes (431 header_too_large)
+    max_headers: int = 100  # header fields (431 header_too_large)
+    header_timeout: Seconds = Seconds(10)  # the whole request head must arrive within this
+    body_idle_timeout: Seconds = Seconds(60)  # longest silence inside a request body
 
 
 class Config(_Section):
@@ -284,6 +286,14 @@ def check_semantics(config: Config) -> None:
     if config.pool.max_keepalive_connections != config.pool.max_connections:
         fail("pool.max_keepalive_connections", "must equal pool.max_connections "
              "(a lower value makes httpcore close and re-open connections under load)")
+    limits = config.limits
+    for key, number in (("max_request_line", limits.max_request_line), ("max_header_bytes", limits.max_header_bytes),
+                        ("max_headers", limits.max_headers)):
+        if number < 1:
+            fail(f"limits.{key}", "must be at least 1")
+    for key, seconds in (("header_timeout", limits.header_timeout), ("body_idle_timeout", limits.body_idle_timeout)):
+        if float(seconds) <= 0:
+            fail(f"limits.{key}", "must be longer than 0s")
     for index, cidr in enumerate(config.policy.allow_cidrs):
         try:
             ipaddress.ip_network(cidr, strict=False)

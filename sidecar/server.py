@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 import uvloop
 
+from sidecar import limits
 from sidecar import log as log_module
 from sidecar.admin import AdminApp
 from sidecar.config import Config
@@ -34,13 +35,17 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-def _uvicorn_config(app: Any, host: str, port: int, config: Config, http: str = "httptools") -> uvicorn.Config:
+def _uvicorn_config(
+    app: Any, host: str, port: int, config: Config, report: limits.Report, http: str = "httptools"
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="none",
-        http=http,
+        # httptools gets our head limits and deadline (limits.py); h11 only its own size guard.
+        http=limits.protocol_class(config.limits, report) if http == "httptools" else http,
+        h11_max_incomplete_event_size=limits.HeadLimits.from_config(config.limits).max_head_bytes,
         ws="none",
         lifespan="off",
         server_header=False,
@@ -57,8 +62,10 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
     log = log_module.get("egress.server")
     started = time.perf_counter()
     runtime = runtime or build_runtime(config)
-    data = _Server(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config, config.listen.http))
-    admin = _Server(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config))
+    data = _Server(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
+                                   limits.observer_report(runtime.observer, "-"), config.listen.http))
+    admin = _Server(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config,
+                                    limits.observer_report(runtime.observer, "admin")))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0

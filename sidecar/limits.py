@@ -1,0 +1,271 @@
+"""Limits against abuse from inside the pod: oversized request heads and slow clients.
+
+uvicorn's httptools protocol caps neither the request target nor the size or number of
+header fields, and has no deadline for a request head (its only timer is keep-alive, armed
+after a response): one slow or hostile client in the pod could pin connections and memory
+forever. `LimitedHttpToolsProtocol` is uvicorn's protocol with these checks, each answered
+in our error format (errors.py), then the connection is closed, and reported to the observer
+(log line, metric) like every other sidecar error:
+
+| check                                                        | answer                      |
+|--------------------------------------------------------------|-----------------------------|
+| request target longer than `limits.max_request_line` bytes   | 414 `uri_too_long`          |
+| more than `limits.max_headers` fields, or more than          | 431 `header_too_large`      |
+| `limits.max_header_bytes` of names and values                |                             |
+| head still incomplete `limits.header_timeout` after the      | 408 `client_timeout`        |
+| connection opened (first request) or after its first bytes   |                             |
+| a new connection that sent nothing within `header_timeout`   | closed without an answer    |
+| anything httptools cannot parse                              | 400 `bad_request`           |
+
+414 rather than 431 for the target: RFC 9110 15.5.15 names exactly this case, and it tells
+the app which part of its request to shorten. A silent connection gets no 408 (RFC 9112
+9.5): the client may be about to send on it, and would read the 408 as its answer.
+
+httptools hands a header to `on_header` only once it is complete, buffering it meanwhile; so
+`data_received` also bounds the bytes of a head that is still open (one giant header line
+cannot grow without end). That count is per read, so with pipelining it may include the
+tail of the previous request: it errs towards refusing, by at most one read, and only for a
+head already near the limit.
+
+Hot path: the common request head arrives in one read and arms no timer; the checks are a
+few integer operations per header (measured in bench/limits_overhead.py).
+
+The body idle timeout lives in forward.RequestBody: only there is it known that the sidecar
+is waiting for the client, and not the client for a slow upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from sidecar.config import Limits
+from sidecar.errors import ERRORS, error_head
+from sidecar.observe import Exchange, Observer
+
+# report(kind, method, target, detail): called once per refused request or connection.
+Report = Callable[[str, str, str, str], None]
+
+# Per header line on the wire beyond name and value: ": " and CRLF.
+_LINE_OVERHEAD = 4
+# The request line beyond the target (method, spaces, "HTTP/1.1", CRLF) and the final CRLF.
+_HEAD_SLACK = 1024
+_LOGGED_TARGET = 256  # a refused target is logged truncated to this many bytes
+# After a refusal the client may still be sending; closing with unread bytes makes the kernel
+# send RST, which can destroy our answer before the client reads it. So, like nginx's
+# lingering close: half-close, discard what still arrives, close at EOF or after this long.
+_LINGER_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    """The limits a connection checks, as plain numbers (built once from config)."""
+
+    max_target: int
+    max_headers: int
+    max_header_bytes: int
+    header_timeout: float
+
+    @property
+    def max_head_bytes(self) -> int:
+        """Raw bytes an incomplete head may reach before it cannot be a legitimate one."""
+        return self.max_target + self.max_header_bytes + _LINE_OVERHEAD * self.max_headers + _HEAD_SLACK
+
+    @classmethod
+    def from_config(cls, limits: Limits) -> HeadLimits:
+        return cls(
+            max_target=limits.max_request_line,
+            max_headers=limits.max_headers,
+            max_header_bytes=limits.max_header_bytes,
+            header_timeout=float(limits.header_timeout),
+        )
+
+
+def render_error(kind: str) -> bytes:
+    """The complete HTTP/1.1 error response for `kind`, as written when no ASGI cycle exists.
+
+    Always `Connection: close`: the protocol closes the connection after writing it.
+    """
+    status, headers, body = error_head(kind)
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()]
+    lines += [name + b": " + value + b"\r\n" for name, value in headers if name != b"connection"]
+    lines.append(b"connection: close\r\n\r\n")
+    return b"".join(lines) + body
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop httptools; the kind is on the protocol."""
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus head limits and a head deadline (see module doc).
+
+    Use `protocol_class()` to bind the limits and the report callback.
+    """
+
+    limits: ClassVar[HeadLimits]
+    report: ClassVar[Report]
+    responses: ClassVar[dict[str, bytes]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_open = False  # a request head has begun and is not complete
+        self._head_bytes = 0  # bytes read while the head was open
+        self._header_count = 0
+        self._header_bytes = 0
+        self._refusal: tuple[str, str] | None = None  # (kind, detail) set by a parser callback
+        self._lingering = False
+
+    # -- connection ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # uvicorn arms no timer before the first request: a silent connection would live forever.
+        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's data_received, with our answers instead of its plain 400.
+        if self._lingering:
+            return  # refused: discard until the client closes (see _LINGER_SECONDS)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # ws="none": the app answers 501 unsupported; uvicorn only logs here.
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            kind, detail = self._refusal or ("bad_request", f"unparsable request: {exc}")
+            self._refuse(kind, detail)
+            return
+        if self._head_open:
+            # A head spread over several reads: the only case that needs the byte guard and a timer.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_head_bytes:
+                self._refuse("header_too_large", f"request head incomplete after {self._head_bytes} bytes")
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+
+    # -- parser callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_open = True
+        self._head_bytes = 0
+        self._header_count = 0
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url  # httptools calls this once per read the target spans
+        if len(self.url) > self.limits.max_target:
+            self._refusal = ("uri_too_long", f"request target longer than {self.limits.max_target} bytes")
+            raise _Refused
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value)
+        limits = self.limits
+        if self._header_count > limits.max_headers or self._header_bytes > limits.max_header_bytes:
+            self._refusal = (
+                "header_too_large",
+                f"{self._header_count} header fields, {self._header_bytes} bytes "
+                f"(limits {limits.max_headers} fields, {limits.max_header_bytes} bytes)",
+            )
+            raise _Refused
+        # The rest is uvicorn's on_header, inlined: this runs for every header of every request.
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+
+    # -- refusing --------------------------------------------------------------------------
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_open:
+            self._refuse("client_timeout", f"request head incomplete after {self.limits.header_timeout:g}s")
+        elif self.cycle is None:
+            # Nothing sent since the connection opened: close without an answer (module doc).
+            self.transport.close()
+            self.report("client_timeout", "-", "-",
+                        f"new connection sent nothing in {self.limits.header_timeout:g}s; closed without an answer")
+
+    def _refuse(self, kind: str, detail: str) -> None:
+        self._cancel_head_timer()
+        self._head_open = False
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if (self.cycle is None or self.cycle.response_complete) and transport.can_write_eof():
+            transport.write(self.responses[kind])
+            transport.write_eof()
+            self._lingering = True
+            self.loop.call_later(_LINGER_SECONDS, transport.close)
+        else:
+            # An earlier pipelined request's response is still going out: an answer written now
+            # would land inside it, so the connection is only closed (uvicorn's 400 does worse).
+            transport.close()
+        method = "-"
+        if self.url:  # the method precedes the target, so it has been parsed
+            try:
+                method = self.parser.get_method().decode("ascii", "replace")
+            except Exception:  # pragma: no cover - parser already torn down
+                pass
+        target = self.url[:_LOGGED_TARGET].decode("latin-1") if self.url else "-"
+        self.report(kind, method, target, detail)
+
+
+_REFUSALS = ("uri_too_long", "header_too_large", "client_timeout", "bad_request")
+
+
+def protocol_class(limits: Limits, report: Report) -> type[LimitedHttpToolsProtocol]:
+    """A protocol class for `uvicorn.Config(http=...)` bound to these limits and reporter."""
+    return type(
+        "LimitedHttpToolsProtocol",
+        (LimitedHttpToolsProtocol,),
+        {
+            "limits": HeadLimits.from_config(limits),
+            "report": staticmethod(report),
+            "responses": {kind: render_error(kind) for kind in _REFUSALS},
+        },
+    )
+
+
+def observer_report(observer: Observer, route: str) -> Report:
+    """Report refusals through the observer, so they get the log line and metric of any error."""
+
+    def report(kind: str, method: str, target: str, detail: str) -> None:
+        now = time.perf_counter()
+        exchange = Exchange(start=now, method=method, path=target, route=route)
+        exchange.kind, exchange.status, exchange.detail = kind, ERRORS[kind].status, detail
+        observer.started(exchange)
+        exchange.end = time.perf_counter()
+        observer.finished(exchange)
+
+    return report
