@@ -37,17 +37,30 @@ _LOCALHOST = b"127.0.0.1"
 
 
 class RequestBody(httpx.AsyncByteStream):
-    """The app's request body, read from ASGI `receive` as it arrives (never buffered whole)."""
+    """The app's request body, read from ASGI `receive` as it arrives (never buffered whole).
 
-    __slots__ = ("_receive", "size")
+    A client that sends no body bytes for `idle_timeout` while the sidecar waits for them
+    gets 408 `client_timeout` (the upstream sees an incomplete body and a closed connection).
+    Only the wait inside `receive` counts: while the upstream is slow to take the body,
+    uvicorn stops reading from the client, and that silence is not the client's.
+    """
 
-    def __init__(self, receive: Receive) -> None:
+    __slots__ = ("_receive", "_idle_timeout", "size")
+
+    def __init__(self, receive: Receive, idle_timeout: float) -> None:
         self._receive = receive
+        self._idle_timeout = idle_timeout
         self.size = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
-            message = await self._receive()
+            try:
+                async with asyncio.timeout(self._idle_timeout):
+                    message = await self._receive()
+            except TimeoutError:
+                raise EgressError(
+                    "client_timeout", f"no request body bytes for {self._idle_timeout:g}s"
+                ) from None
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected("the app closed its connection while sending the body")
             chunk = message.get("body", b"")
@@ -80,6 +93,7 @@ class ForwardApp:
         self.via = forwarding.via
         self.forwarded_for = forwarding.x_forwarded_for
         self.request_id = forwarding.request_id
+        self.body_idle_timeout = float(runtime.config.limits.body_idle_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,7 +146,7 @@ class ForwardApp:
             if trace is not None:
                 extensions["trace"] = trace
             if has_body:
-                body = RequestBody(receive)
+                body = RequestBody(receive, self.body_idle_timeout)
             request = httpx.Request(
                 scope["method"],
                 _url(target.url_parts()),
