@@ -232,9 +232,12 @@ class _Handler:
             return False
         elif path == "/close-after":
             # A complete keep-alive response (no `Connection: close`), then the server closes
-            # the connection anyway, as a server whose keep-alive timeout fired would.
+            # the connection anyway, as a server whose keep-alive timeout fired would: like
+            # nginx, close_notify then the socket at once (asyncio alone would wait up to 30 s
+            # for the peer's close_notify before sending FIN).
             await self.respond(200, [("content-length", "2")], b"ok")
             self.writer.close()
+            self.writer.transport.abort()
             return False
         elif path == "/drop-next":
             await self.respond(200, [("content-length", "2")], b"ok")
