@@ -45,11 +45,12 @@ class RequestBody(httpx.AsyncByteStream):
     uvicorn stops reading from the client, and that silence is not the client's.
     """
 
-    __slots__ = ("_receive", "_idle_timeout", "size")
+    __slots__ = ("_receive", "_idle_timeout", "_on_end", "size")
 
-    def __init__(self, receive: Receive, idle_timeout: float) -> None:
+    def __init__(self, receive: Receive, idle_timeout: float, on_end: Callable[[], None]) -> None:
         self._receive = receive
         self._idle_timeout = idle_timeout
+        self._on_end = on_end  # called once the whole body is in: receive() is free for the watch
         self.size = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -68,12 +69,57 @@ class RequestBody(httpx.AsyncByteStream):
                 self.size += len(chunk)
                 yield chunk
             if not message.get("more_body", False):
+                self._on_end()
                 return
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class DisconnectWatch:
+    """Cancels the request's task when the app goes away, so the upstream side is closed at once.
+
+    Started once the request body is fully read (before that, RequestBody sees the
+    disconnect itself), it covers the wait for the upstream's headers as well as the relay:
+    an app that gives up on a slow upstream frees the upstream connection and its pool slot
+    then, not at the read timeout. Stopped before the sidecar's last write of a response:
+    uvicorn's receive() also returns http.disconnect once a response is complete.
+    """
+
+    __slots__ = ("_receive", "_task", "_watcher", "seen")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Future[None] | None = None
+        self.seen = False
+
+    def start(self) -> None:
+        if self._watcher is None:
+            self._task = asyncio.current_task()
+            self._watcher = asyncio.ensure_future(_wait_for_disconnect(self._receive))
+            self._watcher.add_done_callback(self._on_done)
+
+    def _on_done(self, watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled() and watcher.exception() is None and self._task is not None:
+            self.seen = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.remove_done_callback(self._on_done)
+            self._watcher.cancel()
+
+    def absorb(self) -> bool:
+        """After a CancelledError: True (and the cancellation undone) if the app's going away caused it."""
+        if not self.seen:
+            return False
+        task = asyncio.current_task()
+        assert task is not None
+        task.uncancel()
+        return True
 
 
 def _url(target_parts: Any) -> httpx.URL:
@@ -113,6 +159,7 @@ class ForwardApp:
         runtime = self.runtime
         headers = scope["headers"]
         body: RequestBody | None = None
+        watch = DisconnectWatch(receive)
         try:
             if runtime.stopping:
                 raise EgressError("draining", "shutting down")
@@ -146,7 +193,9 @@ class ForwardApp:
             if trace is not None:
                 extensions["trace"] = trace
             if has_body:
-                body = RequestBody(receive, self.body_idle_timeout)
+                body = RequestBody(receive, self.body_idle_timeout, watch.start)
+            else:
+                watch.start()
             request = httpx.Request(
                 scope["method"],
                 _url(target.url_parts()),
@@ -155,10 +204,22 @@ class ForwardApp:
                 extensions=extensions,
             )
             response = await runtime.upstream.send(request, route)
+        except asyncio.CancelledError:
+            watch.stop()
+            if not watch.absorb():
+                raise
+            exchange.kind, exchange.status = "client_disconnected", 499
+            exchange.detail = "the app went away before the response headers"
+            return
         except ClientDisconnected as exc:
+            watch.stop()
             exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
             return
         except Exception as exc:  # every failure before the head goes out becomes an error response
+            watch.stop()
+            if watch.absorb():  # the app left at the same moment: nobody to answer
+                exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
+                return
             kind = classify(exc)
             subject = exc.subject if isinstance(exc, EgressError) else None
             await self._send_error(send, exchange, kind, str(exc), subject)
@@ -166,26 +227,15 @@ class ForwardApp:
         finally:
             if body is not None:
                 exchange.bytes_in = body.size
-        await self._relay(response, receive, send, exchange)
+        await self._relay(response, watch, send, exchange)
 
-    async def _relay(self, response: httpx.Response, receive: Receive, send: Send, exchange: Exchange) -> None:
+    async def _relay(self, response: httpx.Response, watch: DisconnectWatch, send: Send, exchange: Exchange) -> None:
         """Stream the upstream response to the app; stop reading upstream if the app goes away."""
         exchange.status = response.status_code
         extensions = response.extensions
         exchange.reused = extensions.get("egress.reused")
         stream = response.stream
-        task = asyncio.current_task()
-        assert task is not None
-        disconnected = False
-
-        def on_disconnect(watcher: asyncio.Future[None]) -> None:
-            nonlocal disconnected
-            if not watcher.cancelled() and watcher.exception() is None:
-                disconnected = True
-                task.cancel()
-
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        watcher.add_done_callback(on_disconnect)
+        watch.start()  # a no-op, unless the upstream answered before taking the whole body
         length_header = response.headers.get("content-length")
         remaining = int(length_header) if length_header is not None and length_header.isdigit() else -1
         try:
@@ -204,27 +254,24 @@ class ForwardApp:
                 # With a known length, the last chunk closes the response in the same write.
                 last = remaining >= 0 and sent >= remaining
                 if last:
-                    watcher.remove_done_callback(on_disconnect)
-                    watcher.cancel()
+                    watch.stop()
                 exchange.bytes_out = sent
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 finished = last
             if not finished:
-                watcher.remove_done_callback(on_disconnect)
-                watcher.cancel()
+                watch.stop()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not disconnected:
+            if not watch.absorb():
                 raise
-            task.uncancel()
             exchange.kind, exchange.detail = "client_disconnected", "the app went away mid-response"
         except Exception as exc:
+            watch.absorb()  # should the app also have left, its pending cancellation goes too
             # The head is out: abort (return without completing), so uvicorn closes the
             # connection and the app sees a truncated body rather than a short one.
             exchange.kind, exchange.detail = classify(exc), f"after response start: {exc}"
         finally:
-            watcher.remove_done_callback(on_disconnect)
-            watcher.cancel()
+            watch.stop()
             await stream.aclose()  # type: ignore[union-attr]
 
     async def _send_error(
