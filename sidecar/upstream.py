@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import httpx
 
 from sidecar.config import TLS, Config
+from sidecar.pool_gate import PoolGate
 from sidecar.routing import CompiledRoute
 
 log = logging.getLogger("egress.upstream")
@@ -100,7 +101,7 @@ class Upstream:
 
     def _transport(self, tls: TLS, http2: bool) -> httpx.AsyncBaseTransport:
         pool = self.config.pool
-        return httpx.AsyncHTTPTransport(
+        transport = httpx.AsyncHTTPTransport(
             verify=ssl_context(tls, http2),
             http1=True,
             http2=http2,
@@ -112,6 +113,8 @@ class Upstream:
             trust_env=False,
             retries=0,
         )
+        # HTTP/1.1 requests wait in a FIFO gate, not in httpcore's pool (see pool_gate.py).
+        return transport if http2 else PoolGate(transport, pool.max_connections)
 
     def transport_for(self, route: CompiledRoute | None) -> httpx.AsyncBaseTransport:
         if route is not None:
