@@ -69,3 +69,27 @@ def established_to(port: int, pid: int | None = None) -> int:
     if pid is not None:
         lines = [line for line in lines if f"pid={pid}," in line]
     return len(lines)
+
+
+def established_on(port: int) -> int:
+    """Established TCP connections whose local end is 127.0.0.1:`port` (a listener's accepted ones)."""
+    out = subprocess.run(["ss", "-tnH", "state", "established", "src", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+def run_load(sidecar: Sidecar, *, total: int, concurrency: int, seconds: float, mix: str = "ok",
+             prefix: str = "/up") -> dict[str, Any]:
+    """Run tests.load_client in its own process (so it does not share this process's GIL with the upstream)."""
+    import json
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.load_client", "--base", sidecar.url, "--prefix", prefix, "--total", str(total),
+         "--concurrency", str(concurrency), "--seconds", str(seconds), "--mix", mix],
+        capture_output=True, text=True, timeout=seconds + 60, cwd=ROOT, check=True,
+    )
+    summary: dict[str, Any] = json.loads(result.stdout)
+    return summary

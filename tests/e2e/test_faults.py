@@ -260,3 +260,16 @@ def test_client_abort_during_a_large_upload_leaves_the_upstream_an_incomplete_bo
     assert not seen.body_complete and seen.body_size <= sent
     faulty.wait_log(lambda e: e.get("kind") == "client_disconnected")
     assert_pool_healthy(faulty)
+
+
+# -- the health check itself ---------------------------------------------------------------------
+
+def test_the_pool_health_check_catches_one_busy_slot(faulty: Sidecar) -> None:
+    # The positive control for every assert_pool_healthy above: one connection held elsewhere
+    # (as a leaked slot would be) makes one of the four holds wait past the pool wait.
+    with httpx.stream("GET", f"{faulty.url}/long/slow?n=40&interval=0.1") as held:
+        assert held.status_code == 200
+        with pytest.raises(AssertionError) as failure:
+            assert_pool_healthy(faulty)
+    assert "503" in str(failure.value) and "pool_timeout" in str(failure.value)
+    faulty.wait_log(lambda e: e.get("kind") == "pool_timeout")
