@@ -13,12 +13,13 @@ from sidecar.inject.app import make_app
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """Bind before uvicorn starts so the real port (port 0: the OS picks) can be logged."""
+    """Bind and listen before uvicorn starts, so the real port (port 0: the OS picks) can be logged
+    and a client that connects right after that line waits in the backlog instead of failing."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host.strip("[]"), port))
-    sock.set_inheritable(True)
+    sock.listen(2048)
     return sock
 
 
