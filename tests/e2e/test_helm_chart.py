@@ -18,7 +18,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from k8s_support import CHART, NAMESPACE, RELEASE, REPO, documents, find, one, render, validate
+from tests.e2e.k8s_support import CHART, NAMESPACE, RELEASE, REPO, documents, find, one, render, validate
 
 MODES: dict[str, dict[str, Any]] = {
     "default": {},

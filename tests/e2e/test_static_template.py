@@ -21,7 +21,7 @@ import pytest
 import trustme
 import yaml
 
-from k8s_support import CHART, Injector, documents, one, render, run_injector, validate
+from tests.e2e.k8s_support import CHART, Injector, documents, one, render, run_injector, validate
 
 PARENT_DEPLOYMENT = """\
 apiVersion: apps/v1

@@ -20,7 +20,7 @@ import jsonpatch
 import pytest
 import trustme
 
-from k8s_support import REPO, Injector, documents, injector_settings, render, run_injector, validate
+from tests.e2e.k8s_support import REPO, Injector, documents, injector_settings, render, run_injector, validate
 
 
 @pytest.fixture(scope="module")

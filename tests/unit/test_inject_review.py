@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sidecar.inject.review import handle
-from inject_data import NATIVE_SETTINGS, admission_review
+from tests.unit.inject_data import NATIVE_SETTINGS, admission_review
 
 
 def answer(body: bytes, ns: bool = False) -> tuple[int, dict[str, Any] | bytes, str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from inject_data import RAW_SETTINGS
+from tests.unit.inject_data import RAW_SETTINGS
 from sidecar.inject import settings as settings_module
 from sidecar.inject.settings import SettingsError
 
