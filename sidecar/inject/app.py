@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from sidecar import log as log_module
 from sidecar.inject.review import Reply, handle
 from sidecar.inject.settings import Settings
 
@@ -66,7 +66,7 @@ def make_app(settings: Settings) -> ASGIApp:
                       ["outcome"], registry=registry)
     for outcome in ("injected", "skipped", "denied", "bad_request", "internal"):
         reviews.labels(outcome)  # export zeros so rate() works from the first scrape
-    log = structlog.get_logger("egress_sidecar.inject")
+    log = log_module.get("egress_sidecar.inject")
     text = b"text/plain; charset=utf-8"
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import socket
 import sys
 
-import structlog
 import uvicorn
 
+from sidecar import log as log_module
+from sidecar.config import Log
 from sidecar.inject import settings as settings_module
-from sidecar.inject.app import make_app
+from sidecar.inject.app import ASGIApp, Receive, Scope, Send, make_app
+from sidecar.inject.certreload import CertReloader
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -23,13 +25,19 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _with_reload(app: ASGIApp, reloader: CertReloader) -> ASGIApp:
+    async def reloading(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            reloader.check()
+        await app(scope, receive, send)
+
+    return reloading
+
+
 def serve(*, cert: str, key: str, host: str, port: int, settings: str | None) -> int:
     """Serve until SIGTERM/SIGINT; return the exit status."""
-    structlog.configure(processors=[structlog.processors.add_log_level,
-                                    structlog.processors.TimeStamper(fmt="iso"),
-                                    structlog.processors.format_exc_info,
-                                    structlog.processors.JSONRenderer()])
-    log = structlog.get_logger("egress_sidecar.inject")
+    log_module.configure(Log())  # the sidecar's format: JSON lines (console on a TTY)
+    log = log_module.get("egress_sidecar.inject")
     if settings is None:
         print("egress-sidecar inject: --settings FILE is required (the Helm chart renders it)", file=sys.stderr)
         return 2
@@ -43,15 +51,24 @@ def serve(*, cert: str, key: str, host: str, port: int, settings: str | None) ->
     except OSError as exc:
         print(f"egress-sidecar inject: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(make_app(loaded), ssl_certfile=cert, ssl_keyfile=key, loop="uvloop",
-                            http="httptools", lifespan="off", access_log=False, log_level="warning",
-                            server_header=False, date_header=False)
+    def reloaded(error: str | None) -> None:
+        if error is None:
+            log.info("inject.certificate_reloaded", cert=cert)
+        else:
+            log.warning("inject.certificate_reload_failed", cert=cert, error=error)
+
+    reloader = CertReloader(cert, key, reloaded)
+    config = uvicorn.Config(_with_reload(make_app(loaded), reloader), ssl_certfile=cert, ssl_keyfile=key,
+                            loop="uvloop", http="httptools", lifespan="off", access_log=False, log_config=None,
+                            proxy_headers=False, server_header=False, date_header=False)
     try:
         config.load()  # loads the certificate now, so a bad one is one clear line, not a traceback
     except (OSError, ValueError) as exc:
         print(f"egress-sidecar inject: cannot load TLS certificate {cert} / key {key}: {exc}", file=sys.stderr)
         sock.close()
         return 2
+    assert config.ssl is not None  # ssl_certfile was given
+    reloader.attach(config.ssl)
     log.info("inject.listening", host=host, port=sock.getsockname()[1], image=loaded.container["image"],
              native=loaded.native)
     uvicorn.Server(config).run(sockets=[sock])

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonpatch
 import pytest
 import trustme
@@ -245,3 +246,33 @@ def test_helm_test_selftest_passes_against_the_injector_and_fails_on_wrong_ca(in
     bad = subprocess.run([sys.executable, "-m", "sidecar.inject.selftest", f"--url={injector.url}/mutate",
                           f"--ca={other_ca}"], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert bad.returncode == 1 and "FAIL" in bad.stderr
+
+
+def test_renewed_certificate_is_served_without_restart(tmp_path: Path) -> None:
+    """cert-manager renews the Secret in place: new handshakes must get the new certificate."""
+    first, second = trustme.CA(), trustme.CA()
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+
+    def install(ca: trustme.CA) -> None:
+        issued = ca.issue_cert("127.0.0.1")
+        # Like the kubelet's atomic writer: new files, then rename over the old names.
+        issued.private_key_pem.write_to_path(str(tmp_path / "new.key"))
+        issued.cert_chain_pems[0].write_to_path(str(tmp_path / "new.crt"))
+        (tmp_path / "new.key").rename(key)
+        (tmp_path / "new.crt").rename(cert)
+
+    install(first)
+    trusts_first, trusts_second = ssl.create_default_context(), ssl.create_default_context()
+    first.configure_trust(trusts_first)
+    second.configure_trust(trusts_second)
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(injector_settings(documents(render())))
+    with run_injector(settings, cert, key, trusts_first) as injector:
+        install(second)
+        assert injector.get("/healthz").status_code == 200  # a probe on a new connection: old cert still
+        injector.log.wait_for(lambda e: e.get("event") == "inject.certificate_reloaded")
+        injector.ca = trusts_second
+        assert injector.get("/healthz").status_code == 200
+        injector.ca = trusts_first
+        with pytest.raises(httpx.ConnectError):
+            injector.get("/healthz")
