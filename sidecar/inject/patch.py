@@ -14,7 +14,13 @@ from typing import Any
 
 from sidecar.inject import overrides as ann
 from sidecar.inject.overrides import InjectError, Overrides
-from sidecar.inject.settings import ADMIN_PORT_ENV, ADMIN_PORT_NAME, DRAIN_GRACE_ENV, LISTEN_PORT_ENV, Settings
+from sidecar.inject.settings import (
+    ADMIN_PORT_ENV,
+    ADMIN_PORT_NAME,
+    DRAIN_GRACE_ENV,
+    LISTEN_PORT_ENV,
+    Settings,
+)
 
 Patch = list[dict[str, Any]]
 PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 def ready(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (loopback http)
+        with urllib.request.urlopen(url, timeout=1) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False

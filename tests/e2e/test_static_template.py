@@ -12,7 +12,6 @@ import base64
 import json
 import shutil
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -11,7 +11,8 @@ import pytest
 from sidecar.inject import settings as settings_module
 from sidecar.inject.overrides import InjectError
 from sidecar.inject.patch import pod_patch, pointer, proxy_env
-from tests.unit.inject_data import CONTAINER, RAW_SETTINGS as RAW, make_settings
+from tests.unit.inject_data import CONTAINER, make_settings
+from tests.unit.inject_data import RAW_SETTINGS as RAW
 
 NATIVE = make_settings()
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from tests.unit.inject_data import RAW_SETTINGS
 from sidecar.inject import settings as settings_module
 from sidecar.inject.settings import SettingsError
+from tests.unit.inject_data import RAW_SETTINGS
 
 
 def raw(**changes: Any) -> dict[str, Any]:
