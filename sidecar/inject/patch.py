@@ -185,7 +185,7 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
         _append(patch, "/spec/containers", spec.get("containers"), container, first=True)
     _append(patch, "/spec/volumes", volumes, volume, first=False)
     grace = over.drain_grace_seconds if over.drain_grace_seconds is not None else settings.drain_grace
-    needed = math.ceil(grace) + GRACE_HEADROOM
+    needed = math.ceil(settings.pre_stop_seconds + grace) + GRACE_HEADROOM
     current = spec.get("terminationGracePeriodSeconds")
     if (current if isinstance(current, int) else DEFAULT_TERMINATION_GRACE) < needed:
         patch.append({"op": "add", "path": "/spec/terminationGracePeriodSeconds", "value": needed})

@@ -40,6 +40,7 @@ class Settings:
     listen_port: int
     admin_port: int
     drain_grace: float
+    pre_stop_seconds: float = 0.0  # a preStop `sleep N` delays SIGTERM (fallback mode)
 
     @property
     def name(self) -> str:
@@ -71,6 +72,15 @@ def _port(container: dict[str, Any], env: str) -> int:
     if text is None or not text.isdigit() or not 0 < int(text) < 65536:
         raise SettingsError(f"container.env {env} must be a port number as a string, got {text!r}")
     return int(text)
+
+
+def _pre_stop_seconds(container: dict[str, Any]) -> float:
+    """N of a rendered `preStop: exec: [sleep, N]` hook, else 0."""
+    hook = ((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}
+    command = hook.get("command") or []
+    if len(command) == 2 and command[0] == "sleep" and str(command[1]).isdigit():
+        return float(command[1])
+    return 0.0
 
 
 def from_mapping(raw: object) -> Settings:
@@ -105,6 +115,7 @@ def from_mapping(raw: object) -> Settings:
         listen_port=_port(container, LISTEN_PORT_ENV),
         admin_port=_port(container, ADMIN_PORT_ENV),
         drain_grace=float(grace),
+        pre_stop_seconds=_pre_stop_seconds(container),
     )
 
 

@@ -191,6 +191,7 @@ def test_fallback_mode_injects_first_container_with_post_start_wait(fallback_inj
     first = patched["spec"]["containers"][0]
     assert first["name"] == "egress-sidecar" and "restartPolicy" not in first
     assert first["lifecycle"]["postStart"]["exec"]["command"][:3] == ["python", "-m", "sidecar.inject.waitready"]
+    assert first["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
     assert patched["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "app"
 
 

@@ -117,6 +117,17 @@ def test_overrides_change_image_resources_ports_grace_and_config_map() -> None:
     assert NATIVE.container["image"] == "egress-sidecar:0.1.0"  # settings were not mutated
 
 
+def test_fallback_pre_stop_delay_counts_towards_the_termination_period() -> None:
+    raw = copy.deepcopy(RAW)
+    del raw["container"]["restartPolicy"]
+    raw["container"]["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    fallback = settings_module.from_mapping(raw)
+    assert fallback.pre_stop_seconds == 5.0
+    assert "terminationGracePeriodSeconds" not in patched(pod(OPTED_IN), fallback)["spec"]  # 5 + 20 + 5 = 30
+    out = patched(pod(OPTED_IN, {"egress-sidecar.io/drain-grace": "40s"}), fallback)
+    assert out["spec"]["terminationGracePeriodSeconds"] == 50
+
+
 def test_default_grace_fits_default_termination_period() -> None:
     assert "terminationGracePeriodSeconds" not in patched(pod(OPTED_IN))["spec"]
 

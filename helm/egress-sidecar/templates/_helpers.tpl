@@ -119,10 +119,17 @@ livenessProbe:
   failureThreshold: 3
 {{- if eq $ctx.mode "fallback" }}
 {{- /* The kubelet starts the next container only when postStart returns: the app waits for us. */}}
+{{- /* All containers get SIGTERM at once in this mode; the sidecar's delays it so the app keeps
+its egress while it shuts down (the sidecar then drains for drainGrace). */}}
 lifecycle:
   postStart:
     exec:
       command: [python, -m, sidecar.inject.waitready, --timeout, {{ $s.startupTimeoutSeconds | int | toString | quote }}]
+  {{- if $s.fallbackPreStopSeconds }}
+  preStop:
+    exec:
+      command: [sleep, {{ $s.fallbackPreStopSeconds | int | toString | quote }}]
+  {{- end }}
 {{- end }}
 resources:
   {{- toYaml $s.resources | nindent 2 }}
