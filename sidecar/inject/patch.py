@@ -33,7 +33,7 @@ GRACE_HEADROOM = 5
 @dataclass(frozen=True)
 class Result:
     patch: Patch
-    reason: str  # injected | not-opted-in | opted-out | already-injected
+    reason: str  # injected | not-opted-in | opted-out | already-injected | host-network
     warnings: tuple[str, ...] = field(default=())
 
 
@@ -155,6 +155,9 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
     if annotations.get(ann.STATUS_ANNOTATION) == "injected" or any(
             c.get("name") == settings.name for c in apps + inits):
         return Result([], "already-injected")
+    if spec.get("hostNetwork") is True:
+        # The sidecar's 127.0.0.1 ports would be the node's, shared by every such pod on it.
+        return Result([], "host-network", ("hostNetwork pods are not injected: the sidecar's ports would be the node's",))
     over = ann.parse(annotations)
     warnings = tuple(f"unknown annotation {key} ignored" for key in over.unknown)
     listen = over.listen_port or settings.listen_port

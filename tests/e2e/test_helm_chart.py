@@ -38,9 +38,25 @@ INJECTOR = f"{RELEASE}-egress-sidecar-injector"
 
 @pytest.mark.parametrize("mode", MODES)
 def test_helm_lint_strict_passes(mode: str) -> None:
-    report = helm.lint(CHART, MODES[mode], strict=True, namespace=NAMESPACE, kube_version="v1.29.0")
-    assert report["errors"] == []
-    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    for kube in ("v1.29.0", "v1.25.0"):  # 1.25: the oldest Chart.yaml allows, where auto means fallback
+        report = helm.lint(CHART, MODES[mode], strict=True, namespace=NAMESPACE, kube_version=kube)
+        assert report["errors"] == []
+        assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_lint_fails_loudly_on_a_broken_chart(tmp_path: Path) -> None:
+    """The lint check can fail: a template that does not parse is reported."""
+    import shutil
+    broken = tmp_path / "egress-sidecar"
+    shutil.copytree(CHART, broken)
+    (broken / "templates" / "service.yaml").write_text("{{ if }}\n")
+    report = helm.lint(broken, {}, strict=True, namespace=NAMESPACE)
+    assert report["errors"] or [m for m in report["messages"] if m["severity"] >= 2]
+
+
+def test_auto_mode_on_a_current_cluster_injects_a_native_sidecar() -> None:
+    settings = yaml.safe_load(one(documents(render()), "ConfigMap", INJECTOR)["data"]["settings.yaml"])
+    assert settings["container"]["restartPolicy"] == "Always" and "lifecycle" not in settings["container"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -86,6 +86,11 @@ def test_injected_pod_gets_empty_patch_on_second_pass() -> None:
     assert (result.patch, result.reason) == ([], "already-injected")
 
 
+def test_host_network_pod_is_skipped_with_a_warning() -> None:
+    result = pod_patch(pod(OPTED_IN, hostNetwork=True), NATIVE, namespace_opted_in=False)
+    assert result.patch == [] and result.reason == "host-network" and "hostNetwork" in result.warnings[0]
+
+
 def test_statically_injected_pod_is_not_injected_again() -> None:
     p = pod(OPTED_IN, initContainers=[copy.deepcopy(CONTAINER)])
     assert pod_patch(p, NATIVE, namespace_opted_in=False).reason == "already-injected"
