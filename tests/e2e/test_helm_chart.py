@@ -7,6 +7,7 @@ evaluated against real label sets; the generated TLS material is checked with cr
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -84,8 +85,8 @@ def test_values_schema_rejects_bad_values_by_key(values: dict[str, Any], message
 
 def test_values_yaml_documents_every_key() -> None:
     """Every key has a comment on the line above (or its own line), except the entries of
-    example data blocks (resources, securityContext) whose key itself is documented."""
-    data_blocks = {"resources", "securityContext", "podSecurityContext"}
+    example data blocks (resources, securityContext, labels) whose key itself is documented."""
+    data_blocks = {"resources", "securityContext", "podSecurityContext", "labels"}
     ancestors: list[tuple[int, str]] = []
     lines = (CHART / "values.yaml").read_text().splitlines()
     for index, line in enumerate(lines):
@@ -246,6 +247,21 @@ def test_podmonitor_is_opt_in_and_scrapes_injected_pods_admin_port() -> None:
     assert monitor["spec"]["selector"] == {"matchLabels": {"egress-sidecar.io/injected": "true"}}
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "egress-admin", "path": "/metrics", "interval": "30s"}]
+
+
+def test_grafana_dashboard_config_map_carries_the_chart_dashboard(tmp_path: Path) -> None:
+    import shutil
+    with pytest.raises(helm.HelmRenderError, match="files/grafana-dashboard.json"):
+        render({"grafanaDashboard": {"enabled": True}})  # no dashboard in the chart yet: say so
+    chart = tmp_path / "egress-sidecar"
+    shutil.copytree(CHART, chart)
+    dashboard = {"title": "egress-sidecar", "panels": [{"type": "timeseries", "title": "requests"}]}
+    (chart / "files" / "grafana-dashboard.json").write_text(json.dumps(dashboard, indent=2))
+    config_map = one(documents(render({"grafanaDashboard": {"enabled": True}}, chart=chart)), "ConfigMap",
+                     f"{RELEASE}-egress-sidecar-dashboard")
+    validate(config_map)
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["egress-sidecar.json"]) == dashboard
 
 
 def test_static_only_mode_renders_no_webhook_but_keeps_the_config() -> None:
