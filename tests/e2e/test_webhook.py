@@ -220,6 +220,9 @@ def test_routes_methods_and_metrics(injector: Injector) -> None:
     bad_before = _count(injector, "bad_request")
     assert injector.post("/mutate", b"not json").status_code == 400
     assert _count(injector, "bad_request") == bad_before + 1
+    lint = subprocess.run(["promtool", "check", "metrics"], input=injector.get("/metrics").text, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
 def _count(injector: Injector, outcome: str) -> float:
