@@ -141,6 +141,42 @@ def _declared_ports(containers: list[dict[str, Any]]) -> dict[int, str]:
     return ports
 
 
+def _refuse_conflicts(spec: dict[str, Any], containers: list[dict[str, Any]], listen: int, admin: int,
+                      volume_name: str) -> None:
+    """Refuse what would make the pod fail at run time: shared ports or a volume name clash."""
+    if listen == admin:
+        raise InjectError(f"listen port and admin port are both {listen}")
+    taken = _declared_ports(containers)
+    for port, which in ((listen, ann.LISTEN_PORT), (admin, ann.ADMIN_PORT)):
+        if port in taken:
+            raise InjectError(f"port {port} is already used by container {taken[port]!r}; "
+                              f"move the sidecar with annotation {which}")
+    volumes = spec.get("volumes")
+    if isinstance(volumes, list) and any(isinstance(v, dict) and v.get("name") == volume_name for v in volumes):
+        raise InjectError(f"the pod already has a volume named {volume_name!r}")
+
+
+def _metadata_ops(pod: Mapping[str, Any], settings: Settings, admin: int, apps: list[dict[str, Any]]) -> Patch:
+    """The injected label, the idempotency marker and the scrape annotations."""
+    metadata = _mapping(pod.get("metadata"))
+    annotations = _mapping(metadata.get("annotations"))
+    new_annotations = {ann.STATUS_ANNOTATION: "injected"}
+    if settings.prometheus_annotations and "prometheus.io/scrape" not in annotations:
+        # Only when the app has none of its own: overwriting would stop its own metrics being scraped.
+        new_annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(admin),
+                                "prometheus.io/path": "/metrics"})
+    if not settings.native and apps and "kubectl.kubernetes.io/default-container" not in annotations:
+        # The sidecar goes first in fallback mode; keep `kubectl logs/exec` on the app by default.
+        new_annotations["kubectl.kubernetes.io/default-container"] = str(apps[0].get("name"))
+    labels = {ann.INJECTED_LABEL: "true"}
+    if not isinstance(pod.get("metadata"), dict):
+        return [{"op": "add", "path": "/metadata", "value": {"labels": labels, "annotations": new_annotations}}]
+    patch: Patch = []
+    _add_entries(patch, "/metadata/labels", metadata.get("labels"), labels)
+    _add_entries(patch, "/metadata/annotations", metadata.get("annotations"), new_annotations)
+    return patch
+
+
 def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in: bool) -> Result:
     """The JSONPatch that injects the sidecar into `pod`, or an empty one with the reason why not."""
     metadata = _mapping(pod.get("metadata"))
@@ -162,17 +198,8 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
     warnings = tuple(f"unknown annotation {key} ignored" for key in over.unknown)
     listen = over.listen_port or settings.listen_port
     admin = over.admin_port or settings.admin_port
-    if listen == admin:
-        raise InjectError(f"listen port and admin port are both {listen}")
-    taken = _declared_ports(apps + inits)
-    for port, which in ((listen, ann.LISTEN_PORT), (admin, ann.ADMIN_PORT)):
-        if port in taken:
-            raise InjectError(f"port {port} is already used by container {taken[port]!r}; "
-                              f"move the sidecar with annotation {which}")
     volume = sidecar_volume(settings, over)
-    volumes = spec.get("volumes")
-    if isinstance(volumes, list) and any(isinstance(v, dict) and v.get("name") == volume["name"] for v in volumes):
-        raise InjectError(f"the pod already has a volume named {volume['name']!r}")
+    _refuse_conflicts(spec, apps + inits, listen, admin, volume["name"])
 
     patch: Patch = []
     if over.set_proxy_env:
@@ -186,25 +213,11 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
         _append(patch, "/spec/initContainers", spec.get("initContainers"), container, first=True)
     else:
         _append(patch, "/spec/containers", spec.get("containers"), container, first=True)
-    _append(patch, "/spec/volumes", volumes, volume, first=False)
+    _append(patch, "/spec/volumes", spec.get("volumes"), volume, first=False)
     grace = over.drain_grace_seconds if over.drain_grace_seconds is not None else settings.drain_grace
     needed = math.ceil(settings.pre_stop_seconds + grace) + GRACE_HEADROOM
     current = spec.get("terminationGracePeriodSeconds")
     if (current if isinstance(current, int) else DEFAULT_TERMINATION_GRACE) < needed:
         patch.append({"op": "add", "path": "/spec/terminationGracePeriodSeconds", "value": needed})
-
-    new_annotations = {ann.STATUS_ANNOTATION: "injected"}
-    if settings.prometheus_annotations and "prometheus.io/scrape" not in annotations:
-        # Only when the app has none of its own: overwriting would stop its own metrics being scraped.
-        new_annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(admin),
-                                "prometheus.io/path": "/metrics"})
-    if not settings.native and apps and "kubectl.kubernetes.io/default-container" not in annotations:
-        # The sidecar goes first in fallback mode; keep `kubectl logs/exec` on the app by default.
-        new_annotations["kubectl.kubernetes.io/default-container"] = str(apps[0].get("name"))
-    if not isinstance(pod.get("metadata"), dict):
-        patch.append({"op": "add", "path": "/metadata",
-                      "value": {"labels": {ann.INJECTED_LABEL: "true"}, "annotations": new_annotations}})
-    else:
-        _add_entries(patch, "/metadata/labels", metadata.get("labels"), {ann.INJECTED_LABEL: "true"})
-        _add_entries(patch, "/metadata/annotations", metadata.get("annotations"), new_annotations)
+    patch.extend(_metadata_ops(pod, settings, admin, apps))
     return Result(patch, "injected", warnings)
