@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import socket
 import sys
 
 import uvicorn
+import uvloop
 
 from sidecar import log as log_module
 from sidecar.config import Log
 from sidecar.inject import settings as settings_module
 from sidecar.inject.app import ASGIApp, Receive, Scope, Send, make_app
 from sidecar.inject.certreload import CertReloader
+from sidecar.server import _Server as SignalFreeServer  # uvicorn.Server that leaves signals to us
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -71,5 +75,14 @@ def serve(*, cert: str, key: str, host: str, port: int, settings: str | None) ->
     reloader.attach(config.ssl)
     log.info("inject.listening", host=host, port=sock.getsockname()[1], image=loaded.container["image"],
              native=loaded.native)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvloop.run(_serve_until_signal(SignalFreeServer(config), sock))
     return 0
+
+
+async def _serve_until_signal(server: uvicorn.Server, sock: socket.socket) -> None:
+    """SIGTERM/SIGINT: finish open requests and exit 0 (uvicorn's own handling would re-raise
+    the signal and end the process with it)."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, setattr, server, "should_exit", True)
+    await server.serve(sockets=[sock])

@@ -280,3 +280,27 @@ def test_renewed_certificate_is_served_without_restart(tmp_path: Path) -> None:
         injector.ca = trusts_first
         with pytest.raises(httpx.ConnectError):
             injector.get("/healthz")
+
+
+def test_sigterm_stops_the_injector_cleanly(tmp_path: Path, tls: Any) -> None:
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(injector_settings(documents(render())))
+    with run_injector(settings, tls[0], tls[1], tls[3]) as injector:
+        process = injector.process
+    assert process.returncode == 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "--settings FILE is required"),
+    (["--settings", "/nonexistent/settings.yaml"], "cannot read settings file"),
+    (["--settings", "{settings}", "--cert", "{settings}"], "cannot load TLS certificate"),
+])
+def test_start_up_errors_are_one_clear_line_and_exit_2(tmp_path: Path, tls: Any, args: list[str], message: str) -> None:
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(injector_settings(documents(render())))
+    argv = ["--cert", str(tls[0]), "--key", str(tls[1]), "--host", "127.0.0.1", "--port", "0"]
+    argv += [a.format(settings=settings) for a in args]
+    result = subprocess.run([sys.executable, "-m", "sidecar", "inject", *argv], capture_output=True, text=True,
+                            timeout=30, cwd=REPO, check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
