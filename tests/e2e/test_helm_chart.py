@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import kubernetes_validate
 import pytest
 import yaml
 from cryptography import x509
@@ -67,6 +68,19 @@ def test_every_rendered_object_validates(mode: str) -> None:
     for doc in docs:
         if doc["kind"] not in CRDS:
             validate(doc)
+
+
+def test_schema_validation_catches_unknown_and_mistyped_fields() -> None:
+    """The validator these tests rely on really rejects bad objects, for both Kubernetes versions."""
+    good = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 80}]}]}}
+    validate(good)
+    kubernetes_validate.validate(good, "1.29.0", strict=True)  # agrees with the library's own entry point
+    for bad in ({"restartPolice": "Always"}, {"ports": [{"containerPort": "eighty"}]}):
+        pod = json.loads(json.dumps(good))
+        pod["spec"]["containers"][0].update(bad)
+        with pytest.raises(AssertionError, match="invalid for Kubernetes 1.29.0"):
+            validate(pod)
 
 
 @pytest.mark.parametrize(("values", "message"), [
