@@ -83,13 +83,17 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.chmod(root, 0o755)
     venv = root / "venv"
     try:
-        subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
-        install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-cache-dir",
-                                  "--disable-pip-version-check", str(wheel)], capture_output=True, text=True, timeout=300, check=False)
+        # As the Dockerfile does: a venv without pip, filled by an outer pip (`pip --python`).
+        subprocess.run([python, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True,
+                       timeout=120)
+        install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                                  "-q", "--no-cache-dir", "--disable-pip-version-check", "--compile", str(wheel)],
+                                 capture_output=True, text=True, timeout=300, check=False)
         assert install.returncode == 0, install.stderr[-2000:]
         with zipfile.ZipFile(wheel) as archive:
             names = set(archive.namelist())
         assert {"sidecar/default.yaml", "sidecar/inject/patch.py", "sidecar/py.typed"} <= names
+        assert not (venv / "bin" / "pip").exists()  # no build tool in what the image ships
         yield venv
     finally:
         shutil.rmtree(root, ignore_errors=True)
