@@ -47,7 +47,8 @@ spec:
           env:
             {{- include "egress-sidecar.proxyEnv" . | nindent 12 }}
       volumes:
-        - {{- include "egress-sidecar.volume" . | nindent 10 }}
+        {{- /* the other way to call it: in the subchart's own scope */}}
+        - {{- include "egress-sidecar.volume" (index .Subcharts "egress-sidecar") | nindent 10 }}
 """
 
 
