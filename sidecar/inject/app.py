@@ -50,8 +50,9 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes,
-                   error_kind: str | None = None) -> None:
+async def _respond(
+    send: Send, status: int, body: bytes, content_type: bytes, error_kind: str | None = None
+) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     if error_kind is not None:
         headers.append((b"x-egress-error", error_kind.encode()))
@@ -62,8 +63,9 @@ async def _respond(send: Send, status: int, body: bytes, content_type: bytes,
 def make_app(settings: Settings) -> ASGIApp:
     """Build the ASGI callable around one immutable Settings."""
     registry = CollectorRegistry()
-    reviews = Counter("egress_injector_reviews", "AdmissionReviews answered, by outcome",
-                      ["outcome"], registry=registry)
+    reviews = Counter(
+        "egress_injector_reviews", "AdmissionReviews answered, by outcome", ["outcome"], registry=registry
+    )
     for outcome in ("injected", "skipped", "denied", "bad_request", "internal"):
         reviews.labels(outcome)  # export zeros so rate() works from the first scrape
     log = log_module.get("egress_sidecar.inject")

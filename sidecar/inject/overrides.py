@@ -36,8 +36,19 @@ _RESOURCES = {
     MEMORY_REQUEST: ("requests", "memory"),
     MEMORY_LIMIT: ("limits", "memory"),
 }
-KNOWN = frozenset({STATUS_ANNOTATION, IMAGE, CONFIG_MAP, LISTEN_PORT, ADMIN_PORT, DRAIN_GRACE,
-                   SET_PROXY_ENV, NO_PROXY, *_RESOURCES})
+KNOWN = frozenset(
+    {
+        STATUS_ANNOTATION,
+        IMAGE,
+        CONFIG_MAP,
+        LISTEN_PORT,
+        ADMIN_PORT,
+        DRAIN_GRACE,
+        SET_PROXY_ENV,
+        NO_PROXY,
+        *_RESOURCES,
+    }
+)
 
 # apimachinery's resource.Quantity grammar (k8s.io/apimachinery/pkg/api/resource/quantity.go).
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")

@@ -33,7 +33,7 @@ GRACE_HEADROOM = 5
 @dataclass(frozen=True)
 class Result:
     patch: Patch
-    reason: str  # injected | not-opted-in | opted-out | already-injected | host-network
+    reason: str  # injected | not-opted-in | opted-out | already-injected | host-network | run-to-completion
     warnings: tuple[str, ...] = field(default=())
 
 
@@ -62,8 +62,12 @@ def proxy_env(listen_port: int, no_proxy: tuple[str, ...]) -> list[dict[str, str
     CONNECT, so https:// calls must keep going direct."""
     proxy = f"http://127.0.0.1:{listen_port}"
     skip = ",".join(dict.fromkeys(no_proxy))  # ordered, duplicates dropped
-    return [{"name": "HTTP_PROXY", "value": proxy}, {"name": "http_proxy", "value": proxy},
-            {"name": "NO_PROXY", "value": skip}, {"name": "no_proxy", "value": skip}]
+    return [
+        {"name": "HTTP_PROXY", "value": proxy},
+        {"name": "http_proxy", "value": proxy},
+        {"name": "NO_PROXY", "value": skip},
+        {"name": "no_proxy", "value": skip},
+    ]
 
 
 def _set_env(container: dict[str, Any], name: str, value: str) -> None:
@@ -141,40 +145,71 @@ def _declared_ports(containers: list[dict[str, Any]]) -> dict[int, str]:
     return ports
 
 
-def _refuse_conflicts(spec: dict[str, Any], containers: list[dict[str, Any]], listen: int, admin: int,
-                      volume_name: str) -> None:
+def _refuse_conflicts(
+    spec: dict[str, Any], containers: list[dict[str, Any]], listen: int, admin: int, volume_name: str
+) -> None:
     """Refuse what would make the pod fail at run time: shared ports or a volume name clash."""
     if listen == admin:
         raise InjectError(f"listen port and admin port are both {listen}")
     taken = _declared_ports(containers)
     for port, which in ((listen, ann.LISTEN_PORT), (admin, ann.ADMIN_PORT)):
         if port in taken:
-            raise InjectError(f"port {port} is already used by container {taken[port]!r}; "
-                              f"move the sidecar with annotation {which}")
+            raise InjectError(
+                f"port {port} is already used by container {taken[port]!r}; "
+                f"move the sidecar with annotation {which}"
+            )
     volumes = spec.get("volumes")
-    if isinstance(volumes, list) and any(isinstance(v, dict) and v.get("name") == volume_name for v in volumes):
+    if isinstance(volumes, list) and any(
+        isinstance(v, dict) and v.get("name") == volume_name for v in volumes
+    ):
         raise InjectError(f"the pod already has a volume named {volume_name!r}")
 
 
-def _metadata_ops(pod: Mapping[str, Any], settings: Settings, admin: int, apps: list[dict[str, Any]]) -> Patch:
+def _metadata_ops(
+    pod: Mapping[str, Any], settings: Settings, admin: int, apps: list[dict[str, Any]]
+) -> Patch:
     """The injected label, the idempotency marker and the scrape annotations."""
     metadata = _mapping(pod.get("metadata"))
     annotations = _mapping(metadata.get("annotations"))
     new_annotations = {ann.STATUS_ANNOTATION: "injected"}
     if settings.prometheus_annotations and "prometheus.io/scrape" not in annotations:
         # Only when the app has none of its own: overwriting would stop its own metrics being scraped.
-        new_annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(admin),
-                                "prometheus.io/path": "/metrics"})
+        new_annotations.update(
+            {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(admin),
+                "prometheus.io/path": "/metrics",
+            }
+        )
     if not settings.native and apps and "kubectl.kubernetes.io/default-container" not in annotations:
         # The sidecar goes first in fallback mode; keep `kubectl logs/exec` on the app by default.
         new_annotations["kubectl.kubernetes.io/default-container"] = str(apps[0].get("name"))
     labels = {ann.INJECTED_LABEL: "true"}
     if not isinstance(pod.get("metadata"), dict):
-        return [{"op": "add", "path": "/metadata", "value": {"labels": labels, "annotations": new_annotations}}]
+        return [
+            {"op": "add", "path": "/metadata", "value": {"labels": labels, "annotations": new_annotations}}
+        ]
     patch: Patch = []
     _add_entries(patch, "/metadata/labels", metadata.get("labels"), labels)
     _add_entries(patch, "/metadata/annotations", metadata.get("annotations"), new_annotations)
     return patch
+
+
+def _unsupported(spec: dict[str, Any], settings: Settings) -> Result | None:
+    """Pods the sidecar would break: skipped (not refused), with a warning kubectl shows."""
+    if spec.get("hostNetwork") is True:
+        # The sidecar's 127.0.0.1 ports would be the node's, shared by every such pod on it.
+        warning = "hostNetwork pods are not injected: the sidecar's ports would be the node's"
+        return Result([], "host-network", (warning,))
+    if not settings.native and spec.get("restartPolicy") in ("Never", "OnFailure"):
+        # A regular sidecar container never exits, so a Job's pod would never complete;
+        # native sidecars (Kubernetes >= 1.29) are stopped when the app containers finish.
+        warning = (
+            "pods that run to completion (Jobs) are not injected in fallback mode: "
+            "the sidecar would keep them running"
+        )
+        return Result([], "run-to-completion", (warning,))
+    return None
 
 
 def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in: bool) -> Result:
@@ -189,11 +224,12 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
         raise InjectError("the pod has no spec")
     apps, inits = _containers(spec, "containers"), _containers(spec, "initContainers")
     if annotations.get(ann.STATUS_ANNOTATION) == "injected" or any(
-            c.get("name") == settings.name for c in apps + inits):
+        c.get("name") == settings.name for c in apps + inits
+    ):
         return Result([], "already-injected")
-    if spec.get("hostNetwork") is True:
-        # The sidecar's 127.0.0.1 ports would be the node's, shared by every such pod on it.
-        return Result([], "host-network", ("hostNetwork pods are not injected: the sidecar's ports would be the node's",))
+    skipped = _unsupported(spec, settings)
+    if skipped is not None:
+        return skipped
     over = ann.parse(annotations)
     warnings = tuple(f"unknown annotation {key} ignored" for key in over.unknown)
     listen = over.listen_port or settings.listen_port
@@ -205,9 +241,14 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
     if over.set_proxy_env:
         env = proxy_env(listen, settings.no_proxy + over.no_proxy)
         for index, container in enumerate(apps):
-            kept = [e for e in container.get("env") or []
-                    if not (isinstance(e, dict) and e.get("name") in PROXY_ENV_NAMES)]
-            patch.append({"op": "add", "path": pointer("spec", "containers", index, "env"), "value": kept + env})
+            kept = [
+                e
+                for e in container.get("env") or []
+                if not (isinstance(e, dict) and e.get("name") in PROXY_ENV_NAMES)
+            ]
+            patch.append(
+                {"op": "add", "path": pointer("spec", "containers", index, "env"), "value": kept + env}
+            )
     container = sidecar_container(settings, over)
     if settings.native:
         _append(patch, "/spec/initContainers", spec.get("initContainers"), container, first=True)

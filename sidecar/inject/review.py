@@ -39,8 +39,9 @@ def _bad(detail: str) -> Reply:
 
 
 def _review(response: dict[str, Any]) -> bytes:
-    return json.dumps({"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}, separators=(",", ":")
+    ).encode()
 
 
 def _request(body: bytes) -> dict[str, Any]:
@@ -48,8 +49,11 @@ def _request(body: bytes) -> dict[str, Any]:
         review = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadReview("body is not JSON") from None
-    if not isinstance(review, dict) or review.get("apiVersion") != API_VERSION \
-            or review.get("kind") != "AdmissionReview":
+    if (
+        not isinstance(review, dict)
+        or review.get("apiVersion") != API_VERSION
+        or review.get("kind") != "AdmissionReview"
+    ):
         raise BadReview(f"body is not an {API_VERSION} AdmissionReview")
     request = review.get("request")
     if not isinstance(request, dict) or not isinstance(request.get("uid"), str) or not request["uid"]:
@@ -73,9 +77,15 @@ def handle(body: bytes, settings: Settings, *, namespace_opted_in: bool) -> Repl
         return _bad(str(exc))
     uid, pod = request["uid"], _pod_name(request)
     kind = request.get("kind")
-    if not isinstance(kind, dict) or (kind.get("group"), kind.get("version"), kind.get("kind")) != ("", "v1", "Pod"):
+    if not isinstance(kind, dict) or (kind.get("group"), kind.get("version"), kind.get("kind")) != (
+        "",
+        "v1",
+        "Pod",
+    ):
         warning = f"egress-sidecar injector only handles v1 Pods, got {kind!r}: nothing injected"
-        return Reply(200, _review({"uid": uid, "allowed": True, "warnings": [warning]}), "skipped", "not-a-pod", pod)
+        return Reply(
+            200, _review({"uid": uid, "allowed": True, "warnings": [warning]}), "skipped", "not-a-pod", pod
+        )
     if request.get("operation") != "CREATE":
         return Reply(200, _review({"uid": uid, "allowed": True}), "skipped", "not-create", pod)
     obj = request.get("object")
@@ -90,7 +100,9 @@ def handle(body: bytes, settings: Settings, *, namespace_opted_in: bool) -> Repl
     response = {"uid": uid, "allowed": True}
     if result.patch:
         response["patchType"] = "JSONPatch"
-        response["patch"] = base64.b64encode(json.dumps(result.patch, separators=(",", ":")).encode()).decode()
+        response["patch"] = base64.b64encode(
+            json.dumps(result.patch, separators=(",", ":")).encode()
+        ).decode()
     if result.warnings:
         response["warnings"] = [f"egress-sidecar: {w}" for w in result.warnings]
     outcome = "injected" if result.patch else "skipped"

@@ -20,14 +20,28 @@ import httpx
 
 
 def review(uid: str) -> dict[str, Any]:
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "egress-sidecar-selftest", "namespace": "default",
-                        "labels": {"egress-sidecar.io/inject": "true"}},
-           "spec": {"containers": [{"name": "app", "image": "app:1"}]}}
-    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                        "resource": {"group": "", "version": "v1", "resource": "pods"},
-                        "namespace": "default", "operation": "CREATE", "object": pod}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "egress-sidecar-selftest",
+            "namespace": "default",
+            "labels": {"egress-sidecar.io/inject": "true"},
+        },
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    }
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "default",
+            "operation": "CREATE",
+            "object": pod,
+        },
+    }
 
 
 def check(answer: Any, uid: str) -> str | None:
@@ -38,7 +52,11 @@ def check(answer: Any, uid: str) -> str | None:
     if response.get("allowed") is not True or response.get("patchType") != "JSONPatch":
         return f"not allowed with a JSONPatch: {json.dumps(response)[:300]}"
     patch = json.loads(base64.b64decode(response["patch"]))
-    values = [op.get("value") for op in patch if op.get("path", "").startswith(("/spec/initContainers", "/spec/containers"))]
+    values = [
+        op.get("value")
+        for op in patch
+        if op.get("path", "").startswith(("/spec/initContainers", "/spec/containers"))
+    ]
     containers = [c for v in values for c in (v if isinstance(v, list) else [v]) if isinstance(c, dict)]
     if not any(c.get("name") == "egress-sidecar" for c in containers):
         return "the patch adds no egress-sidecar container"

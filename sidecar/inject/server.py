@@ -43,7 +43,9 @@ def serve(*, cert: str, key: str, host: str, port: int, settings: str | None) ->
     log_module.configure(Log())  # the sidecar's format: JSON lines (console on a TTY)
     log = log_module.get("egress_sidecar.inject")
     if settings is None:
-        print("egress-sidecar inject: --settings FILE is required (the Helm chart renders it)", file=sys.stderr)
+        print(
+            "egress-sidecar inject: --settings FILE is required (the Helm chart renders it)", file=sys.stderr
+        )
         return 2
     try:
         loaded = settings_module.load(settings)
@@ -55,6 +57,7 @@ def serve(*, cert: str, key: str, host: str, port: int, settings: str | None) ->
     except OSError as exc:
         print(f"egress-sidecar inject: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 2
+
     def reloaded(error: str | None) -> None:
         if error is None:
             log.info("inject.certificate_reloaded", cert=cert)
@@ -62,19 +65,36 @@ def serve(*, cert: str, key: str, host: str, port: int, settings: str | None) ->
             log.warning("inject.certificate_reload_failed", cert=cert, error=error)
 
     reloader = CertReloader(cert, key, reloaded)
-    config = uvicorn.Config(_with_reload(make_app(loaded), reloader), ssl_certfile=cert, ssl_keyfile=key,
-                            loop="uvloop", http="httptools", lifespan="off", access_log=False, log_config=None,
-                            proxy_headers=False, server_header=False, date_header=False)
+    config = uvicorn.Config(
+        _with_reload(make_app(loaded), reloader),
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+    )
     try:
         config.load()  # loads the certificate now, so a bad one is one clear line, not a traceback
     except (OSError, ValueError) as exc:
-        print(f"egress-sidecar inject: cannot load TLS certificate {cert} / key {key}: {exc}", file=sys.stderr)
+        print(
+            f"egress-sidecar inject: cannot load TLS certificate {cert} / key {key}: {exc}", file=sys.stderr
+        )
         sock.close()
         return 2
     assert config.ssl is not None  # ssl_certfile was given
     reloader.attach(config.ssl)
-    log.info("inject.listening", host=host, port=sock.getsockname()[1], image=loaded.container["image"],
-             native=loaded.native)
+    log.info(
+        "inject.listening",
+        host=host,
+        port=sock.getsockname()[1],
+        image=loaded.container["image"],
+        native=loaded.native,
+    )
     uvloop.run(_serve_until_signal(SignalFreeServer(config), sock))
     return 0
 

@@ -94,7 +94,9 @@ def from_mapping(raw: object) -> Settings:
         raise SettingsError("`container.image` must be set")
     if not isinstance(volume, dict) or not isinstance(volume.get("configMap"), dict):
         raise SettingsError("`volume` must be a configMap volume")
-    if not any(isinstance(p, dict) and p.get("name") == ADMIN_PORT_NAME for p in container.get("ports") or []):
+    if not any(
+        isinstance(p, dict) and p.get("name") == ADMIN_PORT_NAME for p in container.get("ports") or []
+    ):
         raise SettingsError(f"`container.ports` must name the admin port {ADMIN_PORT_NAME!r}")
     grace_text = env_value(container, DRAIN_GRACE_ENV)
     try:

@@ -82,7 +82,9 @@ def _validator(version: str, kind: str, api_version: str) -> jsonschema.Draft202
 def validate(obj: dict[str, Any]) -> None:
     """Strict schema validation (unknown fields are errors) for every version in KUBE_VERSIONS."""
     for version in KUBE_VERSIONS:
-        error = jsonschema.exceptions.best_match(_validator(version, obj["kind"], obj["apiVersion"]).iter_errors(obj))
+        error = jsonschema.exceptions.best_match(
+            _validator(version, obj["kind"], obj["apiVersion"]).iter_errors(obj)
+        )
         if error is not None:
             path = ".".join(str(p) for p in error.absolute_path)
             raise AssertionError(f"{obj['kind']} invalid for Kubernetes {version} at {path}: {error.message}")
@@ -153,9 +155,27 @@ def run_injector(settings_file: Path, cert: Path, key: Path, ca: ssl.SSLContext)
     """Start `python -m sidecar inject` on an ephemeral port; stop it (by PID) afterwards."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "inject", "--cert", str(cert), "--key", str(key),
-         "--host", "127.0.0.1", "--port", "0", "--settings", str(settings_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "inject",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--settings",
+            str(settings_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
     log = LogReader(process.stdout)
     try:
         # The injector listens before it logs this line, so the first request cannot be refused.

@@ -25,13 +25,24 @@ from tests.e2e.k8s_support import CHART, NAMESPACE, RELEASE, REPO, documents, fi
 MODES: dict[str, dict[str, Any]] = {
     "default": {},
     "cert-manager": {"webhook": {"certManager": {"enabled": True}}},
-    "cert-manager-issuer": {"webhook": {"certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}},
+    "cert-manager-issuer": {
+        "webhook": {
+            "certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}
+        }
+    },
     "podmonitor": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "fallback": {"sidecar": {"mode": "fallback"}},
     "static-only": {"injector": {"enabled": False}},
-    "fail-closed": {"webhook": {"failurePolicy": "Fail"}, "injector": {"priorityClassName": "system-cluster-critical"}},
-    "config-override": {"sidecar": {"config": {"policy": {"default": "deny", "allow_hosts": ["api.github.com"]}},
-                                    "configNamespaces": ["shop", "billing"]}},
+    "fail-closed": {
+        "webhook": {"failurePolicy": "Fail"},
+        "injector": {"priorityClassName": "system-cluster-critical"},
+    },
+    "config-override": {
+        "sidecar": {
+            "config": {"policy": {"default": "deny", "allow_hosts": ["api.github.com"]}},
+            "configNamespaces": ["shop", "billing"],
+        }
+    },
 }
 # Custom resources have no schema in kubernetes-validate; their fields are asserted below.
 CRDS = {"PodMonitor", "Certificate", "Issuer"}
@@ -49,6 +60,7 @@ def test_helm_lint_strict_passes(mode: str) -> None:
 def test_lint_fails_loudly_on_a_broken_chart(tmp_path: Path) -> None:
     """The lint check can fail: a template that does not parse is reported."""
     import shutil
+
     broken = tmp_path / "egress-sidecar"
     shutil.copytree(CHART, broken)
     (broken / "templates" / "service.yaml").write_text("{{ if }}\n")
@@ -72,8 +84,12 @@ def test_every_rendered_object_validates(mode: str) -> None:
 
 def test_schema_validation_catches_unknown_and_mistyped_fields() -> None:
     """The validator these tests rely on really rejects bad objects, for both Kubernetes versions."""
-    good = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
-            "spec": {"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 80}]}]}}
+    good = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 80}]}]},
+    }
     validate(good)
     kubernetes_validate.validate(good, "1.29.0", strict=True)  # agrees with the library's own entry point
     for bad in ({"restartPolice": "Always"}, {"ports": [{"containerPort": "eighty"}]}):
@@ -83,15 +99,18 @@ def test_schema_validation_catches_unknown_and_mistyped_fields() -> None:
             validate(pod)
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"webhook": {"failurePolicy": "Sometimes"}}, "/webhook/failurePolicy"),
-    ({"webhook": {"timeoutSeconds": 31}}, "/webhook/timeoutSeconds"),
-    ({"sidecar": {"mode": "sometimes"}}, "/sidecar/mode"),
-    ({"sidecar": {"listenPort": 0}}, "/sidecar/listenPort"),
-    ({"sidecar": {"drainGrace": "twenty"}}, "/sidecar/drainGrace"),
-    ({"sidecar": {"resources": {"limits": {"memory": "lots"}}}}, "/sidecar/resources/limits/memory"),
-    ({"injectr": {}}, "injectr"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"webhook": {"failurePolicy": "Sometimes"}}, "/webhook/failurePolicy"),
+        ({"webhook": {"timeoutSeconds": 31}}, "/webhook/timeoutSeconds"),
+        ({"sidecar": {"mode": "sometimes"}}, "/sidecar/mode"),
+        ({"sidecar": {"listenPort": 0}}, "/sidecar/listenPort"),
+        ({"sidecar": {"drainGrace": "twenty"}}, "/sidecar/drainGrace"),
+        ({"sidecar": {"resources": {"limits": {"memory": "lots"}}}}, "/sidecar/resources/limits/memory"),
+        ({"injectr": {}}, "injectr"),
+    ],
+)
 def test_values_schema_rejects_bad_values_by_key(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmValuesError, match=message):
         render(values)
@@ -126,16 +145,28 @@ def test_injector_deployment_is_hardened_and_highly_available() -> None:
     container = pod_spec["containers"][0]
     assert spec["replicas"] == 2 and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert container["args"][0] == "inject"
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "webhook", "scheme": "HTTPS"}
+    assert container["readinessProbe"]["httpGet"] == {
+        "path": "/healthz",
+        "port": "webhook",
+        "scheme": "HTTPS",
+    }
     assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
-    assert pod_spec["securityContext"]["runAsNonRoot"] and pod_spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}}
+    assert (
+        pod_spec["securityContext"]["runAsNonRoot"]
+        and pod_spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     assert set(container["resources"]) == {"requests", "limits"}
     assert pod_spec["automountServiceAccountToken"] is False
     pdb = one(docs, "PodDisruptionBudget", INJECTOR)
     labels = spec["template"]["metadata"]["labels"]
-    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert (
+        pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    )
     service = one(docs, "Service", INJECTOR)
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["ports"][0]["targetPort"] == "webhook"
@@ -153,25 +184,34 @@ def test_settings_change_rolls_the_injector() -> None:
 
 # --- the webhook configuration and its selectors -------------------------------------------------
 
+
 def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     """metav1.LabelSelector semantics (matchLabels AND every matchExpression)."""
     if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
         return False
     for expression in selector.get("matchExpressions") or []:
         key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
-        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
-              "Exists": key in labels, "DoesNotExist": key not in labels}[operator]
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
         if not ok:
             return False
     return True
 
 
-def _called(webhooks: list[dict[str, Any]], namespace: str, ns_labels: dict[str, str],
-            pod_labels: dict[str, str]) -> list[str]:
+def _called(
+    webhooks: list[dict[str, Any]], namespace: str, ns_labels: dict[str, str], pod_labels: dict[str, str]
+) -> list[str]:
     """The injector paths the API server would call for a pod (Kubernetes adds the name label)."""
     ns_labels = {**ns_labels, "kubernetes.io/metadata.name": namespace}
-    return [w["clientConfig"]["service"]["path"] for w in webhooks
-            if _matches(w["namespaceSelector"], ns_labels) and _matches(w["objectSelector"], pod_labels)]
+    return [
+        w["clientConfig"]["service"]["path"]
+        for w in webhooks
+        if _matches(w["namespaceSelector"], ns_labels) and _matches(w["objectSelector"], pod_labels)
+    ]
 
 
 def test_webhook_configuration_is_safe_by_default() -> None:
@@ -181,10 +221,21 @@ def test_webhook_configuration_is_safe_by_default() -> None:
     for webhook in config["webhooks"]:
         assert webhook["failurePolicy"] == "Ignore" and webhook["sideEffects"] == "None"
         assert webhook["admissionReviewVersions"] == ["v1"] and webhook["timeoutSeconds"] <= 10
-        assert webhook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                                     "resources": ["pods"], "scope": "Namespaced"}]
-        assert webhook["clientConfig"]["service"] == {**webhook["clientConfig"]["service"], "name": INJECTOR,
-                                                      "namespace": NAMESPACE, "port": 443}
+        assert webhook["rules"] == [
+            {
+                "operations": ["CREATE"],
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "resources": ["pods"],
+                "scope": "Namespaced",
+            }
+        ]
+        assert webhook["clientConfig"]["service"] == {
+            **webhook["clientConfig"]["service"],
+            "name": INJECTOR,
+            "namespace": NAMESPACE,
+            "port": 443,
+        }
     fail = one(documents(render({"webhook": {"failurePolicy": "Fail"}})), "MutatingWebhookConfiguration")
     assert {w["failurePolicy"] for w in fail["webhooks"]} == {"Fail"}
 
@@ -193,16 +244,20 @@ OPT_IN = {"egress-sidecar.io/inject": "true"}
 OPT_OUT = {"egress-sidecar.io/inject": "false"}
 
 
-@pytest.mark.parametrize(("namespace", "ns_labels", "pod_labels", "paths"), [
-    ("shop", {}, {"app": "web"}, []),
-    ("shop", {}, {**OPT_IN, "app": "web"}, ["/mutate"]),
-    ("shop", OPT_IN, {"app": "web"}, ["/mutate/namespace"]),
-    ("shop", OPT_IN, OPT_IN, ["/mutate/namespace"]),  # reviewed once, not twice
-    ("shop", OPT_IN, OPT_OUT, []),
-    ("kube-system", OPT_IN, OPT_IN, []),
-])
-def test_webhook_selectors_route_each_pod_to_at_most_one_entry(namespace: str, ns_labels: dict[str, str],
-                                                              pod_labels: dict[str, str], paths: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("namespace", "ns_labels", "pod_labels", "paths"),
+    [
+        ("shop", {}, {"app": "web"}, []),
+        ("shop", {}, {**OPT_IN, "app": "web"}, ["/mutate"]),
+        ("shop", OPT_IN, {"app": "web"}, ["/mutate/namespace"]),
+        ("shop", OPT_IN, OPT_IN, ["/mutate/namespace"]),  # reviewed once, not twice
+        ("shop", OPT_IN, OPT_OUT, []),
+        ("kube-system", OPT_IN, OPT_IN, []),
+    ],
+)
+def test_webhook_selectors_route_each_pod_to_at_most_one_entry(
+    namespace: str, ns_labels: dict[str, str], pod_labels: dict[str, str], paths: list[str]
+) -> None:
     webhooks = one(documents(render()), "MutatingWebhookConfiguration")["webhooks"]
     assert _called(webhooks, namespace, ns_labels, pod_labels) == paths
 
@@ -223,15 +278,23 @@ def test_generated_tls_is_a_ca_signed_serving_cert_for_the_service() -> None:
     ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
     cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
     cert.verify_directly_issued_by(ca)
-    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    )
     assert f"{INJECTOR}.{NAMESPACE}.svc" in names
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     key = load_pem_private_key(base64.b64decode(secret["data"]["tls.key"]), password=None)
-    assert isinstance(key, rsa.RSAPrivateKey) and key.public_key().public_numbers() == cert.public_key().public_numbers()
+    assert (
+        isinstance(key, rsa.RSAPrivateKey)
+        and key.public_key().public_numbers() == cert.public_key().public_numbers()
+    )
     bundles = {w["clientConfig"]["caBundle"] for w in one(docs, "MutatingWebhookConfiguration")["webhooks"]}
     assert bundles == {secret["data"]["ca.crt"]}
     deployment = one(docs, "Deployment", INJECTOR)
-    assert {"name": "tls", "secret": {"secretName": secret["metadata"]["name"]}} in deployment["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tls", "secret": {"secretName": secret["metadata"]["name"]}} in deployment["spec"][
+        "template"
+    ]["spec"]["volumes"]
 
 
 def test_cert_manager_mode_uses_a_certificate_and_ca_injection() -> None:
@@ -260,19 +323,25 @@ def test_podmonitor_is_opt_in_and_scrapes_injected_pods_admin_port() -> None:
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["selector"] == {"matchLabels": {"egress-sidecar.io/injected": "true"}}
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
-    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "egress-admin", "path": "/metrics", "interval": "30s"}]
+    assert monitor["spec"]["podMetricsEndpoints"] == [
+        {"port": "egress-admin", "path": "/metrics", "interval": "30s"}
+    ]
 
 
 def test_grafana_dashboard_config_map_carries_the_chart_dashboard(tmp_path: Path) -> None:
     import shutil
+
     with pytest.raises(helm.HelmRenderError, match="files/grafana-dashboard.json"):
         render({"grafanaDashboard": {"enabled": True}})  # no dashboard in the chart yet: say so
     chart = tmp_path / "egress-sidecar"
     shutil.copytree(CHART, chart)
     dashboard = {"title": "egress-sidecar", "panels": [{"type": "timeseries", "title": "requests"}]}
     (chart / "files" / "grafana-dashboard.json").write_text(json.dumps(dashboard, indent=2))
-    config_map = one(documents(render({"grafanaDashboard": {"enabled": True}}, chart=chart)), "ConfigMap",
-                     f"{RELEASE}-egress-sidecar-dashboard")
+    config_map = one(
+        documents(render({"grafanaDashboard": {"enabled": True}}, chart=chart)),
+        "ConfigMap",
+        f"{RELEASE}-egress-sidecar-dashboard",
+    )
     validate(config_map)
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"]["egress-sidecar.json"]) == dashboard
@@ -294,14 +363,23 @@ def test_helm_test_hook_posts_to_the_service_name_the_cert_covers() -> None:
 
 # --- the sidecar config ConfigMap ------------------------------------------------------------------
 
+
 def _config_maps(values: dict[str, Any]) -> dict[str, str]:
-    return {d["metadata"]["namespace"]: d["data"]["config.yaml"]
-            for d in find(documents(render(values)), "ConfigMap", "egress-sidecar-config")}
+    return {
+        d["metadata"]["namespace"]: d["data"]["config.yaml"]
+        for d in find(documents(render(values)), "ConfigMap", "egress-sidecar-config")
+    }
 
 
 def test_default_config_map_carries_the_documented_default_config_verbatim() -> None:
-    printed = subprocess.run([sys.executable, "-m", "sidecar", "print-default-config"], capture_output=True,
-                             text=True, check=True, cwd=REPO, timeout=30).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "sidecar", "print-default-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        timeout=30,
+    ).stdout
     assert (CHART / "files" / "default.yaml").read_text() == printed
     assert _config_maps({}) == {NAMESPACE: printed}
 
@@ -314,8 +392,14 @@ def test_config_overrides_merge_and_pass_check_config_in_every_namespace(tmp_pat
     assert merged["drain"]["grace"] == "20s"  # untouched defaults survive the merge
     path = tmp_path / "config.yaml"
     path.write_text(maps["shop"])
-    check = subprocess.run([sys.executable, "-m", "sidecar", "check-config", str(path)], capture_output=True,
-                           text=True, cwd=REPO, timeout=30, check=False)
+    check = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+        check=False,
+    )
     assert check.returncode == 0, check.stderr
 
 

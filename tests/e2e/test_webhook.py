@@ -36,7 +36,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, ssl
     return directory / "tls.crt", directory / "tls.key", directory / "ca.crt", context
 
 
-def _start(tmp: Path, tls: tuple[Path, Path, Path, ssl.SSLContext], values: dict[str, Any]) -> Iterator[Injector]:
+def _start(
+    tmp: Path, tls: tuple[Path, Path, Path, ssl.SSLContext], values: dict[str, Any]
+) -> Iterator[Injector]:
     settings = tmp / "settings.yaml"
     settings.write_text(injector_settings(documents(render(values))))
     with run_injector(settings, tls[0], tls[1], tls[3]) as injector:
@@ -59,19 +61,37 @@ def pod(labels: dict[str, str] | None = None, annotations: dict[str, str] | None
         metadata["labels"] = labels
     if annotations is not None:
         metadata["annotations"] = annotations
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
-            "spec": {"containers": [{"name": "app", "image": "shop/web:1.4", "ports": [{"containerPort": 8080}]}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": {
+            "containers": [{"name": "app", "image": "shop/web:1.4", "ports": [{"containerPort": 8080}]}]
+        },
+    }
 
 
 def review(obj: dict[str, Any], uid: str = "0f9c2a6e-1") -> dict[str, Any]:
-    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                        "resource": {"group": "", "version": "v1", "resource": "pods"},
-                        "namespace": "shop", "operation": "CREATE", "userInfo": {"username": "system:serviceaccount"},
-                        "object": obj, "oldObject": None, "dryRun": False}}
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount"},
+            "object": obj,
+            "oldObject": None,
+            "dryRun": False,
+        },
+    }
 
 
-def admit(injector: Injector, obj: dict[str, Any], path: str = "/mutate") -> tuple[dict[str, Any], dict[str, Any]]:
+def admit(
+    injector: Injector, obj: dict[str, Any], path: str = "/mutate"
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Send the pod; return (AdmissionReview response, the pod with the patch applied)."""
     answer = injector.post(path, review(obj))
     assert answer.status_code == 200, answer.text
@@ -113,11 +133,16 @@ def test_labelled_pod_gets_native_sidecar_that_validates(injector: Injector) -> 
     assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
     assert security["seccompProfile"]["type"] == "RuntimeDefault"
     assert set(sidecar["resources"]) == {"requests", "limits"}
-    assert patched["spec"]["volumes"] == [{"name": "egress-sidecar-config", "configMap": {"name": "egress-sidecar-config"}}]
+    assert patched["spec"]["volumes"] == [
+        {"name": "egress-sidecar-config", "configMap": {"name": "egress-sidecar-config"}}
+    ]
     annotations = patched["metadata"]["annotations"]
     assert annotations["team"] == "shop"
-    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"], annotations["prometheus.io/path"]) \
-        == ("true", "15090", "/metrics")
+    assert (
+        annotations["prometheus.io/scrape"],
+        annotations["prometheus.io/port"],
+        annotations["prometheus.io/path"],
+    ) == ("true", "15090", "/metrics")
     assert patched["metadata"]["labels"]["egress-sidecar.io/injected"] == "true"
     assert patched["spec"]["containers"] == pod()["spec"]["containers"]  # the app is untouched
 
@@ -147,20 +172,45 @@ def test_pod_label_false_opts_out_in_opted_in_namespace(injector: Injector) -> N
     assert response == {"uid": "0f9c2a6e-1", "allowed": True}
 
 
-@pytest.mark.parametrize(("annotation", "value", "check"), [
-    ("image", "registry.example/egress-sidecar:0.2.0", lambda c, p: c["image"] == "registry.example/egress-sidecar:0.2.0"),
-    ("cpu-request", "250m", lambda c, p: c["resources"]["requests"]["cpu"] == "250m"),
-    ("cpu-limit", "2", lambda c, p: c["resources"]["limits"]["cpu"] == "2"),
-    ("memory-request", "96Mi", lambda c, p: c["resources"]["requests"]["memory"] == "96Mi"),
-    ("memory-limit", "1Gi", lambda c, p: c["resources"]["limits"]["memory"] == "1Gi"),
-    ("config-map", "shop-egress", lambda c, p: p["spec"]["volumes"][0]["configMap"]["name"] == "shop-egress"),
-    ("listen-port", "16001", lambda c, p: env(c)["EGRESS_LISTEN_PORT"] == "16001"),
-    ("admin-port", "16090", lambda c, p: env(c)["EGRESS_ADMIN_PORT"] == "16090" and c["ports"][0]["containerPort"] == 16090
-     and p["metadata"]["annotations"]["prometheus.io/port"] == "16090"),
-    ("drain-grace", "50s", lambda c, p: env(c)["EGRESS_DRAIN_GRACE"] == "50s" and p["spec"]["terminationGracePeriodSeconds"] == 55),
-])
-def test_each_override_annotation_changes_the_injected_sidecar(injector: Injector, annotation: str, value: str,
-                                                                check: Any) -> None:
+@pytest.mark.parametrize(
+    ("annotation", "value", "check"),
+    [
+        (
+            "image",
+            "registry.example/egress-sidecar:0.2.0",
+            lambda c, p: c["image"] == "registry.example/egress-sidecar:0.2.0",
+        ),
+        ("cpu-request", "250m", lambda c, p: c["resources"]["requests"]["cpu"] == "250m"),
+        ("cpu-limit", "2", lambda c, p: c["resources"]["limits"]["cpu"] == "2"),
+        ("memory-request", "96Mi", lambda c, p: c["resources"]["requests"]["memory"] == "96Mi"),
+        ("memory-limit", "1Gi", lambda c, p: c["resources"]["limits"]["memory"] == "1Gi"),
+        (
+            "config-map",
+            "shop-egress",
+            lambda c, p: p["spec"]["volumes"][0]["configMap"]["name"] == "shop-egress",
+        ),
+        ("listen-port", "16001", lambda c, p: env(c)["EGRESS_LISTEN_PORT"] == "16001"),
+        (
+            "admin-port",
+            "16090",
+            lambda c, p: (
+                env(c)["EGRESS_ADMIN_PORT"] == "16090"
+                and c["ports"][0]["containerPort"] == 16090
+                and p["metadata"]["annotations"]["prometheus.io/port"] == "16090"
+            ),
+        ),
+        (
+            "drain-grace",
+            "50s",
+            lambda c, p: (
+                env(c)["EGRESS_DRAIN_GRACE"] == "50s" and p["spec"]["terminationGracePeriodSeconds"] == 55
+            ),
+        ),
+    ],
+)
+def test_each_override_annotation_changes_the_injected_sidecar(
+    injector: Injector, annotation: str, value: str, check: Any
+) -> None:
     response, patched = admit(injector, pod(LABEL, {f"egress-sidecar.io/{annotation}": value}))
     assert response["allowed"] is True and "warnings" not in response
     validate(patched)
@@ -168,7 +218,10 @@ def test_each_override_annotation_changes_the_injected_sidecar(injector: Injecto
 
 
 def test_set_proxy_env_sets_http_proxy_and_no_proxy_in_app_containers(injector: Injector) -> None:
-    annotations = {"egress-sidecar.io/set-proxy-env": "true", "egress-sidecar.io/no-proxy": "db.shop,10.1.2.3"}
+    annotations = {
+        "egress-sidecar.io/set-proxy-env": "true",
+        "egress-sidecar.io/no-proxy": "db.shop,10.1.2.3",
+    }
     _, patched = admit(injector, pod(LABEL, annotations))
     validate(patched)
     app = env(patched["spec"]["containers"][0])
@@ -190,12 +243,18 @@ def test_fallback_mode_injects_first_container_with_post_start_wait(fallback_inj
     assert "initContainers" not in patched["spec"]
     first = patched["spec"]["containers"][0]
     assert first["name"] == "egress-sidecar" and "restartPolicy" not in first
-    assert first["lifecycle"]["postStart"]["exec"]["command"][:3] == ["python", "-m", "sidecar.inject.waitready"]
+    assert first["lifecycle"]["postStart"]["exec"]["command"][:3] == [
+        "python",
+        "-m",
+        "sidecar.inject.waitready",
+    ]
     assert first["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
     assert patched["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "app"
 
 
-@pytest.mark.parametrize("body", [b"{\"apiVersion\": ", b"\x00\x01binary", b"null", json.dumps({"kind": "Pod"}).encode()])
+@pytest.mark.parametrize(
+    "body", [b'{"apiVersion": ', b"\x00\x01binary", b"null", json.dumps({"kind": "Pod"}).encode()]
+)
 def test_malformed_bodies_get_400_with_error_header(injector: Injector, body: bytes) -> None:
     answer = injector.post("/mutate", body)
     assert answer.status_code == 400 and answer.headers["x-egress-error"] == "bad_request"
@@ -207,7 +266,11 @@ def test_wrong_kind_is_allowed_unchanged_with_a_warning(injector: Injector) -> N
     body = review({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "labels": LABEL}})
     body["request"]["kind"] = {"group": "", "version": "v1", "kind": "ConfigMap"}
     answer = injector.post("/mutate", body).json()["response"]
-    assert answer["allowed"] is True and "patch" not in answer and "only handles v1 Pods" in answer["warnings"][0]
+    assert (
+        answer["allowed"] is True
+        and "patch" not in answer
+        and "only handles v1 Pods" in answer["warnings"][0]
+    )
 
 
 def test_routes_methods_and_metrics(injector: Injector) -> None:
@@ -220,8 +283,14 @@ def test_routes_methods_and_metrics(injector: Injector) -> None:
     bad_before = _count(injector, "bad_request")
     assert injector.post("/mutate", b"not json").status_code == 400
     assert _count(injector, "bad_request") == bad_before + 1
-    lint = subprocess.run(["promtool", "check", "metrics"], input=injector.get("/metrics").text, capture_output=True,
-                          text=True, timeout=30, check=False)
+    lint = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=injector.get("/metrics").text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
@@ -237,18 +306,36 @@ def test_each_admission_is_one_json_log_line_with_outcome(injector: Injector) ->
     body["request"]["object"]["metadata"]["generateName"] = "logged-"
     assert injector.post("/mutate", body).status_code == 200
     event = injector.log.wait_for(lambda e: e.get("event") == "admission" and e.get("pod") == "shop/logged-")
-    assert (event["outcome"], event["detail"], event["path"], event["level"]) == ("injected", "injected", "/mutate", "info")
+    assert (event["outcome"], event["detail"], event["path"], event["level"]) == (
+        "injected",
+        "injected",
+        "/mutate",
+        "info",
+    )
 
 
-def test_helm_test_selftest_passes_against_the_injector_and_fails_on_wrong_ca(injector: Injector, tls: Any,
-                                                                               tmp_path: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "sidecar.inject.selftest", f"--url={injector.url}/mutate",
-                         f"--ca={tls[2]}"], capture_output=True, text=True, timeout=30, check=False, cwd=REPO)
+def test_helm_test_selftest_passes_against_the_injector_and_fails_on_wrong_ca(
+    injector: Injector, tls: Any, tmp_path: Path
+) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "sidecar.inject.selftest", f"--url={injector.url}/mutate", f"--ca={tls[2]}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=REPO,
+    )
     assert ok.returncode == 0, ok.stderr
     other_ca = tmp_path / "other.crt"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
-    bad = subprocess.run([sys.executable, "-m", "sidecar.inject.selftest", f"--url={injector.url}/mutate",
-                          f"--ca={other_ca}"], capture_output=True, text=True, timeout=30, check=False, cwd=REPO)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sidecar.inject.selftest", f"--url={injector.url}/mutate", f"--ca={other_ca}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=REPO,
+    )
     assert bad.returncode == 1 and "FAIL" in bad.stderr
 
 
@@ -290,17 +377,28 @@ def test_sigterm_stops_the_injector_cleanly(tmp_path: Path, tls: Any) -> None:
     assert process.returncode == 0
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ([], "--settings FILE is required"),
-    (["--settings", "/nonexistent/settings.yaml"], "cannot read settings file"),
-    (["--settings", "{settings}", "--cert", "{settings}"], "cannot load TLS certificate"),
-])
-def test_start_up_errors_are_one_clear_line_and_exit_2(tmp_path: Path, tls: Any, args: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--settings FILE is required"),
+        (["--settings", "/nonexistent/settings.yaml"], "cannot read settings file"),
+        (["--settings", "{settings}", "--cert", "{settings}"], "cannot load TLS certificate"),
+    ],
+)
+def test_start_up_errors_are_one_clear_line_and_exit_2(
+    tmp_path: Path, tls: Any, args: list[str], message: str
+) -> None:
     settings = tmp_path / "settings.yaml"
     settings.write_text(injector_settings(documents(render())))
     argv = ["--cert", str(tls[0]), "--key", str(tls[1]), "--host", "127.0.0.1", "--port", "0"]
     argv += [a.format(settings=settings) for a in args]
-    result = subprocess.run([sys.executable, "-m", "sidecar", "inject", *argv], capture_output=True, text=True,
-                            timeout=30, cwd=REPO, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "inject", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    )
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1

@@ -17,28 +17,38 @@ from tests.unit.inject_data import RAW_SETTINGS as RAW
 NATIVE = make_settings()
 
 
-def pod(labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
-        **spec: Any) -> dict[str, Any]:
+def pod(
+    labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None, **spec: Any
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {"generateName": "web-"}
     if labels is not None:
         metadata["labels"] = labels
     if annotations is not None:
         metadata["annotations"] = annotations
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
-            "spec": {"containers": [{"name": "app", "image": "app:1"}], **spec}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": {"containers": [{"name": "app", "image": "app:1"}], **spec},
+    }
 
 
 OPTED_IN = {"egress-sidecar.io/inject": "true"}
 
 
-def patched(p: dict[str, Any], settings: settings_module.Settings = NATIVE, ns: bool = False) -> dict[str, Any]:
+def patched(
+    p: dict[str, Any], settings: settings_module.Settings = NATIVE, ns: bool = False
+) -> dict[str, Any]:
     result = pod_patch(p, settings, namespace_opted_in=ns)
     return jsonpatch.apply_patch(p, result.patch)  # type: ignore[no-any-return]
 
 
 def sidecar(p: dict[str, Any]) -> dict[str, Any]:
-    return next(c for c in p["spec"].get("initContainers", []) + p["spec"]["containers"]
-                if c["name"] == "egress-sidecar")
+    return next(
+        c
+        for c in p["spec"].get("initContainers", []) + p["spec"]["containers"]
+        if c["name"] == "egress-sidecar"
+    )
 
 
 def env(container: dict[str, Any]) -> dict[str, str]:
@@ -103,18 +113,39 @@ def test_fallback_mode_puts_sidecar_first_among_containers_and_keeps_kubectl_on_
     assert out["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "app"
 
 
+@pytest.mark.parametrize("policy", ["Never", "OnFailure"])
+def test_job_pods_are_skipped_in_fallback_mode_but_injected_natively(policy: str) -> None:
+    skipped = pod_patch(
+        pod(OPTED_IN, restartPolicy=policy), make_settings(native=False), namespace_opted_in=False
+    )
+    assert skipped.patch == [] and skipped.reason == "run-to-completion" and "Jobs" in skipped.warnings[0]
+    assert (
+        pod_patch(pod(OPTED_IN, restartPolicy=policy), NATIVE, namespace_opted_in=False).reason == "injected"
+    )
+
+
 def test_overrides_change_image_resources_ports_grace_and_config_map() -> None:
     annotations = {
-        "egress-sidecar.io/image": "registry.example/egress:2", "egress-sidecar.io/cpu-request": "100m",
-        "egress-sidecar.io/memory-limit": "256Mi", "egress-sidecar.io/listen-port": "16001",
-        "egress-sidecar.io/admin-port": "16090", "egress-sidecar.io/drain-grace": "45s",
+        "egress-sidecar.io/image": "registry.example/egress:2",
+        "egress-sidecar.io/cpu-request": "100m",
+        "egress-sidecar.io/memory-limit": "256Mi",
+        "egress-sidecar.io/listen-port": "16001",
+        "egress-sidecar.io/admin-port": "16090",
+        "egress-sidecar.io/drain-grace": "45s",
         "egress-sidecar.io/config-map": "team-egress",
     }
     out = patched(pod(OPTED_IN, annotations))
     c = sidecar(out)
     assert c["image"] == "registry.example/egress:2"
-    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}}
-    assert env(c) == {"EGRESS_LISTEN_PORT": "16001", "EGRESS_ADMIN_PORT": "16090", "EGRESS_DRAIN_GRACE": "45s"}
+    assert c["resources"] == {
+        "requests": {"cpu": "100m", "memory": "64Mi"},
+        "limits": {"cpu": "1", "memory": "256Mi"},
+    }
+    assert env(c) == {
+        "EGRESS_LISTEN_PORT": "16001",
+        "EGRESS_ADMIN_PORT": "16090",
+        "EGRESS_DRAIN_GRACE": "45s",
+    }
     assert c["ports"][0]["containerPort"] == 16090
     assert out["metadata"]["annotations"]["prometheus.io/port"] == "16090"
     assert out["spec"]["volumes"][0]["configMap"]["name"] == "team-egress"
@@ -138,17 +169,30 @@ def test_default_grace_fits_default_termination_period() -> None:
 
 
 def test_set_proxy_env_gives_app_containers_http_proxy_and_no_proxy_never_https_proxy() -> None:
-    annotations = {"egress-sidecar.io/set-proxy-env": "true", "egress-sidecar.io/no-proxy": "db.internal, 10.0.0.0/8",
-                   "egress-sidecar.io/listen-port": "16001"}
+    annotations = {
+        "egress-sidecar.io/set-proxy-env": "true",
+        "egress-sidecar.io/no-proxy": "db.internal, 10.0.0.0/8",
+        "egress-sidecar.io/listen-port": "16001",
+    }
     p = pod(OPTED_IN, annotations)
-    p["spec"]["containers"].append({"name": "worker", "image": "w", "env": [
-        {"name": "KEEP", "value": "1"}, {"name": "HTTP_PROXY", "value": "http://old:3128"},
-        {"name": "SECRET", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]})
+    p["spec"]["containers"].append(
+        {
+            "name": "worker",
+            "image": "w",
+            "env": [
+                {"name": "KEEP", "value": "1"},
+                {"name": "HTTP_PROXY", "value": "http://old:3128"},
+                {"name": "SECRET", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+            ],
+        }
+    )
     out = patched(p)
     for container in out["spec"]["containers"]:
         e = env(container)
         assert e["HTTP_PROXY"] == e["http_proxy"] == "http://127.0.0.1:16001"
-        assert e["NO_PROXY"] == e["no_proxy"] == "localhost,127.0.0.1,.svc,.cluster.local,db.internal,10.0.0.0/8"
+        assert (
+            e["NO_PROXY"] == e["no_proxy"] == "localhost,127.0.0.1,.svc,.cluster.local,db.internal,10.0.0.0/8"
+        )
         assert "HTTPS_PROXY" not in e and "https_proxy" not in e
     worker = out["spec"]["containers"][1]
     assert [x["name"] for x in worker["env"]][:2] == ["KEEP", "SECRET"]

@@ -44,8 +44,9 @@ def test_namespace_path_injects_unlabelled_pod() -> None:
 
 
 def test_bad_override_on_opted_in_pod_is_denied_with_code_400_and_message() -> None:
-    review = admission_review(labels={"egress-sidecar.io/inject": "true"},
-                              annotations={"egress-sidecar.io/memory-limit": "plenty"})
+    review = admission_review(
+        labels={"egress-sidecar.io/inject": "true"}, annotations={"egress-sidecar.io/memory-limit": "plenty"}
+    )
     status, response, outcome = answer(encode(review))
     assert status == 200 and outcome == "denied"
     assert isinstance(response, dict) and response["allowed"] is False
@@ -54,9 +55,13 @@ def test_bad_override_on_opted_in_pod_is_denied_with_code_400_and_message() -> N
 
 
 def test_unknown_annotation_is_a_warning() -> None:
-    review = admission_review(labels={"egress-sidecar.io/inject": "true"}, annotations={"egress-sidecar.io/imgae": "x"})
+    review = admission_review(
+        labels={"egress-sidecar.io/inject": "true"}, annotations={"egress-sidecar.io/imgae": "x"}
+    )
     _, response, _ = answer(encode(review))
-    assert isinstance(response, dict) and response["warnings"] == ["egress-sidecar: unknown annotation egress-sidecar.io/imgae ignored"]
+    assert isinstance(response, dict) and response["warnings"] == [
+        "egress-sidecar: unknown annotation egress-sidecar.io/imgae ignored"
+    ]
 
 
 def test_wrong_kind_is_allowed_untouched_with_a_warning() -> None:
@@ -81,15 +86,28 @@ def test_object_that_is_not_a_mapping_is_denied_not_crashed() -> None:
     assert outcome == "denied" and isinstance(response, dict) and response["allowed"] is False
 
 
-@pytest.mark.parametrize(("body", "detail"), [
-    (b"{not json", b"body is not JSON"),
-    (b"\xff\xfe", b"body is not JSON"),
-    (b"[]", b"not an admission.k8s.io/v1 AdmissionReview"),
-    (json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}).encode(), b"not an admission"),
-    (json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(), b"no request.uid"),
-    (json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": 7}}).encode(),
-     b"no request.uid"),
-])
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"{not json", b"body is not JSON"),
+        (b"\xff\xfe", b"body is not JSON"),
+        (b"[]", b"not an admission.k8s.io/v1 AdmissionReview"),
+        (
+            json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}).encode(),
+            b"not an admission",
+        ),
+        (
+            json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(),
+            b"no request.uid",
+        ),
+        (
+            json.dumps(
+                {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": 7}}
+            ).encode(),
+            b"no request.uid",
+        ),
+    ],
+)
 def test_unanswerable_bodies_are_400_with_a_one_line_reason(body: bytes, detail: bytes) -> None:
     status, text, outcome = answer(body)
     assert status == 400 and outcome == "bad_request"

@@ -24,12 +24,15 @@ def test_ports_and_grace_are_read_back_from_the_rendered_env() -> None:
     assert (s.listen_port, s.admin_port, s.drain_grace, s.native) == (15001, 15090, 20.0, True)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"container": None}, "`container` must be a container spec"),
-    ({"volume": {"name": "x", "emptyDir": {}}}, "configMap volume"),
-    ({"noProxy": "localhost"}, "`noProxy`"),
-    ({"prometheusAnnotations": "yes"}, "`prometheusAnnotations`"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"container": None}, "`container` must be a container spec"),
+        ({"volume": {"name": "x", "emptyDir": {}}}, "configMap volume"),
+        ({"noProxy": "localhost"}, "`noProxy`"),
+        ({"prometheusAnnotations": "yes"}, "`prometheusAnnotations`"),
+    ],
+)
 def test_bad_settings_name_the_key(change: dict[str, Any], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         settings_module.from_mapping(raw(**change))
