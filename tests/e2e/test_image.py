@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
 from tests.conftest import free_port
+from tests.e2e.k8s_support import documents, injector_settings, render
 from tests.upstream import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,3 +222,58 @@ def test_installed_wheel_runs_as_non_root_on_a_read_only_root(installed: Path, t
     output = log_path.read_text()
     assert "Read-only file system" not in output and "Traceback" not in output, output[-2000:]
     assert any(json.loads(line).get("level") for line in output.splitlines() if line.startswith("{"))
+
+
+def test_installed_wheel_serves_the_injector_as_non_root_on_a_read_only_root(installed: Path) -> None:
+    """The image's other entrypoint: `egress-sidecar inject` with the chart's settings, over TLS."""
+    files = installed.parent  # world-readable, unlike pytest's tmp_path under /tmp/pytest-of-root
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(files / "tls.crt"))
+    issued.private_key_pem.write_to_path(str(files / "tls.key"))
+    os.chmod(files / "tls.key", 0o644)  # a Secret volume's files are readable by the pod's user
+    ca.cert_pem.write_to_path(str(files / "ca.crt"))
+    (files / "settings.yaml").write_text(injector_settings(documents(render())))
+    port = free_port()
+    command = [str(installed / "bin" / "egress-sidecar"), "inject", f"--cert={files / 'tls.crt'}",
+               f"--key={files / 'tls.key'}", "--host=127.0.0.1", f"--port={port}",
+               f"--settings={files / 'settings.yaml'}"]  # fmt: skip
+    env = {
+        "PATH": f"{installed / 'bin'}:/usr/bin:/bin",
+        "HOME": "/nonexistent",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    log_path = files / "injector.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(_as_image_user(command), env=env, stdout=log, stderr=subprocess.STDOUT)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    try:
+
+        def healthy() -> bool:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                return (
+                    httpx.get(f"https://127.0.0.1:{port}/healthz", verify=context, timeout=1).status_code
+                    == 200
+                )
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, timeout=20, message="injector from the wheel answers /healthz")
+        selftest = [str(installed / "bin" / "python"), "-m", "sidecar.inject.selftest",
+                    f"--url=https://127.0.0.1:{port}/mutate", f"--ca={files / 'ca.crt'}"]  # fmt: skip
+        ok = subprocess.run(
+            _as_image_user(selftest), env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0, log_path.read_text()
+    assert "Traceback" not in log_path.read_text()
