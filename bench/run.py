@@ -74,6 +74,7 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
         started = procs.spawn(candidate.name, candidate.argv, ctx.work / f"{candidate.name}.log",
                               cwd=candidates.ROOT)
         result["log"] = str(started.log_path)
+        result["pid"] = started.pid
     try:
         if started:
             if candidate.readiness_url:

@@ -9,6 +9,7 @@ on the TLS ports does one handshake).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import os
@@ -119,6 +120,10 @@ http {{
 """
 
 
+def _serving(upstream: Upstream) -> bool:
+    return upstream.started.check_alive() and bool(upstream.counters())
+
+
 def start(work: Path, cpu: int | None, stream_bytes: int) -> Upstream:
     """Write certs, bodies and config into `work`, start nginx pinned to `cpu`, wait until it answers."""
     work.mkdir(parents=True, exist_ok=True)
@@ -144,8 +149,7 @@ def start(work: Path, cpu: int | None, stream_bytes: int) -> Upstream:
         started = procs.spawn("upstream", argv, work / "upstream.log")
         upstream = Upstream(h1, h2, status, certs, stream_bytes, digests, started)
         try:
-            procs.wait_for(lambda up=upstream: up.started.check_alive() and up.counters(), 10,
-                           "upstream nginx status port")
+            procs.wait_for(functools.partial(_serving, upstream), 10, "upstream nginx status port")
             return upstream
         except (procs.Deadline, RuntimeError) as exc:  # e.g. the port was taken: try new ports
             last_error = exc
