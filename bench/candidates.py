@@ -28,6 +28,7 @@ class Candidate:
     argv: Sequence[str] = ()           # empty: nothing to start (direct)
     proxies: bool = True               # False: no upstream behind it (hello world)
     readiness_url: str | None = None   # its own readiness endpoint, if it has one
+    metrics_url: str | None = None     # scraped once after the load: proves metrics were on
     ca_file: Path | None = None        # for HTTPS base URLs (direct)
     config_file: Path | None = None
     notes: tuple[str, ...] = field(default=())
@@ -67,6 +68,7 @@ def sidecar(ctx: Context, name: str = OURS, prefix: str = "/up") -> Candidate:
         base_url=f"http://127.0.0.1:{listen}{prefix}",
         argv=procs.pinned(ctx.proxy_cpu, [_bin("egress-sidecar"), "run", "--config", str(config)]),
         readiness_url=f"http://127.0.0.1:{admin}/readyz",
+        metrics_url=f"http://127.0.0.1:{admin}/metrics",
         config_file=config,
     )
 

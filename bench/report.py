@@ -168,7 +168,17 @@ def markdown(doc: Mapping[str, Any]) -> str:
             lines.append(_row([goal, {True: "yes", False: "NO", None: "–"}[met], shown]))
     lines += ["", "## Candidates", ""]
     for result in results:
-        lines.append(f"- **{result['name']}**: {result['description']}")
+        notes = []
+        if "metrics" in result:
+            metrics = result["metrics"]
+            notes.append(f"/metrics answered {metrics.get('status')}"
+                         + (" with egress_requests_total" if metrics.get("has_requests_total")
+                            else " WITHOUT egress_requests_total"))
+        if "log_lines" in result:
+            served = sum(load.get("requests", 0) for load in (result.get("load") or {}).values())
+            notes.append(f"{result['log_lines']:,} log lines for {served:,} measured requests")
+        extra = f" ({'; '.join(notes)})" if notes else ""
+        lines.append(f"- **{result['name']}**: {result['description']}{extra}")
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,21 @@ def fetch(url: str, ca_file: Path | None = None, timeout: float = 10) -> tuple[i
         conn.close()
 
 
+def scrape(url: str) -> dict[str, Any]:
+    """One scrape of a Prometheus endpoint: its status, size, and whether the request counter is there
+    (the report shows it, so a run with metrics silently off cannot pass for an honest one)."""
+    try:
+        status, body = fetch(url, timeout=5)
+    except OSError as exc:
+        return {"status": None, "error": str(exc)}
+    return {"status": status, "bytes": len(body), "has_requests_total": b"egress_requests_total" in body}
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as log:
+        return sum(1 for _ in log)
+
+
 def _ok_small(candidate: candidates.Candidate) -> bool:
     status, body = fetch(candidate.base_url + "/100b", candidate.ca_file, timeout=2)
     return status == 200 and body == SMALL_BODY
@@ -127,6 +142,8 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
                 started.check_alive()
         if started:
             result["hwm_bytes"] = procs.hwm_bytes(started.pid)
+        if candidate.metrics_url:
+            result["metrics"] = scrape(candidate.metrics_url)
         result["ok"] = True
     except Exception as exc:  # noqa: BLE001 - one candidate failing must not stop the others
         result["error"] = f"{type(exc).__name__}: {exc}".strip()
@@ -135,6 +152,7 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
     finally:
         if started:
             procs.stop(started)
+            result["log_lines"] = count_lines(started.log_path)
         phases["after"] = up.counters()
         first, last = phases["before"], phases["after"]
         result["upstream"] = {
