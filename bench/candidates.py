@@ -29,6 +29,7 @@ class Candidate:
     proxies: bool = True               # False: no upstream behind it (hello world)
     readiness_url: str | None = None   # its own readiness endpoint, if it has one
     metrics_url: str | None = None     # scraped once after the load: proves metrics were on
+    access_log: Path | None = None     # where its access log goes, if it keeps one (lines are counted)
     ca_file: Path | None = None        # for HTTPS base URLs (direct)
     config_file: Path | None = None
     notes: tuple[str, ...] = field(default=())
@@ -70,6 +71,7 @@ def sidecar(ctx: Context, name: str = OURS, prefix: str = "/up") -> Candidate:
         readiness_url=f"http://127.0.0.1:{admin}/readyz",
         metrics_url=f"http://127.0.0.1:{admin}/metrics",
         config_file=config,
+        access_log=ctx.work / f"{name}.log",  # the sidecar logs to stdout, which the harness sends here
     )
 
 
@@ -138,6 +140,7 @@ def nginx_proxy(ctx: Context) -> Candidate:
         argv=procs.pinned(ctx.proxy_cpu, ["nginx", "-e", str(work / "nginx-proxy-error.log"),
                                           "-p", str(work), "-c", str(conf)]),
         config_file=conf,
+        access_log=work / "nginx-proxy-access.log",
     )
 
 

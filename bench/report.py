@@ -127,8 +127,11 @@ def markdown(doc: Mapping[str, Any]) -> str:
         for level in levels:
             row += [_num(_stat(result, level, "rps")), _ms(_stat(result, level, "p50_ms")),
                     _ms(_stat(result, level, "p99_ms"))]
-        errors = sum((load or {}).get("errors", 0) for load in (result.get("load") or {}).values())
-        row.append(str(errors) if result.get("ok") else f"FAILED: {result.get('error', '')[:80]}")
+        loads = (result.get("load") or {}).values()
+        errors = sum(load.get("errors", 0) for load in loads)
+        warm_errors = sum((load.get("warmup") or {}).get("errors", 0) for load in loads)
+        shown = str(errors) + (f" (+{warm_errors} in warm-up)" if warm_errors else "")
+        row.append(shown if result.get("ok") else f"FAILED: {result.get('error', '')[:80]}")
         lines.append(_row(row))
     lines += ["", "## Cost", "",
               ("CPU: utime+stime of the proxy's process tree over each wrk run ÷ requests completed. "
@@ -174,9 +177,12 @@ def markdown(doc: Mapping[str, Any]) -> str:
             notes.append(f"/metrics answered {metrics.get('status')}"
                          + (" with egress_requests_total" if metrics.get("has_requests_total")
                             else " WITHOUT egress_requests_total"))
-        if "log_lines" in result:
-            served = sum(load.get("requests", 0) for load in (result.get("load") or {}).values())
-            notes.append(f"{result['log_lines']:,} log lines for {served:,} measured requests")
+        served = sum(load.get("requests", 0) for load in (result.get("load") or {}).values())
+        if "access_log_lines" in result:
+            notes.append(f"{result['access_log_lines']:,} access-log lines for {served:,} measured requests")
+        problems = (result.get("log") or {}).get("problems")
+        if problems:
+            notes.append("logged problems: " + ", ".join(f"{label} ×{count}" for label, count in problems.items()))
         extra = f" ({'; '.join(notes)})" if notes else ""
         lines.append(f"- **{result['name']}**: {result['description']}{extra}")
     return "\n".join(lines) + "\n"

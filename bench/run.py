@@ -11,11 +11,13 @@ and stopped before the next one starts, so they never compete with each other fo
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import http.client
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import ssl
@@ -34,6 +36,7 @@ from bench import upstream as upstream_module
 from bench.bodies import SMALL_BODY
 
 MIB = 1024 * 1024
+_EXCEPTION_LINE = re.compile(rb"^[\w.]*(Error|Exception|Exit|Interrupt)\w*: ")
 
 
 def fetch(url: str, ca_file: Path | None = None, timeout: float = 10) -> tuple[int, bytes]:
@@ -68,6 +71,32 @@ def count_lines(path: Path) -> int:
         return sum(1 for _ in log)
 
 
+def summarize_log(path: Path) -> dict[str, Any]:
+    """Lines in a candidate's stdout+stderr, and for JSON-lines logs a count per event (and error
+    kind) of the warnings and errors: what went wrong out of wrk's sight (e.g. after it stopped)."""
+    lines, problems = 0, collections.Counter[str]()
+    with open(path, "rb") as log:
+        for raw in log:
+            lines += 1
+            if not raw.startswith(b"{"):
+                # A plain-text traceback ends with `module.SomeError: message`: count that line.
+                if _EXCEPTION_LINE.match(raw):
+                    problems[raw.decode(errors="replace").strip()[:100]] += 1
+                continue
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if entry.get("level") in ("warning", "error", "critical"):
+                label = str(entry.get("event", "")).strip()[:60]
+                if entry.get("kind"):
+                    label += f"/{entry['kind']}"
+                if entry.get("detail"):
+                    label += f" ({str(entry['detail'])[:60]})"
+                problems[label] += 1
+    return {"path": str(path), "lines": lines, "problems": dict(problems.most_common(10))}
+
+
 def _ok_small(candidate: candidates.Candidate) -> bool:
     status, body = fetch(candidate.base_url + "/100b", candidate.ca_file, timeout=2)
     return status == 200 and body == SMALL_BODY
@@ -88,7 +117,6 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
     if candidate.argv:
         started = procs.spawn(candidate.name, candidate.argv, ctx.work / f"{candidate.name}.log",
                               cwd=candidates.ROOT)
-        result["log"] = str(started.log_path)
         result["pid"] = started.pid
     try:
         if started:
@@ -126,12 +154,13 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
         result["load"] = {}
         for level in args.levels:
             url = candidate.base_url + "/100b"
-            if args.warmup:
-                load.wrk(url, level, args.warmup, args.load_cpu)
+            warm = load.wrk(url, level, args.warmup, args.load_cpu) if args.warmup else None
             cpu_before = procs.cpu_seconds(started.pid) if started else None
             upstream_cpu_before = procs.cpu_seconds(up.started.pid)
             run = load.wrk(url, level, args.duration, args.load_cpu)
             entry = run.to_json()
+            if warm is not None:  # not in the numbers, but failures while warming up are still failures
+                entry["warmup"] = {"requests": warm.requests, "rps": warm.rps, "errors": warm.errors}
             if started and cpu_before is not None:
                 entry["cpu_us_per_req"] = (procs.cpu_seconds(started.pid) - cpu_before) / max(run.requests, 1) * 1e6
             entry["upstream_cpu_us_per_req"] = (
@@ -152,7 +181,9 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
     finally:
         if started:
             procs.stop(started)
-            result["log_lines"] = count_lines(started.log_path)
+            result["log"] = summarize_log(started.log_path)
+        if candidate.access_log and candidate.access_log.exists():
+            result["access_log_lines"] = count_lines(candidate.access_log)
         phases["after"] = up.counters()
         first, last = phases["before"], phases["after"]
         result["upstream"] = {
