@@ -71,6 +71,10 @@ def make_app(upstream: str, prefix: str, ca_file: str | None, pool: int) -> web.
                 await response.write_eof()
                 return response
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+            if request.transport is None or request.transport.is_closing():
+                # The client went away (e.g. wrk stopping): leaving the `async with` has already
+                # released the upstream connection; there is nobody to answer.
+                return response or web.Response(status=499)
             if response is not None and response.prepared:
                 raise  # headers already went out: aiohttp aborts the connection (truncated body)
             return web.Response(status=502, text=f"upstream error: {type(exc).__name__}\n")
