@@ -110,8 +110,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         (f"Machine: {machine['cpu_model']}, {machine['cpus']} CPUs, {machine['mem_gib']:.1f} GiB, "
         f"Linux {machine['kernel']}, Python {machine['python']}, {machine['nginx']}, {machine['wrk']}; "
         f"load average at start {machine['loadavg_start']}, at end {machine.get('loadavg_end', '?')}."),
-        (f"Proxy under test pinned to CPU {settings['proxy_cpu']}; wrk, curl, the harness and the upstream "
-        f"nginx share CPU {settings['load_cpu']}. wrk -t1, {settings['duration_s']} s per level after a "
+        (_pinning(settings) + f" wrk -t1, {settings['duration_s']} s per level after a "
         f"{settings['warmup_s']} s warm-up, 100 B body; stream: {settings['stream_bytes'] // MIB} MiB with curl."),
         "",
         "## Requests per second and latency (100 B responses; latency in ms)",
@@ -186,6 +185,13 @@ def markdown(doc: Mapping[str, Any]) -> str:
         extra = f" ({'; '.join(notes)})" if notes else ""
         lines.append(f"- **{result['name']}**: {result['description']}{extra}")
     return "\n".join(lines) + "\n"
+
+
+def _pinning(settings: Mapping[str, Any]) -> str:
+    if settings["proxy_cpu"] is None:
+        return "One CPU: nothing pinned, the load and the proxy share it."
+    return (f"Proxy under test pinned to CPU {settings['proxy_cpu']}; wrk, curl, the harness and the upstream "
+            f"nginx share CPU {settings['load_cpu']}.")
 
 
 def _fmt_ratio(value: float | None) -> str:

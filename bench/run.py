@@ -230,8 +230,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="warm-up seconds per level (default 1; 0: none)")
     parser.add_argument("--stream-mib", type=int, default=100, help="size of the streamed body")
     parser.add_argument("--no-stream", dest="stream", action="store_false")
-    parser.add_argument("--proxy-cpu", type=int, default=0)
-    parser.add_argument("--load-cpu", type=int, default=1)
+    allowed = sorted(os.sched_getaffinity(0))  # a cpuset may hide CPU 0/1: pin to what we may use
+    parser.add_argument("--proxy-cpu", type=int, default=allowed[0])
+    parser.add_argument("--load-cpu", type=int, default=allowed[-1])
     parser.add_argument("--ready-timeout", type=float, default=15.0)
     parser.add_argument("--work-dir", type=Path, default=candidates.ROOT / "bench" / ".work")
     parser.add_argument("--results-dir", type=Path, default=candidates.ROOT / "bench" / "results")
@@ -243,8 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only) - set(candidates.BUILDERS)
     if unknown:
         parser.error(f"unknown candidates: {', '.join(sorted(unknown))}")
-    if os.cpu_count() == 1:
-        args.proxy_cpu = args.load_cpu = None  # nothing to pin apart
+    if args.proxy_cpu == args.load_cpu:
+        args.proxy_cpu = args.load_cpu = None  # one CPU: nothing to pin apart (the report says None)
     return args
 
 
