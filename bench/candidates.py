@@ -30,6 +30,7 @@ class Candidate:
     readiness_url: str | None = None   # its own readiness endpoint, if it has one
     metrics_url: str | None = None     # scraped once after the load: proves metrics were on
     access_log: Path | None = None     # where its access log goes, if it keeps one (lines are counted)
+    python: bool = False               # a Python process: py-spy can profile it (--profile)
     ca_file: Path | None = None        # for HTTPS base URLs (direct)
     config_file: Path | None = None
     notes: tuple[str, ...] = field(default=())
@@ -72,6 +73,7 @@ def sidecar(ctx: Context, name: str = OURS, prefix: str = "/up") -> Candidate:
         metrics_url=f"http://127.0.0.1:{admin}/metrics",
         config_file=config,
         access_log=ctx.work / f"{name}.log",  # the sidecar logs to stdout, which the harness sends here
+        python=True,
     )
 
 
@@ -85,6 +87,7 @@ def aiohttp_peer(ctx: Context) -> Candidate:
             sys.executable, str(ROOT / "bench" / "peers" / "aiohttp_proxy.py"), "--port", str(port),
             "--upstream", ctx.upstream.url(""), "--prefix", "/up",
             "--ca-file", str(ctx.upstream.certs.ca_file)]),
+        python=True,
     )
 
 
@@ -155,6 +158,7 @@ def hello(ctx: Context) -> Candidate:
             "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
             "--log-level", "warning"]),
         proxies=False,
+        python=True,
     )
 
 

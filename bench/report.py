@@ -168,6 +168,17 @@ def markdown(doc: Mapping[str, Any]) -> str:
         lines += ["", "## Issue 3 goals (ours)", "", _row(["goal", "met", "measured"]), _row(["---"] * 3)]
         for goal, met, shown in doc["goals"]:
             lines.append(_row([goal, {True: "yes", False: "NO", None: "–"}[met], shown]))
+    profiled = [(result["name"], level, data) for result in results
+                for level, data in (result.get("profiles") or {}).items()]
+    if profiled:
+        lines += ["", "## Profiles (py-spy, an extra wrk run; % of busy samples)", ""]
+        for name, level, data in profiled:
+            lines += [(f"**{name} at c{level}** ({data['samples']:,} samples, "
+                      f"{data['rps_while_sampled']:,.0f} req/s while sampled; stacks: `{data['raw']}`)"), "",
+                      _row(["self %", "frame", "inclusive %", "frame"]), _row(["---"] * 4)]
+            for own, incl in zip(data["self"], data["inclusive"], strict=False):
+                lines.append(_row([f"{own[1]:.1f}", f"`{own[0]}`", f"{incl[1]:.1f}", f"`{incl[0]}`"]))
+            lines.append("")
     lines += ["", "## Candidates", ""]
     for result in results:
         notes = []

@@ -31,7 +31,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench import candidates, load, procs, report
+from bench import candidates, load, procs, profile, report
 from bench import upstream as upstream_module
 from bench.bodies import SMALL_BODY
 
@@ -169,6 +169,8 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
             phases[f"c{level}"] = up.counters()
             if started:
                 started.check_alive()
+        if started and candidate.python and args.profile:
+            result["profiles"] = profile_under_load(candidate, started, ctx, args)
         if started:
             result["hwm_bytes"] = procs.hwm_bytes(started.pid)
         if candidate.metrics_url:
@@ -193,6 +195,19 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
                          for name, value in phases.items() if name != "before"},
         }
     return result
+
+
+def profile_under_load(candidate: candidates.Candidate, started: procs.Started, ctx: candidates.Context,
+                       args: argparse.Namespace) -> dict[str, Any]:
+    """An extra wrk run per --profile level while py-spy samples the candidate (not in the numbers)."""
+    profiles = {}
+    for level in args.profile:
+        raw = args.results_dir / f"profile-{candidate.name}-c{level}.txt"
+        sampler = profile.start(started.pid, args.duration, raw, args.load_cpu)
+        run = load.wrk(candidate.base_url + "/100b", level, args.duration, args.load_cpu)
+        profile.finish(sampler, timeout=args.duration + 30)
+        profiles[str(level)] = {"rps_while_sampled": run.rps, **profile.summarize(raw)}
+    return profiles
 
 
 def machine_info() -> dict[str, Any]:
@@ -233,6 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     allowed = sorted(os.sched_getaffinity(0))  # a cpuset may hide CPU 0/1: pin to what we may use
     parser.add_argument("--proxy-cpu", type=int, default=allowed[0])
     parser.add_argument("--load-cpu", type=int, default=allowed[-1])
+    parser.add_argument("--profile", help="comma-separated levels: py-spy the Python candidates under "
+                        "an extra wrk run at each (e.g. 32); top frames go in the report")
     parser.add_argument("--ready-timeout", type=float, default=15.0)
     parser.add_argument("--work-dir", type=Path, default=candidates.ROOT / "bench" / ".work")
     parser.add_argument("--results-dir", type=Path, default=candidates.ROOT / "bench" / "results")
@@ -241,6 +258,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (2 if args.quick else 5)
     args.warmup = 1 if args.warmup is None else args.warmup
     args.only = args.only.split(",") if args.only else candidates.ORDER
+    args.profile = [int(x) for x in args.profile.split(",")] if args.profile else []
+    if args.profile and not profile.available():
+        parser.error("--profile needs py-spy (pip install -e '.[bench]')")
     unknown = set(args.only) - set(candidates.BUILDERS)
     if unknown:
         parser.error(f"unknown candidates: {', '.join(sorted(unknown))}")
@@ -265,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {args.load_cpu})  # the harness itself stays off the proxy's CPU
     shutil.rmtree(args.work_dir, ignore_errors=True)
     args.work_dir.mkdir(parents=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "machine": machine_info(),
@@ -300,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     doc["elapsed_s"] = time.monotonic() - began
     doc["finished_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = report.markdown(doc)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "latest.md").write_text(text)
     (args.results_dir / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(text)
