@@ -80,7 +80,8 @@ class Started:
     def check_alive(self) -> bool:
         """True while running; raises (stopping any wait) once it has exited."""
         if self.popen.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with status {self.popen.returncode}:\n{self.log_tail()}")
+            last = self.log_tail(1).strip() or "(no output)"
+            raise RuntimeError(f"{self.name} exited with status {self.popen.returncode}: {last}")
         return True
 
     def log_tail(self, lines: int = 15) -> str:

@@ -130,7 +130,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         errors = sum(load.get("errors", 0) for load in loads)
         warm_errors = sum((load.get("warmup") or {}).get("errors", 0) for load in loads)
         shown = str(errors) + (f" (+{warm_errors} in warm-up)" if warm_errors else "")
-        row.append(shown if result.get("ok") else f"FAILED: {result.get('error', '')[:80]}")
+        row.append(shown if result.get("ok") else "FAILED: " + " ".join(str(result.get("error", "")).split())[:120])
         lines.append(_row(row))
     lines += ["", "## Cost", "",
               ("CPU: utime+stime of the proxy's process tree over each wrk run ÷ requests completed. "

@@ -106,8 +106,54 @@ def _ok_status(url: str) -> bool:
     return fetch(url, timeout=2)[0] == 200
 
 
+def wait_ready(candidate: candidates.Candidate, started: procs.Started | None, timeout: float,
+               result: dict[str, Any]) -> None:
+    """Poll (deadline: `timeout`) until the candidate proxies a byte-exact 100 B answer; record the times."""
+    if started is None:
+        procs.wait_for(lambda: _ok_small(candidate), timeout, f"{candidate.name} 100 B answer")
+        return
+    if candidate.readiness_url:
+        url = candidate.readiness_url
+        procs.wait_for(lambda: started.check_alive() and _ok_status(url), timeout, f"{candidate.name} {url}")
+        result["readyz_ms"] = (time.monotonic() - started.spawned_at) * 1e3
+    procs.wait_for(lambda: started.check_alive() and _ok_small(candidate), timeout,
+                   f"{candidate.name} first proxied 100 B answer")
+    result["ready_ms"] = (time.monotonic() - started.spawned_at) * 1e3
+    result["idle_rss_bytes"] = procs.rss_bytes(started.pid)
+
+
+def check_bytes(candidate: candidates.Candidate, up: upstream_module.Upstream) -> dict[str, bool]:
+    """Byte-exact through the candidate (sha256 of /100b and /1m): a proxy that mangles bodies gets no numbers."""
+    checks = {}
+    for path in ["/100b", "/1m"] if candidate.proxies else ["/100b"]:
+        status, body = fetch(candidate.base_url + path, candidate.ca_file)
+        checks[path] = status == 200 and hashlib.sha256(body).hexdigest() == up.digests[path]
+    if not all(checks.values()):
+        raise RuntimeError(f"byte-exact check failed: {checks}")
+    return checks
+
+
+def load_level(candidate: candidates.Candidate, started: procs.Started | None, up: upstream_module.Upstream,
+               level: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, then one recorded wrk run at `level` connections, with the CPU both sides spent on it."""
+    url = candidate.base_url + "/100b"
+    warm = load.wrk(url, level, args.warmup, args.load_cpu) if args.warmup else None
+    cpu_before = procs.cpu_seconds(started.pid) if started else 0.0
+    upstream_cpu_before = procs.cpu_seconds(up.started.pid)
+    run = load.wrk(url, level, args.duration, args.load_cpu)
+    entry = run.to_json()
+    requests = max(run.requests, 1)
+    if started:
+        entry["cpu_us_per_req"] = (procs.cpu_seconds(started.pid) - cpu_before) / requests * 1e6
+        started.check_alive()
+    entry["upstream_cpu_us_per_req"] = (procs.cpu_seconds(up.started.pid) - upstream_cpu_before) / requests * 1e6
+    if warm is not None:  # not in the numbers, but failures while warming up are still failures
+        entry["warmup"] = {"requests": warm.requests, "rps": warm.rps, "errors": warm.errors}
+    return entry
+
+
 def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argparse.Namespace) -> dict[str, Any]:
-    """Everything the report shows for one candidate. Raises on a failure that makes the rest meaningless."""
+    """Start one candidate, measure everything the report shows, stop it. A failure is recorded, not raised."""
     up = ctx.upstream
     result: dict[str, Any] = {"name": candidate.name, "description": candidate.description, "ok": False,
                               "command": " ".join(candidate.argv) if candidate.argv else None,
@@ -119,29 +165,9 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
                               cwd=candidates.ROOT)
         result["pid"] = started.pid
     try:
-        if started:
-            if candidate.readiness_url:
-                procs.wait_for(lambda: started.check_alive() and _ok_status(candidate.readiness_url or ""),
-                               args.ready_timeout, f"{candidate.name} {candidate.readiness_url}")
-                result["readyz_ms"] = (time.monotonic() - started.spawned_at) * 1e3
-            procs.wait_for(lambda: started.check_alive() and _ok_small(candidate), args.ready_timeout,
-                           f"{candidate.name} first proxied 100 B answer")
-            result["ready_ms"] = (time.monotonic() - started.spawned_at) * 1e3
-            result["idle_rss_bytes"] = procs.rss_bytes(started.pid)
-        else:
-            procs.wait_for(lambda: _ok_small(candidate), args.ready_timeout, f"{candidate.name} 100 B answer")
-
-        # Byte-exact through the candidate: a proxy that mangles bodies gets no numbers.
-        checks = {}
-        paths = ["/100b", "/1m"] if candidate.proxies else ["/100b"]
-        for path in paths:
-            status, body = fetch(candidate.base_url + path, candidate.ca_file)
-            checks[path] = status == 200 and hashlib.sha256(body).hexdigest() == up.digests[path]
-        result["checks"] = checks
-        if not all(checks.values()):
-            raise RuntimeError(f"byte-exact check failed: {checks}")
+        wait_ready(candidate, started, args.ready_timeout, result)
+        result["checks"] = check_bytes(candidate, up)
         phases["checks"] = up.counters()
-
         if candidate.proxies and args.stream:
             streamed = load.stream(candidate.base_url + "/stream", args.load_cpu,
                                    started.pid if started else None, candidate.ca_file)
@@ -150,27 +176,12 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
                                    f"expected 200 with {up.stream_bytes}")
             result["stream"] = streamed.to_json()
             phases["stream"] = up.counters()
-
         result["load"] = {}
         for level in args.levels:
-            url = candidate.base_url + "/100b"
-            warm = load.wrk(url, level, args.warmup, args.load_cpu) if args.warmup else None
-            cpu_before = procs.cpu_seconds(started.pid) if started else None
-            upstream_cpu_before = procs.cpu_seconds(up.started.pid)
-            run = load.wrk(url, level, args.duration, args.load_cpu)
-            entry = run.to_json()
-            if warm is not None:  # not in the numbers, but failures while warming up are still failures
-                entry["warmup"] = {"requests": warm.requests, "rps": warm.rps, "errors": warm.errors}
-            if started and cpu_before is not None:
-                entry["cpu_us_per_req"] = (procs.cpu_seconds(started.pid) - cpu_before) / max(run.requests, 1) * 1e6
-            entry["upstream_cpu_us_per_req"] = (
-                (procs.cpu_seconds(up.started.pid) - upstream_cpu_before) / max(run.requests, 1) * 1e6)
-            result["load"][str(level)] = entry
+            result["load"][str(level)] = load_level(candidate, started, up, level, args)
             phases[f"c{level}"] = up.counters()
-            if started:
-                started.check_alive()
         if started and candidate.python and args.profile:
-            result["profiles"] = profile_under_load(candidate, started, ctx, args)
+            result["profiles"] = profile_under_load(candidate, started, args)
         if started:
             result["hwm_bytes"] = procs.hwm_bytes(started.pid)
         if candidate.metrics_url:
@@ -187,17 +198,17 @@ def measure(candidate: candidates.Candidate, ctx: candidates.Context, args: argp
         if candidate.access_log and candidate.access_log.exists():
             result["access_log_lines"] = count_lines(candidate.access_log)
         phases["after"] = up.counters()
-        first, last = phases["before"], phases["after"]
+        first = phases["before"]
         result["upstream"] = {
-            "connections": last[0] - first[0],
-            "requests": last[1] - first[1],
+            "connections": phases["after"][0] - first[0],
+            "requests": phases["after"][1] - first[1],
             "by_phase": {name: {"connections": value[0] - first[0], "requests": value[1] - first[1]}
                          for name, value in phases.items() if name != "before"},
         }
     return result
 
 
-def profile_under_load(candidate: candidates.Candidate, started: procs.Started, ctx: candidates.Context,
+def profile_under_load(candidate: candidates.Candidate, started: procs.Started,
                        args: argparse.Namespace) -> dict[str, Any]:
     """An extra wrk run per --profile level while py-spy samples the candidate (not in the numbers)."""
     profiles = {}
