@@ -402,3 +402,9 @@ def test_start_up_errors_are_one_clear_line_and_exit_2(
     )
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_oversized_body_is_refused_with_413(injector: Injector) -> None:
+    answer = injector.post("/mutate", b"{" + b" " * (5 * 1024 * 1024) + b"}")
+    assert answer.status_code == 413 and answer.headers["x-egress-error"] == "bad_request"
+    assert injector.get("/healthz").status_code == 200
