@@ -72,9 +72,7 @@ def make_app(settings: Settings) -> ASGIApp:
     text = b"text/plain; charset=utf-8"
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            return
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # uvicorn runs with lifespan off; nothing else is served
             return
         path, method = scope["path"], scope["method"]
         if path in ("/healthz", "/metrics"):
