@@ -27,6 +27,7 @@ import httpx
 import jsonschema
 import kubernetes_validate
 import yaml
+from helm_python import _native as helm_native
 from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
@@ -37,9 +38,20 @@ RELEASE, NAMESPACE = "es", "egress"
 KUBE_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
 
 
-def render(values: dict[str, Any] | None = None, chart: Path = CHART) -> dict[str, str]:
+def render(
+    values: dict[str, Any] | None = None, chart: Path = CHART, kube_version: str | None = None
+) -> dict[str, str]:
+    """`helm template` offline; `kube_version` sets .Capabilities.KubeVersion (default: Helm's, 1.36)."""
     with helm.Chart.load(chart) as loaded:
-        return loaded.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        if kube_version is None:
+            return loaded.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        # The library's C ABI takes kube_version for rendering; its Python wrapper (0.2.2) does not
+        # pass it on yet, so call the ABI the way Chart.render does.
+        options = {"name": RELEASE, "namespace": NAMESPACE, "is_install": True, "kube_version": kube_version}
+        rendered = helm_native.call_string(
+            "helm_render", loaded._raw(), json.dumps(values or {}), json.dumps(options)
+        )
+        return dict(json.loads(rendered))
 
 
 def documents(rendered: dict[str, str]) -> list[dict[str, Any]]:

@@ -57,6 +57,20 @@ def test_helm_lint_strict_passes(mode: str) -> None:
         assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+@pytest.mark.parametrize(("kube", "native"), [("v1.28.9", False), ("v1.29.0", True), ("v1.33.1", True)])
+def test_auto_mode_picks_native_sidecars_from_kubernetes_1_29(kube: str, native: bool) -> None:
+    docs = documents(render(kube_version=kube))
+    container = yaml.safe_load(one(docs, "ConfigMap", INJECTOR)["data"]["settings.yaml"])["container"]
+    assert ("restartPolicy" in container) is native
+    assert ("lifecycle" in container) is not native
+
+
+def test_native_mode_on_a_cluster_without_native_sidecars_is_refused() -> None:
+    with pytest.raises(helm.HelmRenderError, match="sidecar.mode native needs Kubernetes 1.29"):
+        render({"sidecar": {"mode": "native"}}, kube_version="v1.27.3")
+    assert documents(render({"sidecar": {"mode": "native"}}, kube_version="v1.28.0"))  # feature gate there
+
+
 def test_lint_fails_loudly_on_a_broken_chart(tmp_path: Path) -> None:
     """The lint check can fail: a template that does not parse is reported."""
     import shutil
@@ -66,11 +80,6 @@ def test_lint_fails_loudly_on_a_broken_chart(tmp_path: Path) -> None:
     (broken / "templates" / "service.yaml").write_text("{{ if }}\n")
     report = helm.lint(broken, {}, strict=True, namespace=NAMESPACE)
     assert report["errors"] or [m for m in report["messages"] if m["severity"] >= 2]
-
-
-def test_auto_mode_on_a_current_cluster_injects_a_native_sidecar() -> None:
-    settings = yaml.safe_load(one(documents(render()), "ConfigMap", INJECTOR)["data"]["settings.yaml"])
-    assert settings["container"]["restartPolicy"] == "Always" and "lifecycle" not in settings["container"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -51,8 +51,12 @@ parent's, and this chart's coalesced values sit under the "egress-sidecar" key. 
 {{- $appVersion = (index .Subcharts "egress-sidecar").Chart.AppVersion }}
 {{- end }}
 {{- $mode := $values.sidecar.mode }}
+{{- $kube := .Capabilities.KubeVersion.Version }}
 {{- if eq $mode "auto" }}
-{{- $mode = ternary "native" "fallback" (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version) }}
+{{- $mode = ternary "native" "fallback" (semverCompare ">=1.29.0-0" $kube) }}
+{{- else if and (eq $mode "native") (not (semverCompare ">=1.28.0-0" $kube)) }}
+{{- /* The API server would drop restartPolicy from the init container: the app would never start. */}}
+{{- fail (printf "sidecar.mode native needs Kubernetes 1.29+ (1.28 with the SidecarContainers feature gate), the cluster is %s: use auto or fallback" $kube) }}
 {{- end }}
 {{- toJson (dict "values" $values "appVersion" $appVersion "mode" $mode) }}
 {{- end }}
