@@ -15,7 +15,7 @@ from sidecar.config import Log
 from sidecar.inject import settings as settings_module
 from sidecar.inject.app import ASGIApp, Receive, Scope, Send, make_app
 from sidecar.inject.certreload import CertReloader
-from sidecar.server import SignalFreeServer as SignalFreeServer  # uvicorn.Server that leaves signals to us
+from sidecar.server import SignalFreeServer  # uvicorn.Server that leaves signals to us
 
 
 def _bind(host: str, port: int) -> socket.socket:
