@@ -62,3 +62,8 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	./scripts/install-system-deps.sh
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
+
+# The bounded soak (5 minutes of mixed traffic; RSS, descriptors and pool must stay flat).
+# -s: the test prints its measurements (one SOAK line).
+soak: $(TEST_STAMP) $(SYSTEM_STAMP)
+	$(PY) -m pytest -q -s -m soak tests/soak
