@@ -28,7 +28,7 @@ tail of the previous request: it errs towards refusing, by at most one read, and
 head already near the limit.
 
 Hot path: the common request head arrives in one read and arms no timer; the checks are a
-few integer operations per header (measured in bench/limits_overhead.py).
+few integer operations per request, none per header (bench/limits_overhead.py measures it).
 
 The body idle timeout lives in forward.RequestBody: only there is it known that the sidecar
 is waiting for the client, and not the client for a slow upstream.
@@ -113,14 +113,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     limits: ClassVar[HeadLimits]
     report: ClassVar[Report]
     responses: ClassVar[dict[str, bytes]]
+    # The limits the per-request path reads, as plain class attributes (one lookup each).
+    _max_target: ClassVar[int]
+    _max_headers: ClassVar[int]
+    _max_header_bytes: ClassVar[int]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_open = False  # a request head has begun and is not complete
-        self._head_bytes = 0  # bytes read while the head was open
-        self._header_count = 0
-        self._header_bytes = 0
+        self._head_bytes = 0  # bytes of earlier reads while the head was open
+        self._read_size = 0  # bytes of the read being parsed
         self._refusal: tuple[str, str] | None = None  # (kind, detail) set by a parser callback
         self._lingering = False
 
@@ -139,6 +142,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._lingering:
             return  # refused: discard until the client closes (see _LINGER_SECONDS)
         self._unset_keepalive_if_required()
+        self._read_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -165,37 +169,34 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_open = True
         self._head_bytes = 0
-        self._header_count = 0
-        self._header_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url  # httptools calls this once per read the target spans
-        if len(self.url) > self.limits.max_target:
+        if len(self.url) > self._max_target:
             self._refusal = ("uri_too_long", f"request target longer than {self.limits.max_target} bytes")
             raise _Refused
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        self._header_bytes += len(name) + len(value)
-        limits = self.limits
-        if self._header_count > limits.max_headers or self._header_bytes > limits.max_header_bytes:
-            self._refusal = (
-                "header_too_large",
-                f"{self._header_count} header fields, {self._header_bytes} bytes "
-                f"(limits {limits.max_headers} fields, {limits.max_header_bytes} bytes)",
-            )
-            raise _Refused
-        # The rest is uvicorn's on_header, inlined: this runs for every header of every request.
-        name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._head_open = False
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        # Checked once per head rather than per header (uvicorn's on_header stays as it is):
+        # the count is a len(); the header bytes are summed only when the head's reads
+        # were big enough to hold that many. Until here the byte guard bounds what piles up.
+        headers = self.headers
+        if len(headers) > self._max_headers or (
+            self._head_bytes + self._read_size > self._max_header_bytes
+            and sum(len(name) + len(value) for name, value in headers) > self._max_header_bytes
+        ):
+            limits = self.limits
+            size = sum(len(name) + len(value) for name, value in headers)
+            self._refusal = (
+                "header_too_large",
+                f"{len(headers)} header fields, {size} bytes "
+                f"(limits {limits.max_headers} fields, {limits.max_header_bytes} bytes)",
+            )
+            raise _Refused
         super().on_headers_complete()
 
     # -- refusing --------------------------------------------------------------------------
@@ -246,11 +247,15 @@ _REFUSALS = ("uri_too_long", "header_too_large", "client_timeout", "bad_request"
 
 def protocol_class(limits: Limits, report: Report) -> type[LimitedHttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)` bound to these limits and reporter."""
+    head = HeadLimits.from_config(limits)
     return type(
         "LimitedHttpToolsProtocol",
         (LimitedHttpToolsProtocol,),
         {
-            "limits": HeadLimits.from_config(limits),
+            "limits": head,
+            "_max_target": head.max_target,
+            "_max_headers": head.max_headers,
+            "_max_header_bytes": head.max_header_bytes,
             "report": staticmethod(report),
             "responses": {kind: render_error(kind) for kind in _REFUSALS},
         },
