@@ -30,11 +30,12 @@ REQUEST = (
 ROUNDS, PER_ROUND = 7, 5000
 
 
-class _NullTransport(asyncio.Transport):
-    _extra = {"sockname": ("127.0.0.1", 15001), "peername": ("127.0.0.1", 40000)}
+_EXTRA = {"sockname": ("127.0.0.1", 15001), "peername": ("127.0.0.1", 40000)}
 
+
+class _NullTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._extra.get(name, default)
+        return _EXTRA.get(name, default)
 
     def write(self, data: Any) -> None:
         pass

@@ -100,6 +100,13 @@ def render_error(kind: str) -> bytes:
     return b"".join(lines) + body
 
 
+@dataclass(frozen=True, slots=True)
+class _Sink:
+    """Holds the report callback (a plain class attribute would be bound as a method)."""
+
+    report: Report
+
+
 class _Refused(Exception):
     """Raised inside a parser callback to stop httptools; the kind is on the protocol."""
 
@@ -111,7 +118,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """
 
     limits: ClassVar[HeadLimits]
-    report: ClassVar[Report]
+    sink: ClassVar[_Sink]
     responses: ClassVar[dict[str, bytes]]
     # The limits the per-request path reads, as plain class attributes (one lookup each).
     _max_target: ClassVar[int]
@@ -191,11 +198,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         ):
             limits = self.limits
             size = sum(len(name) + len(value) for name, value in headers)
-            self._refusal = (
-                "header_too_large",
-                f"{len(headers)} header fields, {size} bytes "
-                f"(limits {limits.max_headers} fields, {limits.max_header_bytes} bytes)",
-            )
+            detail = (f"{len(headers)} header fields, {size} bytes "
+                      f"(limits {limits.max_headers} fields, {limits.max_header_bytes} bytes)")
+            self._refusal = ("header_too_large", detail)
             raise _Refused
         super().on_headers_complete()
 
@@ -214,7 +219,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         elif self.cycle is None:
             # Nothing sent since the connection opened: close without an answer (module doc).
             self.transport.close()
-            self.report("client_timeout", "-", "-",
+            self.sink.report("client_timeout", "-", "-",
                         f"new connection sent nothing in {self.limits.header_timeout:g}s; closed without an answer")
 
     def _refuse(self, kind: str, detail: str) -> None:
@@ -232,14 +237,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # An earlier pipelined request's response is still going out: an answer written now
             # would land inside it, so the connection is only closed (uvicorn's 400 does worse).
             transport.close()
-        method = "-"
-        if self.url:  # the method precedes the target, so it has been parsed
-            try:
-                method = self.parser.get_method().decode("ascii", "replace")
-            except Exception:  # pragma: no cover - parser already torn down
-                pass
+        # The method precedes the target: once part of the target is in, the method is parsed.
+        method = self.parser.get_method().decode("ascii", "replace") if self.url else "-"
         target = self.url[:_LOGGED_TARGET].decode("latin-1") if self.url else "-"
-        self.report(kind, method, target, detail)
+        self.sink.report(kind, method, target, detail)
 
 
 _REFUSALS = ("uri_too_long", "header_too_large", "client_timeout", "bad_request")
@@ -256,7 +257,7 @@ def protocol_class(limits: Limits, report: Report) -> type[LimitedHttpToolsProto
             "_max_target": head.max_target,
             "_max_headers": head.max_headers,
             "_max_header_bytes": head.max_header_bytes,
-            "report": staticmethod(report),
+            "sink": _Sink(report),
             "responses": {kind: render_error(kind) for kind in _REFUSALS},
         },
     )

@@ -25,7 +25,7 @@ import httpx
 class _ReleasingStream(httpx.AsyncByteStream):
     """The response body; closing it gives the request's slot back (once)."""
 
-    __slots__ = ("_stream", "_release")
+    __slots__ = ("_release", "_stream")
 
     def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
         self._stream = stream
@@ -54,7 +54,7 @@ class PoolGate(httpx.AsyncBaseTransport):
     @property
     def waiting(self) -> int:
         """Requests waiting for a slot (for metrics and tests)."""
-        waiters = self._free._waiters  # noqa: SLF001 - asyncio keeps no public count
+        waiters = self._free._waiters  # asyncio keeps no public count
         return len(waiters) if waiters else 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -78,7 +78,7 @@ async def run(base: str, prefix: str, total: int, concurrency: int, seconds: flo
                 begun = time.monotonic()
                 try:
                     outcome = await one(client, prefix, kind)
-                except Exception as exc:  # any transport error is an unexpected outcome
+                except Exception as exc:  # noqa: BLE001 - any transport error is an unexpected outcome
                     outcome = f"{kind}_exception_{type(exc).__name__}"
                     if len(details) < 10:
                         details.append(f"{kind}: {exc!r}")

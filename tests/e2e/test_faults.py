@@ -65,11 +65,11 @@ def test_reset_before_headers_is_a_502_upstream_reset(faulty: Sidecar, fresh_ups
 
 def test_reset_mid_body_truncates_the_response_never_a_short_200(faulty: Sidecar, fresh_upstream: Upstream) -> None:
     received = bytearray()
-    with pytest.raises(httpx.RemoteProtocolError):  # the body ends short of its Content-Length
-        with httpx.stream("GET", f"{faulty.url}/up/reset-mid") as response:
-            assert response.status_code == 200 and response.headers["content-length"] == "100000"
-            for chunk in response.iter_raw():
-                received += chunk
+    # The body ends short of its Content-Length: httpx raises rather than return a short body.
+    with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", f"{faulty.url}/up/reset-mid") as response:
+        assert response.status_code == 200 and response.headers["content-length"] == "100000"
+        for chunk in response.iter_raw():
+            received += chunk
     assert 0 < len(received) < 100000
     # The raw bytes too: the sidecar closed the connection without completing the body.
     status, headers, body = split_response(raw_request(faulty.port, f"GET /up/reset-mid HTTP/1.1\r\nHost: "
@@ -93,11 +93,11 @@ def test_stall_before_headers_is_a_504_read_timeout_and_the_upstream_is_let_go(
 def test_stall_mid_body_truncates_after_the_read_timeout(faulty: Sidecar, fresh_upstream: Upstream) -> None:
     received = bytearray()
     started = time.monotonic()
-    with pytest.raises(httpx.RemoteProtocolError):
-        with httpx.stream("GET", f"{faulty.url}/up/stall-mid", timeout=10) as response:
-            assert response.status_code == 200
-            for chunk in response.iter_raw():
-                received += chunk
+    with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", f"{faulty.url}/up/stall-mid",
+                                                                 timeout=10) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            received += chunk
     assert len(received) == 1024 and 0.9 <= time.monotonic() - started < 3
     wait_until(lambda: fresh_upstream.requests[0].peer_closed, timeout=3, message="sidecar closes the stalled request")
     faulty.wait_log(lambda e: e.get("kind") == "read_timeout" and "after response start" in e.get("detail", ""))
@@ -145,7 +145,7 @@ def test_garbage_instead_of_a_response_is_a_502_protocol_error(faulty: Sidecar, 
 # -- TLS ---------------------------------------------------------------------------------------
 
 def _expired(ca: trustme.CA) -> ssl.SSLContext:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return _context(ca.issue_cert("localhost", "127.0.0.1", not_before=now - datetime.timedelta(days=30),
                                   not_after=now - datetime.timedelta(days=1)))
 
