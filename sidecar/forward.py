@@ -42,7 +42,9 @@ class RequestBody(httpx.AsyncByteStream):
     A client that sends no body bytes for `idle_timeout` while the sidecar waits for them
     gets 408 `client_timeout` (the upstream sees an incomplete body and a closed connection).
     Only the wait inside `receive` counts: while the upstream is slow to take the body,
-    uvicorn stops reading from the client, and that silence is not the client's.
+    uvicorn stops reading from the client, and that silence is not the client's. The
+    response cannot have started by then (httpcore sends the whole body before it reads the
+    response, HTTP/1.1 and HTTP/2 alike); were it to, _relay's abort path would apply.
     """
 
     __slots__ = ("_receive", "_idle_timeout", "_on_end", "size")
