@@ -1,0 +1,290 @@
+"""Egress policy: which destinations the app may reach, decided before any byte goes upstream.
+
+Two checks, smokescreen-style, each denial with a named reason that reaches the access log
+and `egress_denied_total{reason}`:
+- `check_target` (pure, per request, cached): host rules (`policy.default`, `allow_hosts`,
+  `deny_hosts`), literal IPs in every spelling, names the static `resolve:` map points at a
+  denied address, and the sidecar's own listeners.
+- `resolve` (the connect guard, per new upstream connection): resolves the name (static map
+  first, then the system resolver), checks EVERY address and returns them; the transport
+  connects to exactly those addresses, so an answer that changes between check and connect
+  (DNS rebinding) cannot slip through. A name with one public and one private address is
+  denied as a whole: a client that picks among them must not be steerable to the private one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import functools
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, Protocol
+
+from sidecar.addresses import IPAddress, IPNetwork, denial_reason, effective_addresses, in_networks, parse_network
+from sidecar.config import Config
+from sidecar.errors import EgressError
+from sidecar.hostnames import HostPatterns, canonical_host
+
+DenialKind = Literal["denied_host", "denied_ip"]
+
+# reason -> how the one-line body describes it. The body names the host the app asked for,
+# never the resolved addresses (those go to the audit log only).
+REASONS: Mapping[str, str] = {
+    "host_denied": "is on the deny list",
+    "not_allowed": "is not on the allow list",
+    "invalid_host": "is not a valid host name or address",
+    "listener": "is this sidecar's own listener",
+    "metadata": "is a cloud metadata address",
+    "loopback": "is a loopback address",
+    "unspecified": "is an unspecified address",
+    "private": "is a private address",
+    "link_local": "is a link-local address",
+    "cgnat": "is a carrier-grade NAT address",
+    "multicast": "is a multicast address",
+    "reserved": "is a reserved address",
+}
+
+_WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
+
+
+class PolicyDenied(EgressError):
+    """The policy refused a destination: kind `denied_host` or `denied_ip`, and a named reason."""
+
+    def __init__(self, kind: DenialKind, reason: str, host: str, address: str | None = None) -> None:
+        super().__init__(kind, f"egress to {_printable(host)} denied: it {REASONS[reason]}")
+        self.reason = reason
+        self.host = host
+        # The address that failed the check, for the audit log; not part of the body.
+        self.address = address
+
+
+class _HasTarget(Protocol):
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def route(self) -> object | None: ...
+
+
+def _printable(host: str) -> str:
+    """The host as it may appear in a one-line body or log: printable ASCII, bounded."""
+    text = host.encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _addresses(text: str | Sequence[str]) -> tuple[IPAddress, ...]:
+    items = [text] if isinstance(text, str) else list(text)
+    return tuple(ipaddress.ip_address(item.strip().strip("[]")) for item in items)
+
+
+class EgressPolicy:
+    """The compiled policy: built once from config, read on the hot path, never re-parsed."""
+
+    def __init__(
+        self,
+        *,
+        default: Literal["allow-public", "deny"] = "allow-public",
+        allow_hosts: Iterable[str] = (),
+        deny_hosts: Iterable[str] = (),
+        allow_cidrs: Iterable[str] = (),
+        static_resolve: Mapping[str, str | Sequence[str]] | None = None,
+        listeners: Iterable[tuple[str, int]] = (),
+        local_addresses: Iterable[IPAddress] = (),
+    ) -> None:
+        self.default = default
+        self._allow = HostPatterns(list(allow_hosts))
+        self._deny = HostPatterns(list(deny_hosts))
+        self._allow_cidrs: tuple[IPNetwork, ...] = tuple(parse_network(c) for c in allow_cidrs)
+        self._static: dict[str, tuple[IPAddress, ...]] = {
+            canonical_host(name): _addresses(value) for name, value in (static_resolve or {}).items()
+        }
+        self._local: frozenset[IPAddress] = frozenset(local_addresses)
+        self._listeners: set[tuple[IPAddress, int]] = set()
+        for host, port in listeners:
+            self.add_listener(host, port)
+        # Per-request decisions are pure in (host, port, routed): cache them. Bounded, so a
+        # stream of random names cannot grow memory.
+        self._decide = functools.lru_cache(maxsize=8192)(self._decide_uncached)
+
+    @classmethod
+    def from_config(cls, config: Config) -> EgressPolicy:
+        policy = config.policy
+        return cls(
+            default=policy.default,
+            allow_hosts=policy.allow_hosts,
+            deny_hosts=policy.deny_hosts,
+            allow_cidrs=policy.allow_cidrs,
+            static_resolve=config.resolve,
+            listeners=[(config.listen.host, config.listen.port), (config.admin.host, config.admin.port)],
+            local_addresses=local_addresses(),
+        )
+
+    def add_listener(self, host: str, port: int) -> None:
+        """Deny `host:port` as a destination: the sidecar's own listener, under any spelling.
+
+        Call again with the real port after binding port 0.
+        """
+        if port == 0:
+            return
+        address = ipaddress.ip_address(host.strip("[]")) if host != "localhost" else _WILDCARDS[0]
+        self._listeners.add((address, port))
+        if hasattr(self, "_decide"):
+            self._decide.cache_clear()
+
+    # --- the pure, per-request check -------------------------------------------------------
+
+    def check_target(self, target: _HasTarget) -> None:
+        """Raise PolicyDenied if the request's destination is refused; pure, no I/O."""
+        denial = self._decide(target.host, target.port, target.route is not None)
+        if denial is not None:
+            kind, reason, address = denial
+            raise PolicyDenied(kind, reason, target.host, address)
+
+    def check_host(self, host: str, port: int, *, routed: bool = False) -> None:
+        """`check_target` for a bare host and port."""
+        denial = self._decide(host, port, routed)
+        if denial is not None:
+            kind, reason, address = denial
+            raise PolicyDenied(kind, reason, host, address)
+
+    def _decide_uncached(self, host: str, port: int, routed: bool) -> tuple[DenialKind, str, str | None] | None:
+        try:
+            canonical = canonical_host(host)
+        except ValueError:
+            return ("denied_host", "invalid_host", None)
+        literal = _literal(canonical)
+        if literal is not None:
+            reason = self.address_reason(literal, port)
+            if reason is not None:
+                return ("denied_ip", reason, str(literal))
+            if routed:
+                return None
+            if self._deny.matches(canonical):
+                return ("denied_host", "host_denied", None)
+            if self.default == "deny" and not (
+                self._allow.matches(canonical) or in_networks(literal, self._allow_cidrs)
+            ):
+                return ("denied_host", "not_allowed", None)
+            return None
+        if not routed:
+            # Host rules apply to forward-proxy destinations; a route's upstream is allowed by
+            # being configured. Address rules apply to both.
+            if self._deny.matches(canonical):
+                return ("denied_host", "host_denied", None)
+            if self.default == "deny" and not self._allow.matches(canonical):
+                return ("denied_host", "not_allowed", None)
+        for address in self._static.get(canonical, ()):
+            reason = self.address_reason(address, port)
+            if reason is not None:
+                return ("denied_ip", reason, str(address))
+        return None
+
+    def address_reason(self, address: IPAddress, port: int) -> str | None:
+        """Why a connection to `address:port` is refused, or None: listener, then ranges."""
+        if self._is_listener(address, port):
+            return "listener"
+        if in_networks(address, self._allow_cidrs):
+            return None
+        return denial_reason(address)
+
+    def _is_listener(self, address: IPAddress, port: int) -> bool:
+        for effective in effective_addresses(address):
+            for bound, bound_port in self._listeners:
+                if port != bound_port:
+                    continue
+                if effective == bound or effective.is_loopback or effective in _WILDCARDS:
+                    return True
+                if bound in _WILDCARDS and effective in self._local:
+                    return True
+        return False
+
+    # --- the connect guard -----------------------------------------------------------------
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The checked addresses to connect to for `host:port`; raise PolicyDenied if ANY is denied.
+
+        Static `resolve:` entries first, then the system resolver (`loop.getaddrinfo`).
+        A resolver failure raises OSError (socket.gaierror); the transport maps it to a
+        connect error.
+        """
+        try:
+            canonical = canonical_host(host)
+        except ValueError:
+            raise PolicyDenied("denied_host", "invalid_host", host) from None
+        literal = _literal(canonical)
+        if literal is not None:
+            addresses: Sequence[IPAddress] = (literal,)
+        elif canonical in self._static:
+            addresses = self._static[canonical]
+        else:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                canonical, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+            found: dict[IPAddress, None] = {}
+            for _family, _type, _proto, _name, sockaddr in infos:
+                found[ipaddress.ip_address(sockaddr[0])] = None
+            addresses = tuple(found)
+        for address in addresses:
+            reason = self.address_reason(address, port)
+            if reason is not None:
+                raise PolicyDenied("denied_ip", reason, host, str(address))
+        return [str(address) for address in addresses]
+
+
+def _literal(canonical: str) -> IPAddress | None:
+    # canonical_host renders addresses in their compressed form: only those contain ':' or
+    # consist of digits and dots.
+    if ":" in canonical or canonical.replace(".", "").isdigit():
+        return ipaddress.ip_address(canonical)
+    return None
+
+
+_SIOCGIFADDR = 0x8915
+
+
+def local_addresses() -> frozenset[IPAddress]:
+    """This host's own addresses (best effort), so a wildcard listener is denied by pod IP too."""
+    found: set[IPAddress] = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            found.add(ipaddress.ip_address(info[4][0]))
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6") as lines:
+            for line in lines:
+                found.add(ipaddress.IPv6Address(int(line.split()[0], 16)))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            for _index, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue
+                found.add(ipaddress.ip_address(packed[20:24]))
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+def exposure_warnings(config: Config) -> list[str]:
+    """Start-up warnings for settings that weaken the sidecar's guarantees (logged at start)."""
+    warnings: list[str] = []
+    if config.listen.allow_non_loopback:
+        warnings.append(
+            f"data listener bound to {config.listen.host}:{config.listen.port} beyond loopback "
+            "(listen.allow_non_loopback): other pods can use this sidecar as a proxy"
+        )
+    for route in config.routes:
+        if route.tls is not None and route.tls.insecure_skip_verify:
+            warnings.append(
+                f"route {route.name!r}: TLS certificate verification is OFF (tls.insecure_skip_verify)"
+            )
+    return warnings
