@@ -1,0 +1,198 @@
+"""Run tests/sealed/ inside a private network namespace, from any pytest invocation.
+
+Outside the namespace (a plain `pytest`, `make test`, CI) no sealed test body or fixture ever
+runs: the first sealed item starts ONE inner pytest under `unshare --net --mount` over the
+selected sealed files, and each outer item then replays its inner reports (pass, fail with
+the inner traceback, skip with the reason), the way pytest-xdist relays worker reports.
+Inside (EGRESS_SEALED_REPORTS set), a session fixture refuses to run unless the namespace is
+provably sealed, adds the target addresses to lo and starts the catching listeners; every
+test asserts it is still sealed before it sends anything.
+Where a namespace cannot be made (not root and no user namespaces, no `unshare`), every
+sealed test is skipped with a message naming why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from _pytest.reports import TestReport
+
+from tests.sealed import netns
+from tests.sealed.catchers import Catchers, remember_sni
+
+SEALED_DIR = Path(__file__).resolve().parent
+REPORTS_ENV = "EGRESS_SEALED_REPORTS"
+INNER = REPORTS_ENV in os.environ
+INNER_TIMEOUT = 900  # seconds for the whole inner run; each test also has pytest-timeout's limit
+
+
+def _is_sealed_item(item: pytest.Item) -> bool:
+    return SEALED_DIR in Path(str(item.path)).resolve().parents
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_sealed_item(item):
+            item.add_marker(pytest.mark.sealed)
+
+
+# --- outside: run the sealed tests in a namespace and replay their reports ----------------
+
+
+class _InnerRun:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.done = False
+        self.skip_reason: str | None = None
+        self.failure: str | None = None
+        self.reports: dict[str, list[dict[str, Any]]] = {}
+
+    def run(self, session: pytest.Session) -> None:
+        self.done = True
+        prefix, reason = netns.unshare_prefix()
+        if prefix is None:
+            self.skip_reason = f"sealed network namespace unavailable: {reason}"
+            return
+        files = sorted({str(Path(str(i.path)).relative_to(self.config.rootpath)) for i in session.items
+                        if _is_sealed_item(i)})
+        options = ["-p", "no:cacheprovider", "-q", "-rN", "-o", "addopts="]
+        if self.config.option.markexpr:
+            options += ["-m", self.config.option.markexpr]
+        if self.config.option.keyword:
+            options += ["-k", self.config.option.keyword]
+        with tempfile.NamedTemporaryFile(prefix="egress-sealed-", suffix=".jsonl", delete=False) as handle:
+            report_path = handle.name
+        try:
+            result = subprocess.run(
+                [*prefix, sys.executable, "-m", "pytest", *options, *files],
+                cwd=self.config.rootpath,
+                env={**os.environ, REPORTS_ENV: report_path},
+                capture_output=True,
+                text=True,
+                timeout=INNER_TIMEOUT,
+            )
+            output = result.stdout + result.stderr
+            with open(report_path) as lines:
+                for line in lines:
+                    data = json.loads(line)
+                    self.reports.setdefault(data["nodeid"], []).append(data)
+        except subprocess.TimeoutExpired as exc:
+            output = f"inner sealed run timed out after {INNER_TIMEOUT}s: {exc.stdout!r}"[-4000:]
+        finally:
+            os.unlink(report_path)
+        self.failure = f"no report from the sealed run; its output:\n{output[-4000:]}"
+
+    def replay(self, item: pytest.Item) -> None:
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        datas = self.reports.get(item.nodeid)
+        if datas:
+            for data in datas:
+                report = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
+                ihook.pytest_runtest_logreport(report=report)
+        else:
+            if self.skip_reason is not None:
+                outcome, when = "skipped", "setup"
+                longrepr: Any = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: {self.skip_reason}")
+            else:
+                outcome, when, longrepr = "failed", "call", self.failure
+            for phase in ("setup", "call", "teardown"):
+                ihook.pytest_runtest_logreport(report=TestReport(
+                    item.nodeid, item.location, {}, outcome if phase == when else "passed",
+                    longrepr if phase == when else None, phase,
+                ))
+                if phase == when:
+                    break
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+
+_inner_run: _InnerRun | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    global _inner_run
+    if INNER or not _is_sealed_item(item):
+        return None
+    if _inner_run is None:
+        _inner_run = _InnerRun(item.config)
+        _inner_run.run(item.session)
+    _inner_run.replay(item)
+    return True
+
+
+# --- inside: prove the seal, set up targets and catchers, record reports ------------------
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not INNER:
+        return
+    config = _config
+    data = config.hook.pytest_report_to_serializable(config=config, report=report)
+    with open(os.environ[REPORTS_ENV], "a") as out:
+        out.write(json.dumps(data) + "\n")
+
+
+_config: Any = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _config
+    _config = config
+
+
+def assert_sealed() -> None:
+    """Fail (never send) unless this process is in a namespace with nothing but loopback."""
+    reason = netns.not_sealed_reason()
+    if reason is not None:
+        pytest.exit(f"refusing to run sealed tests: not in a sealed network namespace ({reason})", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def sealed_network() -> Iterator[None]:
+    if not INNER:
+        pytest.fail("sealed fixtures must never run outside the namespace")
+    assert_sealed()
+    netns.add_target_addresses()
+    assert_sealed()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _sealed_guard(sealed_network: None) -> None:
+    assert_sealed()
+
+
+@pytest.fixture(scope="session")
+def tmp_sealed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sealed")
+
+
+# Names the catching TLS listener answers for (the sidecar trusts the test CA).
+CATCHER_NAMES = ("public.test", "*.public.test", "rebind.test", "1.1.1.1", "8.8.4.4", "2606:4700:4700::1111")
+
+
+@pytest.fixture(scope="session")
+def catchers(sealed_network: None, ca: trustme.CA) -> Iterator[Catchers]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*CATCHER_NAMES).configure_cert(context)
+    running = Catchers({80: None, 443: remember_sni(context)})
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def caught(catchers: Catchers) -> Catchers:
+    """The catchers, cleared for this test."""
+    catchers.clear()
+    return catchers
