@@ -29,6 +29,7 @@ from _pytest.reports import TestReport
 
 from tests.sealed import netns
 from tests.sealed.catchers import Catchers, remember_sni
+from tests.sealed.dns import OUTER_MOUNT_NS_ENV, DNSServer, in_private_mount_namespace, mount_namespace, use_resolver
 
 SEALED_DIR = Path(__file__).resolve().parent
 REPORTS_ENV = "EGRESS_SEALED_REPORTS"
@@ -76,7 +77,7 @@ class _InnerRun:
             result = subprocess.run(
                 [*prefix, sys.executable, "-m", "pytest", *options, *files],
                 cwd=self.config.rootpath,
-                env={**os.environ, REPORTS_ENV: report_path},
+                env={**os.environ, REPORTS_ENV: report_path, OUTER_MOUNT_NS_ENV: mount_namespace()},
                 capture_output=True,
                 text=True,
                 timeout=INNER_TIMEOUT,
@@ -196,3 +197,31 @@ def caught(catchers: Catchers) -> Catchers:
     """The catchers, cleared for this test."""
     catchers.clear()
     return catchers
+
+
+# What the sealed DNS server answers (TTL 0). Lists of lists are successive A answers.
+DNS_ANSWERS: dict[str, list[list[str]]] = {
+    "public.test": [["1.1.1.1"]],
+    "rebind.test": [["1.1.1.1"], ["10.0.0.1"]],  # public first, private next: DNS rebinding
+    "mixed.test": [["8.8.4.4", "10.0.0.1"]],  # one public and one private address
+    "metadata.test": [["169.254.169.254"]],
+    "v6-metadata.test": [["fd00:ec2::254"]],
+    "mapped.test": [["::ffff:169.254.169.254"]],
+    "intranet.test": [["192.168.1.1"]],
+}
+
+
+@pytest.fixture(scope="session")
+def system_resolver(sealed_network: None, tmp_sealed: Path) -> None:
+    """/etc/resolv.conf -> 127.0.0.1 for this namespace only (private mount namespace)."""
+    if not in_private_mount_namespace():
+        pytest.skip("not in a private mount namespace: will not touch /etc/resolv.conf")
+    use_resolver(tmp_sealed)
+
+
+@pytest.fixture
+def dns(system_resolver: None) -> Iterator[DNSServer]:
+    """A fresh DNS server (rebinding counters start over) answering DNS_ANSWERS."""
+    server = DNSServer(DNS_ANSWERS)
+    yield server
+    server.stop()

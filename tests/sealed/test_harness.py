@@ -9,6 +9,7 @@ import pytest
 
 from tests.sealed import netns
 from tests.sealed.catchers import Catchers
+from tests.sealed.dns import DNSServer
 
 
 def test_barrier_reports_nothing_when_nothing_connected(caught: Catchers) -> None:
@@ -38,3 +39,17 @@ def test_catchers_record_a_direct_connection_to_every_target(address: str, caugh
     caught.barrier()
     seen = {(c.address, c.port) for c in caught.connections()}
     assert {(address, 80), (address, 443)} <= seen
+
+
+def _lookup(name: str) -> list[str]:
+    infos = socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
+
+
+def test_system_resolver_answers_from_the_sealed_dns_server(dns: DNSServer) -> None:
+    assert _lookup("mixed.test") == ["10.0.0.1", "8.8.4.4"]
+    assert _lookup("rebind.test") == ["1.1.1.1"]
+    assert _lookup("rebind.test") == ["10.0.0.1"]  # the second answer rebinds
+    with pytest.raises(socket.gaierror):
+        _lookup("unknown.test")
+    assert ("mixed.test", 1) in dns.queries
