@@ -23,7 +23,15 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
-from sidecar.addresses import IPAddress, IPNetwork, denial_reason, effective_addresses, in_networks, parse_network
+from sidecar.addresses import (
+    IPAddress,
+    IPNetwork,
+    denial_reason,
+    effective_addresses,
+    in_networks,
+    parse_ip_literal,
+    parse_network,
+)
 from sidecar.config import Config
 from sidecar.errors import EgressError
 from sidecar.hostnames import HostPatterns, canonical_host
@@ -31,34 +39,53 @@ from sidecar.hostnames import HostPatterns, canonical_host
 DenialKind = Literal["denied_host", "denied_ip"]
 
 # reason -> how the one-line body describes it. The body names the host the app asked for,
-# never the resolved addresses (those go to the audit log only).
+# never the resolved addresses (the one that failed goes to the audit log only).
 REASONS: Mapping[str, str] = {
     "host_denied": "is on the deny list",
     "not_allowed": "is not on the allow list",
     "invalid_host": "is not a valid host name or address",
     "listener": "is this sidecar's own listener",
-    "metadata": "is a cloud metadata address",
-    "loopback": "is a loopback address",
-    "unspecified": "is an unspecified address",
-    "private": "is a private address",
-    "link_local": "is a link-local address",
-    "cgnat": "is a carrier-grade NAT address",
-    "multicast": "is a multicast address",
-    "reserved": "is a reserved address",
+    "metadata": "a cloud metadata address",
+    "loopback": "a loopback address",
+    "unspecified": "an unspecified address",
+    "private": "a private address",
+    "link_local": "a link-local address",
+    "cgnat": "a carrier-grade NAT address",
+    "multicast": "a multicast address",
+    "reserved": "a reserved address",
 }
+_HOST_REASONS = frozenset({"host_denied", "not_allowed", "invalid_host", "listener"})
 
 _WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 
 
 class PolicyDenied(EgressError):
-    """The policy refused a destination: kind `denied_host` or `denied_ip`, and a named reason."""
+    """The policy refused a destination: kind `denied_host` or `denied_ip`, and a named reason.
+
+    `subject` (the response body) names the host and the reason; `detail` (the log line)
+    adds the address that failed; `reason` labels `egress_denied_total`.
+    """
 
     def __init__(self, kind: DenialKind, reason: str, host: str, address: str | None = None) -> None:
-        super().__init__(kind, f"egress to {_printable(host)} denied: it {REASONS[reason]}")
+        shown = _printable(host)
+        if reason in _HOST_REASONS:
+            subject = f"{shown} {REASONS[reason]}"
+        elif address is not None and _literal_text(host) is None:
+            subject = f"{shown} resolves to {REASONS[reason]}"
+        else:
+            subject = f"{shown} is {REASONS[reason]}"
+        detail = f"reason={reason} host={shown}" + (f" address={address}" if address else "")
+        super().__init__(kind, detail, subject)
         self.reason = reason
         self.host = host
-        # The address that failed the check, for the audit log; not part of the body.
         self.address = address
+
+
+def _literal_text(host: str) -> object | None:
+    try:
+        return parse_ip_literal(host)
+    except ValueError:
+        return None
 
 
 class _HasTarget(Protocol):
@@ -275,16 +302,24 @@ def local_addresses() -> frozenset[IPAddress]:
 
 
 def exposure_warnings(config: Config) -> list[str]:
-    """Start-up warnings for settings that weaken the sidecar's guarantees (logged at start)."""
+    """Start-up warnings for settings that weaken the sidecar's guarantees (logged at start).
+
+    (A route with `tls.insecure_skip_verify` is warned about where its pool is built, in
+    sidecar.upstream.)
+    """
     warnings: list[str] = []
-    if config.listen.allow_non_loopback:
+    if config.listen.allow_non_loopback and not _is_loopback_host(config.listen.host):
         warnings.append(
             f"data listener bound to {config.listen.host}:{config.listen.port} beyond loopback "
             "(listen.allow_non_loopback): other pods can use this sidecar as a proxy"
         )
-    for route in config.routes:
-        if route.tls is not None and route.tls.insecure_skip_verify:
-            warnings.append(
-                f"route {route.name!r}: TLS certificate verification is OFF (tls.insecure_skip_verify)"
-            )
     return warnings
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
