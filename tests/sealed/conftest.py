@@ -180,7 +180,10 @@ def tmp_sealed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Names the catching TLS listener answers for (the sidecar trusts the test CA).
-CATCHER_NAMES = ("public.test", "*.public.test", "rebind.test", "1.1.1.1", "8.8.4.4", "2606:4700:4700::1111")
+CATCHER_NAMES = (
+    "public.test", "*.public.test", "rebind.test", "public.static.test",
+    "1.1.1.1", "8.8.4.4", "2606:4700:4700::1111", "10.0.0.1",  # 10.0.0.1: the allow_cidrs control
+)
 
 
 @pytest.fixture(scope="session")
