@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from sidecar.config import HeaderValue, Route
+from sidecar.config import ConfigError, HeaderValue, Route
 
 HeaderSource = Callable[[], bytes]
 InjectedHeader = tuple[bytes, HeaderSource]  # (lower-case name, value getter)
@@ -35,8 +35,11 @@ _log = structlog.get_logger("egress.credentials")
 _FORBIDDEN = frozenset(range(0x00, 0x20)) - {0x09} | {0x7F}
 
 
-class CredentialError(ValueError):
-    """A secret cannot be used; the message names the file and the problem, never the content."""
+class CredentialError(ConfigError):
+    """A secret cannot be used; the message names the file and the problem, never the content.
+
+    At start this stops the sidecar like any config error (exit 2, one line on stderr).
+    """
 
 
 def render(template: str, secret: bytes, where: str) -> bytes:
