@@ -183,6 +183,8 @@ def tmp_sealed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 CATCHER_NAMES = (
     "public.test", "*.public.test", "rebind.test", "public.static.test",
     "1.1.1.1", "8.8.4.4", "2606:4700:4700::1111", "10.0.0.1",  # 10.0.0.1: the allow_cidrs control
+    # host-rule tests
+    "exact.test", "allowed.test", "*.allowed.test", "*.deep.allowed.test", "other.test", "*.xn--bcher-kva.test",
 )
 
 
