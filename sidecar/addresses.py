@@ -76,7 +76,7 @@ _TEREDO = ipaddress.ip_network("2001::/32")
 
 def _v4_part(text: str) -> int:
     if text[:2] in ("0x", "0X"):
-        return int(text[2:], 16) if len(text) > 2 else 0  # WHATWG: a bare "0x" is zero
+        return int(text, 16) if len(text) > 2 else 0  # WHATWG: a bare "0x" is zero
     if len(text) > 1 and text[0] == "0":
         return int(text, 8)  # ValueError on 8 or 9, as inet_aton fails
     return int(text, 10)

@@ -32,7 +32,7 @@ REDACTED = "<redacted>"
 _log = structlog.get_logger("egress.credentials")
 
 # Bytes a header value must not hold (RFC 9110 5.5): CR, LF, NUL and other controls but HTAB.
-_FORBIDDEN = frozenset(range(0x00, 0x20)) - {0x09} | {0x7F}
+_FORBIDDEN = frozenset(range(0x20)) - {0x09} | {0x7F}
 
 
 class CredentialError(ConfigError):
@@ -60,7 +60,7 @@ def render(template: str, secret: bytes, where: str) -> bytes:
 class SecretFile:
     """A header value from a mounted secret file; callable, cheap, re-read when the file changes."""
 
-    __slots__ = ("_path", "_template", "_interval", "_clock", "_value", "_key", "_next_check", "_failing")
+    __slots__ = ("_clock", "_failing", "_interval", "_key", "_next_check", "_path", "_template", "_value")
 
     def __init__(
         self,

@@ -43,7 +43,7 @@ class GuardedBackend(AsyncNetworkBackend):
         try:
             # The connect timeout covers name resolution too, as it would inside getaddrinfo.
             addresses = await asyncio.wait_for(self._resolve(host, port), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None

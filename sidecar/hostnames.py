@@ -37,8 +37,7 @@ def canonical_host(host: str) -> str:
         except idna.IDNAError as exc:
             raise ValueError(f"invalid international host name: {exc}") from None
     name = name.lower()
-    if name.endswith("."):
-        name = name[:-1]
+    name = name.removesuffix(".")
     if not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
         raise ValueError("not a valid host name")
     return name
@@ -51,7 +50,7 @@ class HostPatterns:
     list both when both are meant. Matching costs one set lookup per label of the host.
     """
 
-    __slots__ = ("_exact", "_suffixes", "_all")
+    __slots__ = ("_all", "_exact", "_suffixes")
 
     def __init__(self, patterns: list[str]) -> None:
         exact: set[str] = set()

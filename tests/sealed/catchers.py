@@ -70,12 +70,11 @@ class Catchers:
         port has been recorded, every earlier connection to that port has been too.
         """
         for port in self._ports:
-            with socket.create_connection((SENTINEL, port), timeout=timeout):
-                with self._state.lock:
-                    if not self._state.lock.wait_for(
-                        lambda: any(c.address == SENTINEL and c.port == port for c in self._state.caught), timeout
-                    ):
-                        raise AssertionError(f"catcher on port {port} did not accept within {timeout}s")
+            with socket.create_connection((SENTINEL, port), timeout=timeout), self._state.lock:
+                if not self._state.lock.wait_for(
+                    lambda port=port: any(c.address == SENTINEL and c.port == port for c in self._state.caught), timeout
+                ):
+                    raise AssertionError(f"catcher on port {port} did not accept within {timeout}s")
         with self._state.lock:
             self._state.caught = [c for c in self._state.caught if c.address != SENTINEL]
 
@@ -87,7 +86,7 @@ class Catchers:
         while not self._stop.is_set():
             try:
                 conn, _peer = sock.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -29,7 +29,13 @@ from _pytest.reports import TestReport
 
 from tests.sealed import netns
 from tests.sealed.catchers import Catchers, remember_sni
-from tests.sealed.dns import OUTER_MOUNT_NS_ENV, DNSServer, in_private_mount_namespace, mount_namespace, use_resolver
+from tests.sealed.dns import (
+    OUTER_MOUNT_NS_ENV,
+    DNSServer,
+    in_private_mount_namespace,
+    mount_namespace,
+    use_resolver,
+)
 
 SEALED_DIR = Path(__file__).resolve().parent
 REPORTS_ENV = "EGRESS_SEALED_REPORTS"
@@ -78,7 +84,7 @@ class _InnerRun:
                 [*prefix, sys.executable, "-m", "pytest", *options, *files],
                 cwd=self.config.rootpath,
                 env={**os.environ, REPORTS_ENV: report_path, OUTER_MOUNT_NS_ENV: mount_namespace()},
-                capture_output=True,
+                check=False, capture_output=True,
                 text=True,
                 timeout=INNER_TIMEOUT,
             )

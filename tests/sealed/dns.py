@@ -63,7 +63,7 @@ class DNSServer:
         while not self._stop.is_set():
             try:
                 packet, peer = self.sock.recvfrom(2048)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

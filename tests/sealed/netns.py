@@ -97,7 +97,7 @@ def add_target_addresses() -> None:
     commands += [["ip", "addr", "add", f"{a}/32", "dev", "lo"] for a in IPV4_TARGETS]
     commands += [["ip", "-6", "addr", "add", f"{a}/128", "dev", "lo"] for a in IPV6_TARGETS]
     for command in commands:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=10)
         if result.returncode != 0 and "File exists" not in result.stderr:
             raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()}")
 
@@ -114,7 +114,7 @@ def unshare_prefix() -> tuple[list[str] | None, str]:
         candidates = [["unshare", "--user", "--map-root-user", "--net", "--mount"]]
     problems = []
     for prefix in candidates:
-        result = subprocess.run([*prefix, "true"], capture_output=True, text=True, timeout=30)
+        result = subprocess.run([*prefix, "true"], check=False, capture_output=True, text=True, timeout=30)
         if result.returncode == 0:
             return prefix, ""
         problems.append(f"`{' '.join(prefix)}` failed: {result.stderr.strip() or result.returncode}")

@@ -87,7 +87,7 @@ def test_non_loopback_listener_needs_the_explicit_setting_and_warns(
     path = tmp_path / "refused.yaml"
     path.write_text(yaml.safe_dump(config))
     refused = subprocess.run([sys.executable, "-m", "sidecar", "check-config", str(path)],
-                             capture_output=True, text=True, timeout=30, cwd=ROOT)
+                             check=False, capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert refused.returncode == 2 and "listen.allow_non_loopback" in refused.stderr
 
     config["listen"]["allow_non_loopback"] = True
