@@ -48,13 +48,16 @@ class GuardedBackend(AsyncNetworkBackend):
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
         last_error: Exception = httpcore.ConnectError(f"no address for {host}")
-        for address in addresses:
+        for index, address in enumerate(addresses):
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise httpcore.ConnectTimeout(f"connecting to {host} timed out")
+            # Share what is left of the deadline among the addresses still to try, so one
+            # black-holed address (say, IPv6 without a working route) cannot use it all up.
+            attempt = None if remaining is None else remaining / (len(addresses) - index)
             try:
                 return await self._inner.connect_tcp(
-                    address, port, timeout=remaining, local_address=local_address, socket_options=socket_options
+                    address, port, timeout=attempt, local_address=local_address, socket_options=socket_options
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last_error = exc  # try the next checked address, as getaddrinfo users do
