@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from tests.sealed.dns import (
 SEALED_DIR = Path(__file__).resolve().parent
 REPORTS_ENV = "EGRESS_SEALED_REPORTS"
 INNER = REPORTS_ENV in os.environ
-INNER_TIMEOUT = 900  # seconds for the whole inner run; each test also has pytest-timeout's limit
+INNER_TIMEOUT = float(os.environ.get("EGRESS_SEALED_TIMEOUT", "900"))  # the whole inner run; each test also has pytest-timeout
 
 
 def _is_sealed_item(item: pytest.Item) -> bool:
@@ -79,22 +80,27 @@ class _InnerRun:
             options += ["-k", self.config.option.keyword]
         with tempfile.NamedTemporaryFile(prefix="egress-sealed-", suffix=".jsonl", delete=False) as handle:
             report_path = handle.name
+        # Its own session, so a run that overstays is stopped with everything it started
+        # (sidecars inside the namespace) by killing that one process group.
+        inner = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "pytest", *options, *files],
+            cwd=self.config.rootpath,
+            env={**os.environ, REPORTS_ENV: report_path, OUTER_MOUNT_NS_ENV: mount_namespace()},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
-            result = subprocess.run(
-                [*prefix, sys.executable, "-m", "pytest", *options, *files],
-                cwd=self.config.rootpath,
-                env={**os.environ, REPORTS_ENV: report_path, OUTER_MOUNT_NS_ENV: mount_namespace()},
-                check=False, capture_output=True,
-                text=True,
-                timeout=INNER_TIMEOUT,
-            )
-            output = result.stdout + result.stderr
+            output, _ = inner.communicate(timeout=INNER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(inner.pid, signal.SIGKILL)
+            output = f"inner sealed run timed out after {INNER_TIMEOUT}s\n" + inner.communicate()[0]
+        try:
             with open(report_path) as lines:
                 for line in lines:
                     data = json.loads(line)
                     self.reports.setdefault(data["nodeid"], []).append(data)
-        except subprocess.TimeoutExpired as exc:
-            output = f"inner sealed run timed out after {INNER_TIMEOUT}s: {exc.stdout!r}"[-4000:]
         finally:
             os.unlink(report_path)
         self.failure = f"no report from the sealed run; its output:\n{output[-4000:]}"
