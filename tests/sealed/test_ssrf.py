@@ -65,6 +65,12 @@ VECTORS = [
     Vector("benchmark", "http://198.18.0.1/", "denied_ip", "reserved"),
     Vector("test-net", "http://192.0.2.1/", "denied_ip", "reserved"),
     Vector("documentation-v6", "http://[2001:db8::1]/", "denied_ip", "reserved"),
+    # Not addable to lo as unicast targets, so no catcher: the namespace still keeps them in.
+    Vector("link-local-v6", "http://[fe80::1]/", "denied_ip", "link_local"),
+    Vector("multicast", "http://224.0.0.1/", "denied_ip", "multicast"),
+    Vector("multicast-v6", "http://[ff02::1]/", "denied_ip", "multicast"),
+    Vector("broadcast", "http://255.255.255.255/", "denied_ip", "reserved"),
+    Vector("teredo-private-server", "http://[2001:0:a00:1::1]/", "denied_ip", "private"),
     # Loopback and "this host".
     Vector("loopback", "http://127.0.0.1/", "denied_ip", "loopback"),
     Vector("loopback-short", "http://127.1/", "denied_ip", "loopback"),
