@@ -38,8 +38,9 @@ from sidecar.hostnames import HostPatterns, canonical_host
 
 DenialKind = Literal["denied_host", "denied_ip"]
 
-# reason -> how the one-line body describes it. The body names the host the app asked for,
-# never the resolved addresses (the one that failed goes to the audit log only).
+# reason -> how the one-line body describes it: host reasons as a predicate ("x is on the deny
+# list"), address reasons as a noun ("x is / resolves to a private address"). The body names
+# the host the app asked for, never the resolved addresses (the failing one goes to the log).
 REASONS: Mapping[str, str] = {
     "host_denied": "is on the deny list",
     "not_allowed": "is not on the allow list",
@@ -70,7 +71,7 @@ class PolicyDenied(EgressError):
         shown = _printable(host)
         if reason in _HOST_REASONS:
             subject = f"{shown} {REASONS[reason]}"
-        elif address is not None and _literal_text(host) is None:
+        elif address is not None and not _is_literal(host):
             subject = f"{shown} resolves to {REASONS[reason]}"
         else:
             subject = f"{shown} is {REASONS[reason]}"
@@ -81,11 +82,11 @@ class PolicyDenied(EgressError):
         self.address = address
 
 
-def _literal_text(host: str) -> object | None:
+def _is_literal(host: str) -> bool:
     try:
-        return parse_ip_literal(host)
+        return parse_ip_literal(host) is not None
     except ValueError:
-        return None
+        return False
 
 
 class _HasTarget(Protocol):
