@@ -125,16 +125,23 @@ SIDECAR_CONFIG: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def sidecar(system_resolver: None, ca_file: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
-    started = start_sidecar(tmp_path_factory.mktemp("ssrf"), base_config(ca_file, **SIDECAR_CONFIG))
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def sidecar(
+    request: pytest.FixtureRequest, system_resolver: None, ca_file: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sidecar]:
+    """The sidecar under both request parsers: routing reads the destination from `Host`
+    (httptools) or from the absolute URI (h11), and the policy must hold either way."""
+    config = base_config(ca_file, **SIDECAR_CONFIG)
+    config["listen"]["http"] = request.param
+    started = start_sidecar(tmp_path_factory.mktemp("ssrf"), config)
     yield started
     started.terminate()
 
 
-def forward(sidecar: Sidecar, url: str) -> tuple[int, dict[str, str], bytes]:
+def forward(sidecar: Sidecar, url: str, host: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A forward-proxy request for `url`; the Host header matches it unless `host` is given."""
     url = url.replace(LISTEN, str(sidecar.port)).replace(ADMIN, str(sidecar.admin_port))
-    host = url.split("/")[2]
+    host = host or url.split("/")[2]
     raw = raw_request(sidecar.port, f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
     status, headers, body = split_response(raw)
     return status, dict(headers), body
@@ -258,3 +265,19 @@ def test_allow_cidrs_opts_a_private_range_back_in(
         assert_denied(opened, caught, forward(opened, "http://192.168.1.1/"), 403, "denied_ip", "private", before)
     finally:
         opened.terminate()
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [("http://169.254.169.254/latest/", "public.test"), ("http://public.test/", "169.254.169.254")],
+    ids=["uri-metadata-host-public", "uri-public-host-metadata"],
+)
+def test_disagreeing_uri_and_host_never_reach_the_denied_one(
+    sidecar: Sidecar, caught: Catchers, dns: DNSServer, url: str, host: str
+) -> None:
+    status, headers, _body = forward(sidecar, url, host)
+    caught.barrier()
+    # Whichever the parser takes as the destination is checked: public.test may be reached,
+    # the metadata address never is.
+    assert {c.address for c in caught.connections()} <= {"1.1.1.1"}
+    assert status == 200 or headers.get("x-egress-error") == "denied_ip"
