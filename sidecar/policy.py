@@ -133,11 +133,11 @@ class EgressPolicy:
         }
         self._local: frozenset[IPAddress] = frozenset(local_addresses)
         self._listeners: set[tuple[IPAddress, int]] = set()
-        for host, port in listeners:
-            self.add_listener(host, port)
         # Per-request decisions are pure in (host, port, routed): cache them. Bounded, so a
         # stream of random names cannot grow memory.
         self._decide = functools.lru_cache(maxsize=8192)(self._decide_uncached)
+        for host, port in listeners:
+            self.add_listener(host, port)
 
     @classmethod
     def from_config(cls, config: Config) -> EgressPolicy:
@@ -159,10 +159,15 @@ class EgressPolicy:
         """
         if port == 0:
             return
-        address = ipaddress.ip_address(host.strip("[]")) if host != "localhost" else _WILDCARDS[0]
+        address: IPAddress
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            # A name (`localhost`, a pod host name): loopback is always covered; treat the
+            # rest like a wildcard bind, so every local address on that port is denied.
+            address = _WILDCARDS[0]
         self._listeners.add((address, port))
-        if hasattr(self, "_decide"):
-            self._decide.cache_clear()
+        self._decide.cache_clear()
 
     # --- the pure, per-request check -------------------------------------------------------
 
