@@ -41,7 +41,8 @@ from tests.sealed.dns import (
 SEALED_DIR = Path(__file__).resolve().parent
 REPORTS_ENV = "EGRESS_SEALED_REPORTS"
 INNER = REPORTS_ENV in os.environ
-INNER_TIMEOUT = float(os.environ.get("EGRESS_SEALED_TIMEOUT", "900"))  # the whole inner run; each test also has pytest-timeout
+# Bound on the whole inner run (each test inside also has pytest-timeout's limit).
+INNER_TIMEOUT = float(os.environ.get("EGRESS_SEALED_TIMEOUT", "900"))
 
 
 def _is_sealed_item(item: pytest.Item) -> bool:
@@ -58,15 +59,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 class _InnerRun:
+    """One pytest run of the selected sealed files inside a fresh namespace, and its reports."""
+
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.done = False
         self.skip_reason: str | None = None
         self.failure: str | None = None
         self.reports: dict[str, list[dict[str, Any]]] = {}
 
     def run(self, session: pytest.Session) -> None:
-        self.done = True
         prefix, reason = netns.unshare_prefix()
         if prefix is None:
             self.skip_reason = f"sealed network namespace unavailable: {reason}"
