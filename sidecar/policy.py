@@ -15,11 +15,11 @@ and `egress_denied_total{reason}`:
 from __future__ import annotations
 
 import asyncio
-import fcntl
+import ctypes
+import ctypes.util
 import functools
 import ipaddress
 import socket
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
@@ -277,32 +277,59 @@ def _literal(canonical: str) -> IPAddress | None:
     return None
 
 
-_SIOCGIFADDR = 0x8915
+class _SockAddr(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_ubyte * 26)]  # room for sockaddr_in6
+
+
+class _IfAddrs(ctypes.Structure):
+    pass
+
+
+_IfAddrs._fields_ = [
+    ("next", ctypes.POINTER(_IfAddrs)),
+    ("name", ctypes.c_char_p),
+    ("flags", ctypes.c_uint),
+    ("addr", ctypes.POINTER(_SockAddr)),
+    ("netmask", ctypes.POINTER(_SockAddr)),
+    ("ifu", ctypes.POINTER(_SockAddr)),
+    ("data", ctypes.c_void_p),
+]
+
+
+def _interface_addresses() -> set[IPAddress]:
+    """Every address of every interface, secondary ones included (libc getifaddrs)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    head = ctypes.POINTER(_IfAddrs)()
+    if libc.getifaddrs(ctypes.byref(head)) != 0:
+        raise OSError(ctypes.get_errno(), "getifaddrs failed")
+    found: set[IPAddress] = set()
+    try:
+        node = head
+        while node:
+            entry = node.contents
+            if entry.addr:
+                family, data = entry.addr.contents.family, bytes(entry.addr.contents.data)
+                if family == socket.AF_INET:
+                    found.add(ipaddress.IPv4Address(data[2:6]))  # after the port
+                elif family == socket.AF_INET6:
+                    found.add(ipaddress.IPv6Address(data[6:22]))  # after port and flow info
+            node = entry.next
+    finally:
+        libc.freeifaddrs(head)
+    return found
 
 
 def local_addresses() -> frozenset[IPAddress]:
-    """This host's own addresses (best effort), so a wildcard listener is denied by pod IP too."""
+    """This host's own addresses, so a wildcard listener is denied by pod IP (or any other) too."""
     found: set[IPAddress] = set()
+    try:
+        found |= _interface_addresses()
+    except (OSError, AttributeError):
+        pass
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None):
             found.add(ipaddress.ip_address(info[4][0]))
-    except OSError:
-        pass
-    try:
-        with open("/proc/net/if_inet6") as lines:
-            for line in lines:
-                found.add(ipaddress.IPv6Address(int(line.split()[0], 16)))
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            for _index, name in socket.if_nameindex():
-                try:
-                    packed = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-                except OSError:
-                    continue
-                found.add(ipaddress.ip_address(packed[20:24]))
-    except OSError:
+    except (OSError, ValueError):
         pass
     return frozenset(found)
 

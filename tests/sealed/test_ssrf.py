@@ -254,8 +254,13 @@ def test_allow_cidrs_opts_a_private_range_back_in(
     caught: Catchers, ca_file: str, tmp_path: Path, system_resolver: None
 ) -> None:
     config = base_config(ca_file, policy={"allow_cidrs": ["10.0.0.0/8"]})
+    config["admin"]["host"] = "0.0.0.0"  # as in a pod: the admin listener on every address
     opened = start_sidecar(tmp_path, config)
     try:
+        # 10.0.0.1 is allowed, but on the admin port it is the sidecar itself (a local address).
+        before = len(error_lines(opened))
+        assert_denied(opened, caught, forward(opened, f"http://10.0.0.1:{ADMIN}/config"), 403, "denied_ip",
+                      "listener", before)
         status, _headers, body = forward(opened, "http://10.0.0.1/")
         assert (status, body) == (200, b"caught 10.0.0.1:443")
         caught.barrier()

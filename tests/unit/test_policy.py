@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from sidecar import config as config_module
-from sidecar.policy import REASONS, EgressPolicy, PolicyDenied, exposure_warnings
+from sidecar.policy import REASONS, EgressPolicy, PolicyDenied, exposure_warnings, local_addresses
 
 
 @dataclass(frozen=True)
@@ -172,3 +172,8 @@ def test_from_config_builds_the_policy_and_warns_about_exposure() -> None:
 def test_config_validation_names_the_key(raw: dict[str, object], key: str) -> None:
     with pytest.raises(config_module.ConfigError, match=key.replace(".", r"\.")):
         config_module.from_mapping(raw)
+
+
+def test_local_addresses_include_loopback() -> None:
+    found = local_addresses()
+    assert ipaddress.ip_address("127.0.0.1") in found
