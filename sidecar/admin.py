@@ -1,4 +1,4 @@
-"""The admin listener: /healthz, /readyz, /config (and /metrics once metrics are wired)."""
+"""The admin listener: /metrics, /healthz, /readyz, /config."""
 
 from __future__ import annotations
 
@@ -17,14 +17,25 @@ Handler = Callable[[Scope], Awaitable[tuple[int, bytes, bytes]]]
 
 REDACTED = "<redacted>"
 
+# Keys whose values are secrets wherever they appear (a route header's literal `value`, and
+# whatever credential fields later sections add). Paths (`file`, `ca_file`) stay visible:
+# the file's content is never part of the config.
+SECRET_KEYS = frozenset({"value", "password", "secret", "token"})
+
+
+def redact(data: Any) -> Any:
+    """A copy of plain config data with every secret-named key's value replaced."""
+    if isinstance(data, dict):
+        return {key: REDACTED if key in SECRET_KEYS and value is not None else redact(value)
+                for key, value in data.items()}
+    if isinstance(data, list):
+        return [redact(item) for item in data]
+    return data
+
 
 def redacted_config(runtime: Runtime) -> dict[str, Any]:
-    """The effective config for display: injected header values and secret paths' contents hidden."""
-    data: dict[str, Any] = config_module.to_builtins(runtime.config)
-    for route in data.get("routes", []):
-        for source in route.get("headers", {}).values():
-            if source.get("value") is not None:
-                source["value"] = REDACTED
+    """The effective config for display, secrets hidden."""
+    data: dict[str, Any] = redact(config_module.to_builtins(runtime.config))
     return data
 
 
@@ -37,6 +48,7 @@ class AdminApp:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/config": self._config,
+            **({"/metrics": self._metrics} if runtime.observer.metrics is not None else {}),
             **(extra or {}),
         }
 
@@ -73,3 +85,14 @@ class AdminApp:
     async def _config(self, scope: Scope) -> tuple[int, bytes, bytes]:
         body = json.dumps(redacted_config(self.runtime), indent=2, sort_keys=True).encode() + b"\n"
         return 200, b"application/json", body
+
+    async def _metrics(self, scope: Scope) -> tuple[int, bytes, bytes]:
+        metrics = self.runtime.observer.metrics
+        assert metrics is not None
+        accept = b""
+        for name, value in scope["headers"]:
+            if name == b"accept":
+                accept = value
+                break
+        content_type, body = metrics.exposition(accept.decode("latin-1"))
+        return 200, content_type, body

@@ -140,13 +140,18 @@ class ForwardApp:
                 stream=body if body is not None else _EMPTY_BODY,
                 extensions=extensions,
             )
+            exchange.mark_sent()
             response = await runtime.upstream.send(request, route)
+            exchange.headers = time.perf_counter()
         except ClientDisconnected as exc:
             exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
             return
         except Exception as exc:  # every failure before the head goes out becomes an error response
             kind = classify(exc)
-            subject = exc.subject if isinstance(exc, EgressError) else None
+            subject = None
+            if isinstance(exc, EgressError):
+                subject = exc.subject
+                exchange.reason = getattr(exc, "reason", None)  # a denial's named reason, if the policy gives one
             await self._send_error(send, exchange, kind, str(exc), subject)
             return
         finally:

@@ -46,12 +46,13 @@ def build_runtime(config: Config, observer: Observer | None = None) -> Runtime:
         for route in config.routes
     ]
     policy = EgressPolicy.from_config(config)
+    upstream = Upstream(config, routes)
     runtime = Runtime(
         config=config,
         router=Router(config, routes),
         policy=policy,
-        upstream=Upstream(config, routes),
-        observer=observer or Observer(),
+        upstream=upstream,
+        observer=observer or Observer(config, upstream.pool_stats),
     )
     runtime.idle.set()
     return runtime
