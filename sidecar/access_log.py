@@ -44,7 +44,6 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
         "bytes_in": ex.bytes_in,
         "bytes_out": ex.bytes_out,
         "reused": ex.reused,
-        "retries": ex.retries,
     }
 
 

@@ -17,25 +17,14 @@ Handler = Callable[[Scope], Awaitable[tuple[int, bytes, bytes]]]
 
 REDACTED = "<redacted>"
 
-# Keys whose values are secrets wherever they appear (a route header's literal `value`, and
-# whatever credential fields later sections add). Paths (`file`, `ca_file`) stay visible:
-# the file's content is never part of the config.
-SECRET_KEYS = frozenset({"value", "password", "secret", "token"})
-
-
-def redact(data: Any) -> Any:
-    """A copy of plain config data with every secret-named key's value replaced."""
-    if isinstance(data, dict):
-        return {key: REDACTED if key in SECRET_KEYS and value is not None else redact(value)
-                for key, value in data.items()}
-    if isinstance(data, list):
-        return [redact(item) for item in data]
-    return data
-
 
 def redacted_config(runtime: Runtime) -> dict[str, Any]:
-    """The effective config for display, secrets hidden."""
-    data: dict[str, Any] = redact(config_module.to_builtins(runtime.config))
+    """The effective config for display: injected header values and secret paths' contents hidden."""
+    data: dict[str, Any] = config_module.to_builtins(runtime.config)
+    for route in data.get("routes", []):
+        for source in route.get("headers", {}).values():
+            if source.get("value") is not None:
+                source["value"] = REDACTED
     return data
 
 

@@ -148,10 +148,7 @@ class ForwardApp:
             return
         except Exception as exc:  # every failure before the head goes out becomes an error response
             kind = classify(exc)
-            subject = None
-            if isinstance(exc, EgressError):
-                subject = exc.subject
-                exchange.reason = getattr(exc, "reason", None)  # a denial's named reason, if the policy gives one
+            subject = exc.subject if isinstance(exc, EgressError) else None
             await self._send_error(send, exchange, kind, str(exc), subject)
             return
         finally:

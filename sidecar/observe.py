@@ -53,7 +53,6 @@ class Exchange:
     request_id: bytes | None = None
     reused: bool | None = None  # None: unknown (no connection was reached)
     response_started: bool = False
-    retries: int = 0
     sent: float = 0.0  # request handed to the pool (the last attempt's, with retries)
     headers: float = 0.0  # upstream response head received
     first_event: float = 0.0  # first connection trace event after `sent`
@@ -110,11 +109,10 @@ class Observer:
     def started(self, exchange: Exchange) -> None:
         self.in_flight += 1
 
-    def retried(self, exchange: Exchange, reason: str) -> None:
-        """The retry logic calls this before each retry: `reason` is connect, reset, timeout or a status."""
-        exchange.retries += 1
+    def retried(self, route: str, reason: str) -> None:
+        """A try on `route` failed and is retried; reason: connect, reset, timeout or a status code."""
         if self.metrics is not None:
-            self.metrics.retry(exchange.route, reason)
+            self.metrics.retry(route, reason)
 
     def finished(self, exchange: Exchange) -> None:
         self.in_flight -= 1
