@@ -101,7 +101,7 @@ class Metrics:
     def __init__(self, config: Config, in_flight: Callable[[], float], pools: PoolStats | None = None) -> None:
         self.max_upstreams = config.metrics.max_upstreams
         # No `_created` series: they double the series count and no dashboard of ours reads them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         registry = self.registry = CollectorRegistry()
         # The client library's process metrics (CPU, RSS, fds, start time), GC and platform.
         ProcessCollector(registry=registry)
