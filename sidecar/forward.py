@@ -92,6 +92,8 @@ class ForwardApp:
             await self._proxy(scope, receive, send, exchange)
         finally:
             exchange.end = time.perf_counter()
+            if exchange.request_id is None:  # refused before the id was read: log the app's id anyway
+                exchange.request_id = request_id_of(scope["headers"])
             runtime.request_finished()
             runtime.observer.finished(exchange)
 
