@@ -153,6 +153,10 @@ class Metrics:
         self._errors: dict[tuple[str, str, str], Counter] = {}
         self._denied: dict[tuple[str, str], Counter] = {}
         self._retries: dict[tuple[str, str], Counter] = {}
+        # Known label values start at 0 (Prometheus' advice), so rate() sees the first denial and
+        # the dashboard's denial panel shows 0 rather than "no data" on a quiet day.
+        for kind in sorted(DENIALS):
+            self._child(self._denied, self.denied, ("-", kind))  # type: ignore[arg-type]
 
     # -- label handling -------------------------------------------------------------------
 
@@ -231,7 +235,7 @@ class Metrics:
             reused = ex.reused
             if ex.connects:
                 series.opened.inc(ex.connects)
-            elif reused is False:  # a transport that reports reuse but emits no connect events
+            elif reused is False and not ex.connect_start:  # a transport that reports reuse but traces no connects
                 series.opened.inc()
             if reused:
                 series.reused.inc()
