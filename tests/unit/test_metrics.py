@@ -222,3 +222,30 @@ def test_a_log_line_is_json_with_an_iso_utc_time(json_log: io.BytesIO) -> None:
     line = json.loads(json_log.getvalue().decode().splitlines()[-1])
     assert line["event"] == "hello" and line["n"] == 1 and line["level"] == "info"
     assert len(line["time"]) == len("2026-01-01T00:00:00.000Z") and line["time"].endswith("Z")
+
+
+def test_a_failed_connect_is_not_an_opened_connection() -> None:
+    obs = observer()
+    exchange = Exchange(start=time.perf_counter(), method="GET", path="/x", route="r", upstream="a:443")
+    obs.started(exchange)
+    exchange.mark_sent()
+    _trace(exchange, "connection.connect_tcp.started", "connection.connect_tcp.failed")
+    exchange.kind, exchange.status, exchange.end = "connect_error", 502, time.perf_counter()
+    obs.finished(exchange)
+    labels = {"route": "r", "upstream": "a:443"}
+    assert sample(obs, "egress_upstream_connections_opened_total", **labels) == 0
+    assert sample(obs, "egress_requests_on_reused_connection_total", **labels) == 0
+    assert sample(obs, "egress_errors_total", kind="connect_error", **labels) == 1
+
+
+def test_a_transport_that_only_reports_reuse_still_counts_opens() -> None:
+    obs = observer()
+    for reused in (False, True):
+        exchange = Exchange(start=time.perf_counter(), method="GET", path="/x", route="r", upstream="a:443")
+        exchange.mark_sent()
+        exchange.reused = reused  # from the response's `egress.reused` extension, no trace events
+        exchange.end = time.perf_counter()
+        obs.finished(exchange)
+    labels = {"route": "r", "upstream": "a:443"}
+    assert sample(obs, "egress_upstream_connections_opened_total", **labels) == 1
+    assert sample(obs, "egress_requests_on_reused_connection_total", **labels) == 1
