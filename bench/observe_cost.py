@@ -66,9 +66,10 @@ def main() -> None:
     count = args.lines
 
     text_out = open(args.out, "w")  # noqa: SIM115 - kept open for the run
-    fields = dict(request_id="0123456789abcdef0123456789abcdef", route="github", upstream="api.github.com:443",
-                  method="GET", path="/repos/x/y", status=200, kind=None, duration_ms=11.0, headers_ms=10.0,
-                  pool_wait_ms=0.01, connect_ms=None, tls_ms=None, bytes_in=0, bytes_out=1234, reused=True)
+    fields = {"request_id": "0123456789abcdef0123456789abcdef", "route": "github", "upstream": "api.github.com:443",
+              "method": "GET", "path": "/repos/x/y", "status": 200, "kind": None, "duration_ms": 11.0,
+              "headers_ms": 10.0, "pool_wait_ms": 0.01, "connect_ms": None, "tls_ms": None, "bytes_in": 0,
+              "bytes_out": 1234, "reused": True}
     stock = stock_structlog(text_out)
     stock_us = per_call_us(lambda i: stock.info("access", **fields), count)  # type: ignore[attr-defined]
 

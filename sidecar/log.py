@@ -93,14 +93,14 @@ class _LineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._output.write(self.format(record) + "\n")
-        except Exception:  # pragma: no cover - logging's own contract
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
             self.handleError(record)
 
 
 class _Timestamp:
     """`time` as ISO 8601 UTC with milliseconds; the date-and-second part is formatted once a second."""
 
-    __slots__ = ("_second", "_prefix")
+    __slots__ = ("_prefix", "_second")
 
     def __init__(self) -> None:
         self._second = -1
