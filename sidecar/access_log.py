@@ -52,7 +52,9 @@ class AccessLog:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.log = log_module.get("egress.access")
+        # bind(): the concrete logger of the configuration in force (built after log.configure),
+        # not the lazy proxy, which costs ~0.6 us more per call.
+        self.log = log_module.get("egress.access").bind()
 
     def emit(self, ex: Exchange) -> None:
         if ex.kind is None:
