@@ -25,7 +25,7 @@ from sidecar.runtime import Runtime, build_runtime
 _FORCE_CLOSE_AFTER = 1
 
 
-class _Server(uvicorn.Server):
+class SignalFreeServer(uvicorn.Server):
     """A uvicorn server that leaves signals to us: one process, two listeners, one drain."""
 
     def capture_signals(self) -> Any:
@@ -57,8 +57,8 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
     log = log_module.get("egress.server")
     started = time.perf_counter()
     runtime = runtime or build_runtime(config)
-    data = _Server(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config, config.listen.http))
-    admin = _Server(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config))
+    data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config, config.listen.http))
+    admin = SignalFreeServer(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -109,7 +109,7 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
     return 0
 
 
-async def _drain(runtime: Runtime, data: _Server, grace: float, log: Any) -> None:
+async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: Any) -> None:
     runtime.draining = True
     log.info("draining", in_flight=runtime.in_flight, grace_seconds=grace)
     try:

@@ -18,7 +18,7 @@ from tests.e2e.test_metrics import closed_port
 from tests.prometheus import Prometheus, start_prometheus
 from tests.upstream import Upstream, wait_until
 
-DASHBOARD = ROOT / "helm" / "egress-sidecar" / "dashboards" / "egress-sidecar.json"
+DASHBOARD = ROOT / "helm" / "egress-sidecar" / "files" / "grafana-dashboard.json"
 
 # Grafana's variables, as the dashboard's defaults resolve them: all routes, a window that
 # holds several 1 s scrapes.
