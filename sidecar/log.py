@@ -59,9 +59,9 @@ class BufferedOutput:
             self._timer = None
         if not self._parts:
             return
-        data = "".join(self._parts).encode("utf-8", "replace")
-        self._parts.clear()
-        self._size = 0
+        # Swap, not clear: a line another thread appends meanwhile lands in the new list.
+        parts, self._parts, self._size = self._parts, [], 0
+        data = "".join(parts).encode("utf-8", "replace")
         try:
             self.stream.write(data)
             self.stream.flush()
