@@ -173,6 +173,12 @@ class Metrics:
         series = self._series.get((route, upstream))
         if series is None:
             label = self.upstream_label(upstream)
+            if label is OTHER:
+                # Past the cap every new upstream shares one "other" entry per route; the raw
+                # host is not cached, so the dict stays bounded too.
+                series = self._series.get((route, OTHER))
+                if series is not None:
+                    return series
             series = _Series(
                 label,
                 self.duration.labels(route, label),
@@ -185,10 +191,7 @@ class Metrics:
                 self.bytes_in.labels(route, label),
                 self.bytes_out.labels(route, label),
             )
-            # Past the cap every new upstream shares the "other" children; only cache the
-            # pairs that have their own label, so the dict stays bounded too.
-            if label is not OTHER:
-                self._series[(route, upstream)] = series
+            self._series[(route, label)] = series
         return series
 
     @staticmethod

@@ -69,6 +69,8 @@ def test_upstream_label_is_capped_and_later_hosts_count_as_other() -> None:
     assert sample(obs, "egress_requests_total", route="r", upstream="other", method="GET", code="200") == 2
     assert sample(obs, "egress_requests_total", route="r", upstream="c:443", method="GET", code="200") is None
     assert obs.metrics is not None and len(obs.metrics._upstreams) == 2
+    # Hosts past the cap share one cached entry: the caches stay bounded too.
+    assert set(obs.metrics._series) == {("r", "a:443"), ("r", "b:443"), ("r", "other")}
 
 
 def test_unknown_methods_do_not_mint_labels() -> None:
