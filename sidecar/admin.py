@@ -1,4 +1,4 @@
-"""The admin listener: /healthz, /readyz, /config (and /metrics once metrics are wired)."""
+"""The admin listener: /metrics, /healthz, /readyz, /config."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class AdminApp:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/config": self._config,
+            **({"/metrics": self._metrics} if runtime.observer.metrics is not None else {}),
             **(extra or {}),
         }
 
@@ -66,3 +67,14 @@ class AdminApp:
     async def _config(self, scope: Scope) -> tuple[int, bytes, bytes]:
         body = json.dumps(redacted_config(self.runtime), indent=2, sort_keys=True).encode() + b"\n"
         return 200, b"application/json", body
+
+    async def _metrics(self, scope: Scope) -> tuple[int, bytes, bytes]:
+        metrics = self.runtime.observer.metrics
+        assert metrics is not None
+        accept = b""
+        for name, value in scope["headers"]:
+            if name == b"accept":
+                accept = value
+                break
+        content_type, body = metrics.exposition(accept.decode("latin-1"))
+        return 200, content_type, body

@@ -93,6 +93,8 @@ class ForwardApp:
             await self._proxy(scope, receive, send, exchange)
         finally:
             exchange.end = time.perf_counter()
+            if exchange.request_id is None:  # refused before the id was read: log the app's id anyway
+                exchange.request_id = request_id_of(scope["headers"])
             runtime.request_finished()
             runtime.observer.finished(exchange)
 
@@ -141,7 +143,9 @@ class ForwardApp:
                 stream=body if body is not None else _EMPTY_BODY,
                 extensions=extensions,
             )
+            exchange.mark_sent()
             response = await runtime.upstream.send(request, route)
+            exchange.headers = time.perf_counter()
         except ClientDisconnected as exc:
             exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
             return

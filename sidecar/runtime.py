@@ -42,12 +42,13 @@ def build_runtime(config: Config, observer: Observer | None = None) -> Runtime:
         for route in config.routes
     ]
     policy = EgressPolicy.from_config(config)
+    upstream = Upstream(config, routes, resolve=policy.resolve)
     runtime = Runtime(
         config=config,
         router=Router(config, routes),
         policy=policy,
-        upstream=Upstream(config, routes, resolve=policy.resolve),
-        observer=observer or Observer(),
+        upstream=upstream,
+        observer=observer or Observer(config, upstream.pool_stats),
     )
     runtime.idle.set()
     return runtime

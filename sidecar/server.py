@@ -16,7 +16,7 @@ import uvicorn
 import uvloop
 
 from sidecar import log as log_module
-from sidecar.admin import AdminApp
+from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
 from sidecar.forward import ForwardApp
 from sidecar.policy import exposure_warnings
@@ -102,6 +102,7 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
         policy=config.policy.default,
         ready_seconds=round(time.perf_counter() - started, 4),
     )
+    log.info("config", config=redacted_config(runtime))  # the effective config, secrets redacted
 
     stop_wait = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stop_wait, data_task, admin_task}, return_when=asyncio.FIRST_COMPLETED)

@@ -126,6 +126,24 @@ class Upstream:
     def transports(self) -> list[httpx.AsyncBaseTransport]:
         return [self.default_transport, *self.route_transports.values()]
 
+    def pool_stats(self) -> dict[str, tuple[int, int]]:
+        """(active, idle) connections per pool ("default" or the route's name), read from the pools now.
+
+        A transport with its own `pool_stats()` answers for itself; httpx's stock transport is
+        read through httpcore's pool (`_pool.connections`, each `is_idle()`/`is_closed()`).
+        """
+        stats: dict[str, tuple[int, int]] = {}
+        for name, transport in (("default", self.default_transport), *self.route_transports.items()):
+            own = getattr(transport, "pool_stats", None)
+            if own is not None:
+                stats[name] = own()
+                continue
+            connections = transport._pool.connections  # type: ignore[attr-defined]
+            idle = sum(1 for c in connections if c.is_idle())
+            closed = sum(1 for c in connections if c.is_closed())
+            stats[name] = (len(connections) - idle - closed, idle)
+        return stats
+
     async def aclose(self) -> None:
         for transport in self.route_transports.values():
             await transport.aclose()
