@@ -50,13 +50,18 @@ ERRORS: dict[str, ErrorSpec] = {
 class EgressError(Exception):
     """An error with a named kind from ERRORS; `detail` goes to the log, never to metrics labels."""
 
-    def __init__(self, kind: str, detail: str = "", subject: str | None = None) -> None:
+    def __init__(
+        self, kind: str, detail: str = "", subject: str | None = None, retry_after: int | None = None
+    ) -> None:
         assert kind in ERRORS, kind
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
         self.detail = detail
         # What the body may name (a denied host), already validated by routing; never an address list.
         self.subject = subject
+        # Overrides the kind's fixed Retry-After when the producer knows better (an open circuit's
+        # remaining cooldown).
+        self.retry_after = retry_after
 
 
 class ClientDisconnected(Exception):
@@ -77,6 +82,26 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return False
 
 
+# h2 events that httpcore raises wrapped in RemoteProtocolError when an HTTP/2 upstream drops a
+# stream before its response head: GOAWAY (ConnectionTerminated: the connection is going away,
+# e.g. nginx's keepalive_requests) and RST_STREAM (StreamReset, e.g. REFUSED_STREAM). Both are a
+# reset before headers, not a malformed response (RFC 9113 sections 6.8 and 8.7).
+_H2_RESET_EVENTS = frozenset({"ConnectionTerminated", "StreamReset"})
+
+
+def _is_h2_stream_refusal(exc: BaseException) -> bool:
+    current: BaseException | None = exc
+    for _ in range(4):  # httpx's exception, then httpcore's as its __cause__
+        if current is None:
+            return False
+        for arg in current.args:
+            kind = type(arg)
+            if kind.__name__ in _H2_RESET_EVENTS and kind.__module__.startswith("h2."):
+                return True
+        current = current.__cause__
+    return False
+
+
 def classify(exc: BaseException) -> str:
     """Map an exception raised while proxying to an error kind (the one place that does)."""
     if isinstance(exc, EgressError):
@@ -92,6 +117,8 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, httpx.ConnectError):
         return "tls_error" if _is_tls_failure(exc) else "connect_error"
     if isinstance(exc, httpx.RemoteProtocolError):
+        if _is_h2_stream_refusal(exc):
+            return "upstream_reset"
         # h11/httptools say "Server disconnected without sending a response" when the
         # peer closed before the status line: that is a reset, not a malformed response.
         text = str(exc).lower()
@@ -109,9 +136,13 @@ def classify(exc: BaseException) -> str:
     return "internal"
 
 
-def error_head(kind: str, subject: str | None = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def error_head(
+    kind: str, subject: str | None = None, retry_after: int | None = None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Status, headers and one-line body of the response for an error kind."""
     spec = ERRORS[kind]
+    if retry_after is None:
+        retry_after = spec.retry_after
     about = f" ({subject})" if subject else ""
     body = f"egress-sidecar: {kind}: {spec.message}{about}\n".encode("ascii", "replace")
     headers = [
@@ -119,8 +150,8 @@ def error_head(kind: str, subject: str | None = None) -> tuple[int, list[tuple[b
         (b"content-length", str(len(body)).encode()),
         (b"x-egress-error", kind.encode()),
     ]
-    if spec.retry_after is not None:
-        headers.append((b"retry-after", str(spec.retry_after).encode()))
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     if spec.close:
         headers.append((b"connection", b"close"))
     return spec.status, headers, body

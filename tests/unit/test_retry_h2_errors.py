@@ -1,0 +1,43 @@
+"""HTTP/2 GOAWAY and RST_STREAM before the response head classify as a retryable reset."""
+
+from __future__ import annotations
+
+import h2.errors
+import h2.events
+import httpcore
+import httpx
+import pytest
+from httpx._transports.default import map_httpcore_exceptions
+
+from sidecar.errors import classify
+from sidecar.retry import reason_for_kind
+
+
+def _through_httpx(event: object) -> httpx.HTTPError:
+    """Raise the event the way httpcore does, mapped the way httpx's transport maps it."""
+    try:
+        with map_httpcore_exceptions():
+            raise httpcore.RemoteProtocolError(event)
+    except httpx.HTTPError as exc:
+        return exc
+    raise AssertionError("not raised")
+
+
+def test_goaway_is_an_upstream_reset() -> None:
+    event = h2.events.ConnectionTerminated()
+    event.error_code = h2.errors.ErrorCodes.NO_ERROR
+    event.last_stream_id = 0
+    exc = _through_httpx(event)
+    assert isinstance(exc, httpx.RemoteProtocolError)
+    assert classify(exc) == "upstream_reset"
+    assert reason_for_kind(classify(exc)) == "reset"
+
+
+@pytest.mark.parametrize("code", [h2.errors.ErrorCodes.REFUSED_STREAM, h2.errors.ErrorCodes.CANCEL])
+def test_stream_reset_is_an_upstream_reset(code: h2.errors.ErrorCodes) -> None:
+    event = h2.events.StreamReset(stream_id=3, error_code=code)
+    assert classify(_through_httpx(event)) == "upstream_reset"
+
+
+def test_other_protocol_errors_stay_protocol_errors() -> None:
+    assert classify(_through_httpx("illegal status line")) == "protocol_error"
