@@ -46,6 +46,10 @@ class Observer:
     def started(self, exchange: Exchange) -> None:
         return None
 
+    def retried(self, route: str, reason: str) -> None:
+        """A try on `route` failed and is retried; reason: connect, reset, timeout or a status code."""
+        return None
+
     def finished(self, exchange: Exchange) -> None:
         if exchange.kind is not None:
             self.log.warning(

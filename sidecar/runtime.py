@@ -9,6 +9,7 @@ from sidecar.config import Config
 from sidecar.credentials import header_provider
 from sidecar.observe import Observer
 from sidecar.policy import EgressPolicy
+from sidecar.resilience import Resilience
 from sidecar.routing import Router, compile_route
 from sidecar.upstream import Upstream
 
@@ -20,6 +21,7 @@ class Runtime:
     policy: EgressPolicy
     upstream: Upstream
     observer: Observer
+    resilience: Resilience
     in_flight: int = 0
     draining: bool = False  # SIGTERM seen: not ready, still serving
     stopping: bool = False  # grace over or nothing in flight: new requests get 503 draining
@@ -52,6 +54,7 @@ def build_runtime(config: Config, observer: Observer | None = None) -> Runtime:
         policy=policy,
         upstream=Upstream(config, routes),
         observer=observer or Observer(),
+        resilience=Resilience(config, routes),
     )
     runtime.idle.set()
     return runtime
