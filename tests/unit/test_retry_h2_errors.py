@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import h2.errors
+import h2.exceptions
 import h2.events
 import httpcore
 import httpx
@@ -41,3 +42,15 @@ def test_stream_reset_is_an_upstream_reset(code: h2.errors.ErrorCodes) -> None:
 
 def test_other_protocol_errors_stay_protocol_errors() -> None:
     assert classify(_through_httpx("illegal status line")) == "protocol_error"
+
+
+@pytest.mark.parametrize("state_input", ["RECV_HEADERS", "RECV_DATA", "SEND_HEADERS"])
+def test_h2_refusing_frames_after_goaway_is_an_upstream_reset(state_input: str) -> None:
+    # h2 closes its state machine on GOAWAY; frames for streams the server still answers, or a new
+    # request on that connection, then fail inside h2 (encode/httpcore#46, #679).
+    error = h2.exceptions.ProtocolError(f"Invalid input ConnectionInputs.{state_input} in state ConnectionState.CLOSED")
+    try:
+        with map_httpcore_exceptions():
+            raise httpcore.LocalProtocolError(error)
+    except httpx.LocalProtocolError as exc:
+        assert classify(exc) == "upstream_reset"
