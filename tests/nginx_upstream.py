@@ -73,6 +73,8 @@ http {{
     location = /hello {{ return 200 "hello $server_protocol\\n"; }}
     # 32 KiB at 32 KiB/s: each response takes about a second, so overlap shows concurrency.
     location = /slow {{ root {d}/www; limit_rate 32k; }}
+    # 444: nginx closes the request without a response; on HTTP/2 that is RST_STREAM.
+    location = /rst {{ return 444; }}
     location / {{ return 404; }}
   }}
 }}

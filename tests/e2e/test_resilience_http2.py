@@ -111,3 +111,19 @@ def test_goaway_failure_without_retries_is_a_clean_upstream_reset(
     outcomes = {(r.status_code, r.headers.get("x-egress-error"), r.text if r.status_code == 200 else "")
                 for r in responses}
     assert outcomes <= {(200, None, "hello HTTP/2.0\n"), (502, "upstream_reset", "")}, outcomes
+
+
+def test_stream_reset_before_headers_is_retried_for_get_not_post(
+    make_sidecar: Callable[..., Sidecar], nginx: Callable[..., NginxUpstream]
+) -> None:
+    server = nginx()
+    sidecar = make_sidecar(routes=routes(server, retries={"attempts": 2, "backoff_base": "1ms"}))
+    with httpx.Client(base_url=sidecar.url, trust_env=False, timeout=15) as client:
+        get = client.get("/h2/rst")
+        assert (get.status_code, get.headers["x-egress-error"]) == (502, "upstream_reset")
+        assert [(e.method, e.status) for e in server.logged()] == [("GET", 444)] * 3  # 1 try + 2 retries
+        post = client.post("/h2/rst", content=b"x")
+        assert (post.status_code, post.headers["x-egress-error"]) == (502, "upstream_reset")
+        assert [e.method for e in server.logged()].count("POST") == 1
+        assert client.get("/h2/hello").status_code == 200  # the connection survived the resets
+    assert len({e.connection for e in server.logged()}) == 1
