@@ -66,19 +66,25 @@ def test_in_flight_slots_are_given_back_on_every_path(
 ) -> None:
     sidecar = make_sidecar(routes=[route(fresh_upstream, max_in_flight=1)])
     with httpx.Client(base_url=sidecar.url, trust_env=False, timeout=15) as client:
+
+        def slot_free() -> bool:
+            # The sidecar frees a slot when it notices the app left, a moment after the app closed.
+            return client.get("/up/echo").status_code == 200
+
         for _ in range(3):
+            # Each of these holds the route's single slot; one leak would make every later call 503.
             assert client.get("/up/reset").status_code == 502  # error before headers
             assert client.get("/up/status/503").status_code == 503  # upstream error status
+            assert client.get("/up/echo").status_code == 200
             with client.stream("GET", "/up/slow?n=50&interval=0.05") as response:  # app leaves mid-body
                 next(response.iter_raw())
-        with client.stream("GET", "/up/reset-mid") as response:  # upstream fails mid-body
-            try:
-                response.read()
-            except httpx.HTTPError:
-                pass
-    # Each of the above held the route's single slot; a leaked one would make this 503 forever.
-    wait_until(lambda: httpx.get(f"{sidecar.url}/up/echo", trust_env=False, timeout=15).status_code == 200,
-               timeout=10, message="the route's slot is free again")
+            wait_until(slot_free, timeout=10, message="slot free after the app left mid-body")
+            with client.stream("GET", "/up/reset-mid") as response:  # upstream fails mid-body
+                try:
+                    response.read()
+                except httpx.HTTPError:
+                    pass
+            wait_until(slot_free, timeout=10, message="slot free after the upstream failed mid-body")
 
 
 def test_pool_wait_deadline_gives_503_pool_timeout(
