@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from sidecar.breaker import CLOSED, FAILURE_KINDS, Breaker, Breakers, is_failure_status
+from sidecar import log as log_module
+from sidecar.breaker import CLOSED, FAILURE_KINDS, OPEN, Breaker, Breakers, is_failure_status
 from sidecar.config import Config
 from sidecar.errors import EgressError, classify
 from sidecar.retry import Clock, ReplayableBody, RetryPolicy
@@ -46,6 +47,7 @@ class Resilience:
     """Everything stateful about resilience: plans per route, breakers per upstream, in-flight gates."""
 
     def __init__(self, config: Config, routes: Sequence[CompiledRoute], clock: Clock = time.monotonic) -> None:
+        self.log = log_module.get("egress.resilience")
         self.breakers = Breakers(clock)
         self.shedding = Shedding(config.limits.max_in_flight, [(r.name, r.config.max_in_flight) for r in routes])
         self.plans: dict[str, RoutePlan] = {}
@@ -55,8 +57,15 @@ class Resilience:
             breaker = (
                 self.breakers.add(f"{route.host}:{route.port}", breaker_config) if breaker_config is not None else None
             )
+            if breaker is not None:
+                breaker.on_change = self._breaker_changed
             if retry is not None or breaker is not None:
                 self.plans[route.name] = RoutePlan(route.name, retry, breaker)
+
+    def _breaker_changed(self, upstream: str, state: str) -> None:
+        # One line per transition (not per refused request: those are counted as circuit_open).
+        log = self.log.warning if state == OPEN else self.log.info
+        log("circuit_state", upstream=upstream, state=state)
 
 
 async def send_resilient(runtime: Runtime, request: httpx.Request, route: CompiledRoute | None) -> httpx.Response:

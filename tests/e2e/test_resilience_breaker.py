@@ -26,11 +26,13 @@ def seen(upstream: Upstream, path: str) -> int:
 
 
 @pytest.fixture
-def open_circuit(
-    make_sidecar: Callable[..., Sidecar], fresh_upstream: Upstream
-) -> Iterator[tuple[httpx.Client, Upstream]]:
+def sidecar(make_sidecar: Callable[..., Sidecar], fresh_upstream: Upstream) -> Sidecar:
+    return make_sidecar(routes=[breaker_route(fresh_upstream)])
+
+
+@pytest.fixture
+def open_circuit(sidecar: Sidecar, fresh_upstream: Upstream) -> Iterator[tuple[httpx.Client, Upstream]]:
     """A sidecar whose breaker for the upstream was just opened by 3 resets before headers."""
-    sidecar = make_sidecar(routes=[breaker_route(fresh_upstream)])
     with httpx.Client(base_url=sidecar.url, trust_env=False, timeout=15) as client:
         for _ in range(3):
             response = client.get("/up/reset")
@@ -62,12 +64,18 @@ def test_open_circuit_fails_fast_without_touching_the_upstream(open_circuit: tup
     assert seen(upstream, "/echo") == 0
 
 
-def test_half_open_probe_success_closes_the_circuit(open_circuit: tuple[httpx.Client, Upstream]) -> None:
+def test_half_open_probe_success_closes_the_circuit(
+    open_circuit: tuple[httpx.Client, Upstream], sidecar: Sidecar
+) -> None:
     client, upstream = open_circuit
     probe = first_admitted(client, "/up/echo")
     assert probe.status_code == 200
     assert seen(upstream, "/echo") == 1 and upstream.connections == 4
     assert [client.get("/up/echo").status_code for _ in range(5)] == [200] * 5
+    # Each transition is logged once, with the upstream it concerns.
+    sidecar.wait_log(lambda e: e.get("event") == "circuit_state" and e.get("state") == "closed")
+    transitions = [(e["state"], e["upstream"]) for e in sidecar.logs() if e.get("event") == "circuit_state"]
+    assert transitions == [(state, f"localhost:{upstream.port}") for state in ("open", "half_open", "closed")]
 
 
 def test_half_open_probe_failure_opens_it_again_for_a_full_cooldown(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import h2.errors
-import h2.exceptions
 import h2.events
+import h2.exceptions
 import httpcore
 import httpx
 import pytest
