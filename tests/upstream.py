@@ -207,12 +207,16 @@ class _Handler:
             return False
         elif path == "/flaky":
             # Fails the first `fail` tries of each `key` (after reading the body), then echoes:
-            # mode=reset sends RST before any response byte, mode=<status> answers that status.
+            # mode=reset sends RST before any response byte, mode=stall never answers,
+            # mode=<status> answers that status.
             key, fail, mode = query.get("key", ""), int(query.get("fail", "1")), query.get("mode", "reset")
             tries = self.state.counters[key] = self.state.counters.get(key, 0) + 1
             if tries <= fail:
                 if mode == "reset":
                     self.reset()
+                    return False
+                if mode == "stall":  # never answers (until the client gives up)
+                    await asyncio.sleep(3600)
                     return False
                 await self.respond(int(mode), [("content-length", "6"), ("x-try", str(tries))], b"failed")
             else:

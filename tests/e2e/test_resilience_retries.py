@@ -133,6 +133,22 @@ def test_exhausted_retries_return_the_last_failure(
     assert len(tries(fresh_upstream, "/flaky?key=exreset")) == 3
 
 
+@pytest.mark.parametrize(("on", "expected"), [(["reset", "timeout"], 2), (["connect", "reset"], 1)])
+def test_read_timeout_before_headers_is_retried_only_when_configured(
+    make_sidecar: Callable[..., Sidecar], fresh_upstream: Upstream, client: Callable[[Sidecar], httpx.Client],
+    on: list[str], expected: int,
+) -> None:
+    route = retry_route(fresh_upstream.port, attempts=1, on=on)
+    route["timeouts"] = {"read": "300ms"}
+    sidecar = make_sidecar(routes=[route])
+    response = client(sidecar).get("/up/flaky?key=stall&fail=1&mode=stall")
+    if expected == 2:
+        assert response.status_code == 200 and response.json()["tries"] == 2
+    else:
+        assert response.status_code == 504 and response.headers["x-egress-error"] == "read_timeout"
+    assert len(tries(fresh_upstream, "/flaky?key=stall")) == expected
+
+
 def test_connect_failure_is_retried_for_get_only(
     make_sidecar: Callable[..., Sidecar], client: Callable[[Sidecar], httpx.Client]
 ) -> None:
