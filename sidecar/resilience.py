@@ -75,11 +75,12 @@ async def send_resilient(runtime: Runtime, request: httpx.Request, route: Compil
         return await runtime.upstream.send(request, route)
     policy, breaker = plan.retry, plan.breaker
     body: ReplayableBody | None = None
-    if policy is not None and policy.allows_method(request.method):
-        policy.budget.record_request()
-        body = _keep_body(request, policy.max_body_bytes)
-    else:
-        policy = None
+    if policy is not None:
+        policy.budget.record_request()  # every request on the route grows the budget, retryable or not
+        if policy.allows_method(request.method):
+            body = _keep_body(request, policy.max_body_bytes)
+        else:
+            policy = None
     attempt = 0
     while True:
         if breaker is not None and not breaker.admit():
