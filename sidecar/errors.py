@@ -73,6 +73,10 @@ def _is_tls_failure(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        # SSLWantRead/WriteError only mean "needs more bytes": on asyncio's SSL transport a peer
+        # reset mid-handshake is raised with one as its __context__; that is a reset, not TLS.
+        if isinstance(current, (ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+            return False
         if isinstance(current, ssl.SSLError):
             return True
         text = str(current)

@@ -7,10 +7,10 @@ with an Observer subclass that records the calls (the metrics observer plugs in 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
+import uvloop
 
 from sidecar import config as cfg
 from sidecar.observe import Observer
@@ -54,7 +54,7 @@ def run(ca_file: str, routes: list[dict[str, Any]], paths: list[tuple[str, str]]
             await runtime.upstream.aclose()
         return statuses
 
-    return asyncio.run(go()), observer
+    return uvloop.run(go()), observer  # the sidecar's own loop
 
 
 def test_each_retry_is_reported_with_route_and_reason(ca_file: str, fresh_upstream: Upstream) -> None:

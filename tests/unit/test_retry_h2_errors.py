@@ -1,6 +1,8 @@
-"""HTTP/2 GOAWAY and RST_STREAM before the response head classify as a retryable reset."""
+"""Classification that decides retries: HTTP/2 GOAWAY and RST_STREAM, resets mid-handshake."""
 
 from __future__ import annotations
+
+import ssl
 
 import h2.errors
 import h2.events
@@ -54,3 +56,15 @@ def test_h2_refusing_frames_after_goaway_is_an_upstream_reset(state_input: str) 
             raise httpcore.LocalProtocolError(error)
     except httpx.LocalProtocolError as exc:
         assert classify(exc) == "upstream_reset"
+
+
+def test_reset_during_tls_handshake_is_a_connect_error_not_tls() -> None:
+    # asyncio's SSL transport raises the reset with SSLWantReadError as its __context__.
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    reset.__context__ = ssl.SSLWantReadError(2, "The operation did not complete (read)")
+    try:
+        with map_httpcore_exceptions():
+            raise httpcore.ConnectError("") from reset
+    except httpx.ConnectError as exc:
+        assert classify(exc) == "connect_error"
+        assert reason_for_kind(classify(exc)) == "connect"
