@@ -26,7 +26,10 @@ from sidecar.headers import (
     upstream_request_headers,
 )
 from sidecar.observe import Exchange
+from sidecar.policy import PolicyDenied
+from sidecar.resilience import send_resilient
 from sidecar.runtime import Runtime
+from sidecar.shedding import Gate
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -154,6 +157,8 @@ class ForwardApp:
             await self._proxy(scope, receive, send, exchange)
         finally:
             exchange.end = time.perf_counter()
+            if exchange.request_id is None:  # refused before the id was read: log the app's id anyway
+                exchange.request_id = request_id_of(scope["headers"])
             runtime.request_finished()
             runtime.observer.finished(exchange)
 
@@ -162,6 +167,8 @@ class ForwardApp:
         headers = scope["headers"]
         body: RequestBody | None = None
         watch = DisconnectWatch(receive)
+        gate: Gate | None = None
+        response: httpx.Response | None = None
         try:
             if runtime.stopping:
                 raise EgressError("draining", "shutting down")
@@ -173,6 +180,8 @@ class ForwardApp:
             exchange.upstream = f"{target.host}:{target.port}"
             exchange.path = target.path
             runtime.policy.check_target(target)
+            # Load shedding: past max_in_flight (global or the route's), 503 overloaded at once.
+            gate = runtime.resilience.shedding.gate(route.name if route is not None else None).enter()
             has_body, chunked = body_framing(headers)
             request_id = request_id_of(headers)
             added_id = None
@@ -205,7 +214,8 @@ class ForwardApp:
                 stream=body if body is not None else _EMPTY_BODY,
                 extensions=extensions,
             )
-            response = await runtime.upstream.send(request, route)
+            response = await send_resilient(runtime, request, route, exchange.mark_sent)
+            exchange.headers = time.perf_counter()
         except asyncio.CancelledError:
             watch.stop()
             if not watch.absorb():
@@ -224,12 +234,21 @@ class ForwardApp:
                 return
             kind = classify(exc)
             subject = exc.subject if isinstance(exc, EgressError) else None
-            await self._send_error(send, exchange, kind, str(exc), subject)
+            if isinstance(exc, PolicyDenied):
+                exchange.reason = exc.reason
+            retry_after = exc.retry_after if isinstance(exc, EgressError) else None
+            await self._send_error(send, exchange, kind, str(exc), subject, retry_after)
             return
         finally:
             if body is not None:
                 exchange.bytes_in = body.size
-        await self._relay(response, watch, send, exchange)
+            if gate is not None and response is None:
+                gate.leave()
+        try:
+            await self._relay(response, watch, send, exchange)
+        finally:
+            if gate is not None:
+                gate.leave()
 
     async def _relay(self, response: httpx.Response, watch: DisconnectWatch, send: Send, exchange: Exchange) -> None:
         """Stream the upstream response to the app; stop reading upstream if the app goes away."""
@@ -277,9 +296,10 @@ class ForwardApp:
             await stream.aclose()  # type: ignore[union-attr]
 
     async def _send_error(
-        self, send: Send, exchange: Exchange, kind: str, detail: str, subject: str | None
+        self, send: Send, exchange: Exchange, kind: str, detail: str, subject: str | None,
+        retry_after: int | None = None,
     ) -> None:
-        status, headers, body = error_head(kind, subject)
+        status, headers, body = error_head(kind, subject, retry_after)
         exchange.kind, exchange.status, exchange.detail = kind, status, detail
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -6,9 +6,10 @@ import asyncio
 from dataclasses import dataclass, field
 
 from sidecar.config import Config
-from sidecar.credentials import header_provider
+from sidecar.credentials import injected_headers
 from sidecar.observe import Observer
 from sidecar.policy import EgressPolicy
+from sidecar.resilience import Resilience
 from sidecar.routing import Router, compile_route
 from sidecar.upstream import Upstream
 
@@ -20,6 +21,7 @@ class Runtime:
     policy: EgressPolicy
     upstream: Upstream
     observer: Observer
+    resilience: Resilience
     in_flight: int = 0
     draining: bool = False  # SIGTERM seen: not ready, still serving
     stopping: bool = False  # grace over or nothing in flight: new requests get 503 draining
@@ -38,20 +40,21 @@ class Runtime:
 
 def build_runtime(config: Config, observer: Observer | None = None) -> Runtime:
     routes = [
-        compile_route(
-            route,
-            config,
-            tuple((name.lower().encode("latin-1"), header_provider(source)) for name, source in route.headers.items()),
-        )
+        compile_route(route, config, injected_headers(route))
         for route in config.routes
     ]
     policy = EgressPolicy.from_config(config)
+    upstream = Upstream(config, routes, resolve=policy.resolve)
     runtime = Runtime(
         config=config,
         router=Router(config, routes),
         policy=policy,
-        upstream=Upstream(config, routes),
-        observer=observer or Observer(),
+        upstream=upstream,
+        observer=observer or Observer(config, upstream.pool_stats),
+        resilience=Resilience(config, routes),
     )
+    metrics = getattr(runtime.observer, "metrics", None)
+    if metrics is not None:
+        metrics.watch_breakers(runtime.resilience.breakers.states)
     runtime.idle.set()
     return runtime

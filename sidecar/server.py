@@ -17,9 +17,10 @@ import uvloop
 
 from sidecar import limits
 from sidecar import log as log_module
-from sidecar.admin import AdminApp
+from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
 from sidecar.forward import ForwardApp
+from sidecar.policy import exposure_warnings
 from sidecar.runtime import Runtime, build_runtime
 
 # In-flight work still running when the drain deadline passes gets this long, then is cut.
@@ -92,6 +93,13 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
             await runtime.upstream.aclose()
             return 1
         await asyncio.sleep(0.005)
+    # With port 0 the real ports are known only now; the policy denies them under any spelling.
+    for server, host in ((data, config.listen.host), (admin, config.admin.host)):
+        for listener in server.servers:
+            for sock in listener.sockets:
+                runtime.policy.add_listener(host, sock.getsockname()[1])
+    for warning in exposure_warnings(config):
+        log.warning("insecure_setting", message=warning)
     runtime.ready = True
     log.info(
         "started",
@@ -101,6 +109,7 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
         policy=config.policy.default,
         ready_seconds=round(time.perf_counter() - started, 4),
     )
+    log.info("config", config=redacted_config(runtime))  # the effective config, secrets redacted
 
     stop_wait = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stop_wait, data_task, admin_task}, return_when=asyncio.FIRST_COMPLETED)

@@ -19,17 +19,16 @@ from __future__ import annotations
 import http.cookiejar
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import httpx
 
 from sidecar.config import TLS, Config
+from sidecar.guard import Resolve, guard_transport
 from sidecar.pool_gate import PoolGate
 from sidecar.routing import CompiledRoute
 
 log = logging.getLogger("egress.upstream")
-
-Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
 class _NoCookies(http.cookiejar.CookieJar):
@@ -113,6 +112,9 @@ class Upstream:
             trust_env=False,
             retries=0,
         )
+        # The connect guard: every new connection dials only addresses the policy checked.
+        if self.resolve is not None:
+            guard_transport(transport, self.resolve)
         # HTTP/1.1 requests wait in a FIFO gate, not in httpcore's pool (see pool_gate.py).
         return transport if http2 else PoolGate(transport, pool.max_connections)
 
@@ -127,6 +129,25 @@ class Upstream:
 
     def transports(self) -> list[httpx.AsyncBaseTransport]:
         return [self.default_transport, *self.route_transports.values()]
+
+    def pool_stats(self) -> dict[str, tuple[int, int]]:
+        """(active, idle) connections per pool ("default" or the route's name), read from the pools now.
+
+        A transport with its own `pool_stats()` answers for itself; httpx's stock transport is
+        read through httpcore's pool (`_pool.connections`, each `is_idle()`/`is_closed()`).
+        """
+        stats: dict[str, tuple[int, int]] = {}
+        for name, transport in (("default", self.default_transport), *self.route_transports.items()):
+            own = getattr(transport, "pool_stats", None)
+            if own is not None:
+                stats[name] = own()
+                continue
+            inner = getattr(transport, "inner", transport)  # behind a PoolGate
+            connections = inner._pool.connections
+            idle = sum(1 for c in connections if c.is_idle())
+            closed = sum(1 for c in connections if c.is_closed())
+            stats[name] = (len(connections) - idle - closed, idle)
+        return stats
 
     async def aclose(self) -> None:
         for transport in self.route_transports.values():

@@ -344,23 +344,15 @@ def test_podmonitor_is_opt_in_and_scrapes_injected_pods_admin_port() -> None:
     ]
 
 
-def test_grafana_dashboard_config_map_carries_the_chart_dashboard(tmp_path: Path) -> None:
-    import shutil
-
-    with pytest.raises(helm.HelmRenderError, match="files/grafana-dashboard.json"):
-        render({"grafanaDashboard": {"enabled": True}})  # no dashboard in the chart yet: say so
-    chart = tmp_path / "egress-sidecar"
-    shutil.copytree(CHART, chart)
-    dashboard = {"title": "egress-sidecar", "panels": [{"type": "timeseries", "title": "requests"}]}
-    (chart / "files" / "grafana-dashboard.json").write_text(json.dumps(dashboard, indent=2))
-    config_map = one(
-        documents(render({"grafanaDashboard": {"enabled": True}}, chart=chart)),
-        "ConfigMap",
-        f"{RELEASE}-egress-sidecar-dashboard",
-    )
+def test_grafana_dashboard_config_map_carries_the_chart_dashboard() -> None:
+    name = f"{RELEASE}-egress-sidecar-dashboard"
+    assert not find(documents(render()), "ConfigMap", name)  # opt-in
+    config_map = one(documents(render({"grafanaDashboard": {"enabled": True}})), "ConfigMap", name)
     validate(config_map)
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(config_map["data"]["egress-sidecar.json"]) == dashboard
+    shipped = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    assert json.loads(config_map["data"]["egress-sidecar.json"]) == shipped
+    assert shipped["panels"] and all(target["expr"] for panel in shipped["panels"] for target in panel["targets"])
 
 
 def test_static_only_mode_renders_no_webhook_but_keeps_the_config() -> None:
