@@ -20,6 +20,7 @@ import http.cookiejar
 import logging
 import ssl
 from collections.abc import Sequence
+from typing import Any
 
 import httpx
 
@@ -142,7 +143,7 @@ class Upstream:
             if own is not None:
                 stats[name] = own()
                 continue
-            inner = getattr(transport, "inner", transport)  # behind a PoolGate
+            inner: Any = getattr(transport, "inner", transport)  # behind a PoolGate
             connections = inner._pool.connections
             idle = sum(1 for c in connections if c.is_idle())
             closed = sum(1 for c in connections if c.is_closed())

@@ -125,14 +125,28 @@ def test_a_keep_alive_connection_dropped_as_it_is_reused_is_a_502_without_retrie
 ) -> None:
     # The race proper: the upstream gives up on the idle connection only after the next
     # request was written to it. httpcore does not retry (its `retries` covers connect
-    # failures only), so without the retry layer (issue 7, other branch) the app gets
-    # 502 upstream_reset for this idempotent GET. With retries on, this must become a 200.
+    # failures only), so on a route without retries the app gets 502 upstream_reset for
+    # this idempotent GET; with retries on, the next test shows it becomes a 200.
     assert httpx.get(f"{faulty.url}/up/drop-next").content == b"ok"
     assert_sidecar_error(faulty, httpx.get(f"{faulty.url}/up/echo"), 502, "upstream_reset")
     first, second = fresh_upstream.requests[:2]
     assert (first.target, second.target) == ("/drop-next", "/echo") and first.connection == second.connection == 1
     assert httpx.get(f"{faulty.url}/up/echo").status_code == 200  # the dead connection left the pool
     assert_pool_healthy(faulty)
+
+
+def test_a_keep_alive_connection_dropped_as_it_is_reused_is_retried_for_a_get(
+    make_sidecar: Callable[..., Sidecar], fresh_upstream: Upstream
+) -> None:
+    sidecar = make_sidecar(routes=[{"name": "up", "prefix": "/up", "upstream": fresh_upstream.base,
+                                    "retries": {"attempts": 1, "on": ["reset"]}}], **SMALL_POOL)
+    assert httpx.get(f"{sidecar.url}/up/drop-next").content == b"ok"
+    response = httpx.get(f"{sidecar.url}/up/echo")
+    assert response.status_code == 200, response.text
+    # The upstream saw the GET twice: dropped on the reused connection, answered on a new one.
+    assert [(seen.target, seen.connection) for seen in fresh_upstream.requests] == [
+        ("/drop-next", 1), ("/echo", 1), ("/echo", 2)]
+    assert_pool_healthy(sidecar)
 
 
 def test_garbage_instead_of_a_response_is_a_502_protocol_error(faulty: Sidecar, fresh_upstream: Upstream) -> None:
