@@ -73,6 +73,8 @@ class Listen(_Section):
     # Binding anywhere but loopback turns the sidecar into a proxy other pods can use:
     # it must be asked for explicitly.
     allow_non_loopback: bool = False
+    # uvicorn's HTTP parser: httptools (fast, the default) or h11 (pure Python).
+    http: Literal["httptools", "h11"] = "httptools"
 
 
 class AdminListen(_Section):

@@ -1,0 +1,75 @@
+"""The admin listener: /healthz, /readyz, /config (and /metrics once metrics are wired)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from sidecar import config as config_module
+from sidecar.runtime import Runtime
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+Handler = Callable[[Scope], Awaitable[tuple[int, bytes, bytes]]]
+
+REDACTED = "<redacted>"
+
+
+def redacted_config(runtime: Runtime) -> dict[str, Any]:
+    """The effective config for display: injected header values and secret paths' contents hidden."""
+    data: dict[str, Any] = config_module.to_builtins(runtime.config)
+    for route in data.get("routes", []):
+        for source in route.get("headers", {}).values():
+            if source.get("value") is not None:
+                source["value"] = REDACTED
+    return data
+
+
+class AdminApp:
+    """Raw ASGI app for the admin listener."""
+
+    def __init__(self, runtime: Runtime, extra: dict[str, Handler] | None = None) -> None:
+        self.runtime = runtime
+        self.handlers: dict[str, Handler] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/config": self._config,
+            **(extra or {}),
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        handler = self.handlers.get(scope["path"])
+        if handler is None:
+            status, content_type, body = 404, b"text/plain; charset=utf-8", b"not found\n"
+        elif scope["method"] not in ("GET", "HEAD"):
+            status, content_type, body = 405, b"text/plain; charset=utf-8", b"method not allowed\n"
+        else:
+            status, content_type, body = await handler(scope)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
+
+    async def _healthz(self, scope: Scope) -> tuple[int, bytes, bytes]:
+        return 200, b"text/plain; charset=utf-8", b"ok\n"
+
+    async def _readyz(self, scope: Scope) -> tuple[int, bytes, bytes]:
+        runtime = self.runtime
+        if runtime.draining:
+            return 503, b"text/plain; charset=utf-8", b"draining\n"
+        if not runtime.ready:
+            return 503, b"text/plain; charset=utf-8", b"starting\n"
+        return 200, b"text/plain; charset=utf-8", b"ready\n"
+
+    async def _config(self, scope: Scope) -> tuple[int, bytes, bytes]:
+        body = json.dumps(redacted_config(self.runtime), indent=2, sort_keys=True).encode() + b"\n"
+        return 200, b"application/json", body

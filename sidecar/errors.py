@@ -1,0 +1,121 @@
+"""Errors the sidecar itself produces: one table of kinds, one function mapping exceptions to them.
+
+Each kind has a status chosen on purpose (see DESIGN.md "Errors the sidecar produces"), a
+one-line body and, where waiting helps, a Retry-After. Every producer of an error response
+goes through `classify` and `ERRORS`, so the header, the body, the log and the metric agree.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    status: int
+    message: str
+    retry_after: int | None = None
+
+
+ERRORS: dict[str, ErrorSpec] = {
+    "bad_request": ErrorSpec(400, "the request target cannot be parsed"),
+    "no_route": ErrorSpec(404, "no route matches and the request names no usable host"),
+    "loop": ErrorSpec(508, "the request is addressed to the sidecar itself"),
+    "denied_host": ErrorSpec(403, "egress to this host is denied by policy"),
+    "denied_ip": ErrorSpec(403, "egress to this address is denied by policy"),
+    "header_too_large": ErrorSpec(431, "request headers are too large or too many"),
+    "connect_error": ErrorSpec(502, "could not connect to the upstream"),
+    "tls_error": ErrorSpec(502, "TLS handshake with the upstream failed"),
+    "protocol_error": ErrorSpec(502, "the upstream sent an invalid response"),
+    "upstream_reset": ErrorSpec(502, "the upstream closed the connection before responding"),
+    "connect_timeout": ErrorSpec(504, "timed out connecting to the upstream"),
+    "read_timeout": ErrorSpec(504, "timed out waiting for the upstream"),
+    "write_timeout": ErrorSpec(504, "timed out sending the request upstream"),
+    "pool_timeout": ErrorSpec(503, "no upstream connection became free in time", retry_after=1),
+    "overloaded": ErrorSpec(503, "too many requests in flight", retry_after=1),
+    "circuit_open": ErrorSpec(503, "the upstream is failing; the circuit is open", retry_after=5),
+    "draining": ErrorSpec(503, "the sidecar is shutting down", retry_after=1),
+    "unsupported": ErrorSpec(501, "protocol upgrades (WebSocket, CONNECT) are not supported"),
+    "client_timeout": ErrorSpec(408, "the client was too slow sending its request"),
+    "internal": ErrorSpec(500, "internal sidecar error"),
+}
+
+
+class EgressError(Exception):
+    """An error with a named kind from ERRORS; `detail` goes to the log, never to metrics labels."""
+
+    def __init__(self, kind: str, detail: str = "", subject: str | None = None) -> None:
+        assert kind in ERRORS, kind
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+        self.detail = detail
+        # What the body may name (a denied host), already validated by routing; never an address list.
+        self.subject = subject
+
+
+class ClientDisconnected(Exception):
+    """The app closed its connection; nothing can be sent back to it."""
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return True
+        text = str(current)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "SSL" in text and "handshake" in text.lower():
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def classify(exc: BaseException) -> str:
+    """Map an exception raised while proxying to an error kind (the one place that does)."""
+    if isinstance(exc, EgressError):
+        return exc.kind
+    if isinstance(exc, httpx.PoolTimeout):
+        return "pool_timeout"
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connect_timeout"
+    if isinstance(exc, httpx.ReadTimeout):
+        return "read_timeout"
+    if isinstance(exc, httpx.WriteTimeout):
+        return "write_timeout"
+    if isinstance(exc, httpx.ConnectError):
+        return "tls_error" if _is_tls_failure(exc) else "connect_error"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        # h11/httptools say "Server disconnected without sending a response" when the
+        # peer closed before the status line: that is a reset, not a malformed response.
+        text = str(exc).lower()
+        return "upstream_reset" if "disconnected" in text or "connection closed" in text else "protocol_error"
+    if isinstance(exc, (httpx.ReadError, httpx.WriteError, ConnectionError)):
+        return "upstream_reset"
+    if isinstance(exc, ssl.SSLError):
+        return "tls_error"
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return "bad_request"
+    if isinstance(exc, httpx.ProtocolError):
+        return "protocol_error"
+    if isinstance(exc, OSError):
+        return "connect_error"
+    return "internal"
+
+
+def error_head(kind: str, subject: str | None = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and one-line body of the response for an error kind."""
+    spec = ERRORS[kind]
+    about = f" ({subject})" if subject else ""
+    body = f"egress-sidecar: {kind}: {spec.message}{about}\n".encode("ascii", "replace")
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-egress-error", kind.encode()),
+    ]
+    if spec.retry_after is not None:
+        headers.append((b"retry-after", str(spec.retry_after).encode()))
+    return spec.status, headers, body

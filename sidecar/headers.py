@@ -1,0 +1,105 @@
+"""Header rules for both directions. Pure functions over ASGI-style `(name, value)` byte pairs.
+
+Upstream: the app's headers in their order, repeats kept, less the hop-by-hop ones (RFC 9110
+7.6.1: Connection, Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding, Upgrade, and every
+name listed in Connection), with Host set to the destination and route-injected headers
+replacing any the app sent. Nothing of the client library's own (no User-Agent, Accept,
+Accept-Encoding, cookies). Downstream: the upstream's headers less the hop-by-hop ones.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+
+Header = tuple[bytes, bytes]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
+    """Header names the sender listed in `Connection` (they are hop-by-hop too)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def is_upgrade(headers: Sequence[Header]) -> bool:
+    """Whether the request asks for a protocol upgrade (WebSocket, h2c): we cannot proxy those."""
+    return any(name == b"upgrade" for name, _ in headers)
+
+
+def body_framing(headers: Sequence[Header]) -> tuple[bool, bool]:
+    """(has_body, chunked) of a request, from Content-Length / Transfer-Encoding."""
+    chunked = False
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            chunked = True
+        elif name == b"content-length":
+            length = value
+    return chunked or (length is not None and length.strip() != b"0"), chunked
+
+
+def upstream_request_headers(
+    headers: Sequence[Header],
+    host_header: bytes,
+    injected: Sequence[tuple[bytes, Callable[[], bytes]]] = (),
+    *,
+    chunked: bool = False,
+    via: bool = False,
+    forwarded_for: bytes | None = None,
+    request_id: bytes | None = None,
+) -> list[Header]:
+    """The header list to send upstream (see the module docstring for the rules)."""
+    drop = HOP_BY_HOP | connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else HOP_BY_HOP
+    out: list[Header] = [(b"host", host_header)]
+    replaced = {name for name, _ in injected}
+    for name, value in headers:
+        if name in drop or name == b"host" or name in replaced:
+            continue
+        out.append((name, value))
+    for name, provider in injected:
+        out.append((name, provider()))
+    if chunked:
+        out.append((b"transfer-encoding", b"chunked"))
+    if via:
+        out.append((b"via", b"1.1 egress-sidecar"))
+    if forwarded_for is not None:
+        out.append((b"x-forwarded-for", forwarded_for))
+    if request_id is not None:
+        out.append((b"x-request-id", request_id))
+    return out
+
+
+def request_id_of(headers: Sequence[Header]) -> bytes | None:
+    for name, value in headers:
+        if name == b"x-request-id":
+            return value
+    return None
+
+
+def new_request_id() -> bytes:
+    return uuid.uuid4().hex.encode()
+
+
+def downstream_response_headers(headers: Sequence[Header]) -> list[Header]:
+    """The upstream response's headers for the app: hop-by-hop removed, everything else as is."""
+    if not any(name.lower() in HOP_BY_HOP for name, _ in headers):
+        return list(headers)
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    return [(name, value) for name, value in headers if name.lower() not in drop]

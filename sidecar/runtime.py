@@ -1,0 +1,57 @@
+"""Everything the request path needs, built once from config at start."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from sidecar.config import Config
+from sidecar.credentials import header_provider
+from sidecar.observe import Observer
+from sidecar.policy import EgressPolicy
+from sidecar.routing import Router, compile_route
+from sidecar.upstream import Upstream
+
+
+@dataclass
+class Runtime:
+    config: Config
+    router: Router
+    policy: EgressPolicy
+    upstream: Upstream
+    observer: Observer
+    in_flight: int = 0
+    draining: bool = False  # SIGTERM seen: not ready, still serving
+    stopping: bool = False  # grace over or nothing in flight: new requests get 503 draining
+    ready: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+def build_runtime(config: Config, observer: Observer | None = None) -> Runtime:
+    routes = [
+        compile_route(
+            route,
+            config,
+            tuple((name.lower().encode("latin-1"), header_provider(source)) for name, source in route.headers.items()),
+        )
+        for route in config.routes
+    ]
+    policy = EgressPolicy.from_config(config)
+    runtime = Runtime(
+        config=config,
+        router=Router(config, routes),
+        policy=policy,
+        upstream=Upstream(config, routes),
+        observer=observer or Observer(),
+    )
+    runtime.idle.set()
+    return runtime

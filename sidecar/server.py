@@ -1,0 +1,125 @@
+"""Process lifecycle: two uvicorn servers (data, admin) on one uvloop loop, signals and drain.
+
+Drain (SIGTERM or SIGINT): /readyz turns 503 at once; requests keep being served; when
+nothing is in flight (or `drain.grace` has passed, whichever is first) the data listener
+stops, the upstream pool is closed and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import uvicorn
+import uvloop
+
+from sidecar import log as log_module
+from sidecar.admin import AdminApp
+from sidecar.config import Config
+from sidecar.forward import ForwardApp
+from sidecar.runtime import Runtime, build_runtime
+
+# In-flight work still running when the drain deadline passes gets this long, then is cut.
+_FORCE_CLOSE_AFTER = 0.5
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to us: one process, two listeners, one drain."""
+
+    def capture_signals(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _uvicorn_config(app: Any, host: str, port: int, config: Config, http: str = "httptools") -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="none",
+        http=http,
+        ws="none",
+        lifespan="off",
+        server_header=False,
+        date_header=False,
+        proxy_headers=False,  # never rewrite the client from X-Forwarded-*
+        access_log=False,  # ours is one structured line per request
+        log_config=None,
+        timeout_keep_alive=int(max(1, float(config.limits.body_idle_timeout))),
+        timeout_graceful_shutdown=_FORCE_CLOSE_AFTER,
+    )
+
+
+async def serve(config: Config, runtime: Runtime | None = None) -> int:
+    log = log_module.get("egress.server")
+    started = time.perf_counter()
+    runtime = runtime or build_runtime(config)
+    data = _Server(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config, config.listen.http))
+    admin = _Server(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            data.force_exit = admin.force_exit = True
+            data.should_exit = admin.should_exit = True
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    data_task = asyncio.create_task(data.serve())
+    admin_task = asyncio.create_task(admin.serve())
+    while not (data.started and admin.started):
+        if data_task.done() or admin_task.done():
+            data.should_exit = admin.should_exit = True
+            await asyncio.gather(data_task, admin_task, return_exceptions=True)
+            log.error("startup_failed", listen=f"{config.listen.host}:{config.listen.port}",
+                      admin=f"{config.admin.host}:{config.admin.port}")
+            await runtime.upstream.aclose()
+            return 1
+        await asyncio.sleep(0.005)
+    runtime.ready = True
+    log.info(
+        "started",
+        listen=f"{config.listen.host}:{config.listen.port}",
+        admin=f"{config.admin.host}:{config.admin.port}",
+        routes=[route.name for route in config.routes],
+        policy=config.policy.default,
+        ready_seconds=round(time.perf_counter() - started, 4),
+    )
+
+    stop_wait = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stop_wait, data_task, admin_task}, return_when=asyncio.FIRST_COMPLETED)
+    if stop_wait in done:
+        await _drain(runtime, data, float(config.drain.grace), log)
+    data.should_exit = True
+    await data_task
+    await runtime.upstream.aclose()
+    admin.should_exit = True
+    await admin_task
+    log.info("stopped")
+    return 0
+
+
+async def _drain(runtime: Runtime, data: _Server, grace: float, log: Any) -> None:
+    runtime.draining = True
+    log.info("draining", in_flight=runtime.in_flight, grace_seconds=grace)
+    try:
+        await asyncio.wait_for(runtime.idle.wait(), timeout=grace)
+        log.info("drained", in_flight=0)
+    except asyncio.TimeoutError:
+        log.warning("drain_grace_expired", in_flight=runtime.in_flight)
+    runtime.stopping = True
+
+
+def run(config: Config) -> int:
+    """Entry point of `egress-sidecar run`."""
+    log_module.configure(config.log)
+    return uvloop.run(serve(config))

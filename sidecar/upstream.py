@@ -1,0 +1,131 @@
+"""The upstream client stack, built in this one module so it can be replaced in one place.
+
+ONE `httpx.AsyncClient` for the process, made at start and closed at stop. It owns the
+default pool. A route whose TLS settings or HTTP version differ from the default gets its own
+pool (an `ssl.SSLContext` and the HTTP/2 switch belong to a pool in httpcore), created once at
+start and closed with the client.
+
+The hot path does not call `client.send`: it hands an `httpx.Request` to the transport's
+`handle_async_request`. That skips, by construction, what a proxy must not do: the client's
+cookie jar (a shared jar would replay tenant A's Set-Cookie on tenant B's calls), redirect
+following (a 3xx goes back to the app as is), auth, event hooks and the client's default
+headers (User-Agent, Accept, Accept-Encoding). The client is still configured as if it were
+used directly (no env proxies, no redirects, a jar that keeps nothing, no default headers),
+so nothing changes if someone does call it.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+
+import httpx
+
+from sidecar.config import TLS, Config
+from sidecar.routing import CompiledRoute
+
+log = logging.getLogger("egress.upstream")
+
+Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A jar that stores nothing: no cookie ever crosses from one call to another."""
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return None
+
+    def extract_cookies(self, response: object, request: object) -> None:
+        return None
+
+
+def ssl_context(tls: TLS, http2: bool) -> ssl.SSLContext:
+    """A client TLS context: system trust or `ca_file`, optional client certificate (mTLS)."""
+    if tls.insecure_skip_verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=tls.ca_file) if tls.ca_file else _system_context()
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
+    return context
+
+
+def _system_context() -> ssl.SSLContext:
+    try:
+        import certifi  # httpx's own default trust, when present
+
+        return ssl.create_default_context(cafile=certifi.where())
+    except ImportError:  # pragma: no cover - certifi ships with httpx
+        return ssl.create_default_context()
+
+
+class Upstream:
+    """Owns the one AsyncClient and the per-route pools; `send` is the hot path."""
+
+    def __init__(self, config: Config, routes: Sequence[CompiledRoute], resolve: Resolve | None = None) -> None:
+        self.config = config
+        self.resolve = resolve
+        self.default_transport = self._transport(config.tls, config.pool.http2)
+        self.client = httpx.AsyncClient(
+            transport=self.default_transport,
+            cookies=httpx.Cookies(_NoCookies()),
+            follow_redirects=False,
+            trust_env=False,
+            timeout=httpx.Timeout(
+                connect=float(config.timeouts.connect),
+                read=float(config.timeouts.read),
+                write=float(config.timeouts.write),
+                pool=float(config.timeouts.pool),
+            ),
+        )
+        self.client.headers.clear()  # no User-Agent / Accept / Accept-Encoding of httpx's own
+        self.route_transports: dict[str, httpx.AsyncBaseTransport] = {}
+        for route in routes:
+            tls = route.config.tls
+            http2 = route.config.http2
+            if tls is None and (http2 is None or http2 == config.pool.http2):
+                continue
+            self.route_transports[route.name] = self._transport(
+                tls or config.tls, config.pool.http2 if http2 is None else http2
+            )
+            if tls is not None and tls.insecure_skip_verify:
+                log.warning("route %s: TLS verification is OFF (insecure_skip_verify)", route.name)
+        if config.tls.insecure_skip_verify:
+            log.warning("TLS verification is OFF for forward-proxy destinations (tls.insecure_skip_verify)")
+
+    def _transport(self, tls: TLS, http2: bool) -> httpx.AsyncBaseTransport:
+        pool = self.config.pool
+        return httpx.AsyncHTTPTransport(
+            verify=ssl_context(tls, http2),
+            http1=True,
+            http2=http2,
+            limits=httpx.Limits(
+                max_connections=pool.max_connections,
+                max_keepalive_connections=pool.max_keepalive_connections,
+                keepalive_expiry=float(pool.keepalive_expiry),
+            ),
+            trust_env=False,
+            retries=0,
+        )
+
+    def transport_for(self, route: CompiledRoute | None) -> httpx.AsyncBaseTransport:
+        if route is not None:
+            return self.route_transports.get(route.name, self.default_transport)
+        return self.default_transport
+
+    async def send(self, request: httpx.Request, route: CompiledRoute | None) -> httpx.Response:
+        """Send one request; the response body is not read (the caller streams it)."""
+        return await self.transport_for(route).handle_async_request(request)
+
+    def transports(self) -> list[httpx.AsyncBaseTransport]:
+        return [self.default_transport, *self.route_transports.values()]
+
+    async def aclose(self) -> None:
+        for transport in self.route_transports.values():
+            await transport.aclose()
+        await self.client.aclose()  # closes the default transport and its connections
