@@ -67,7 +67,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     """Base for every config section: immutable, unknown keys are errors (typos fail loudly)."""
 
 
-class Listen(_Section):
+class Listen(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: int = 15001
     # Binding anywhere but loopback turns the sidecar into a proxy other pods can use:
@@ -77,12 +77,12 @@ class Listen(_Section):
     http: Literal["httptools", "h11"] = "httptools"
 
 
-class AdminListen(_Section):
+class AdminListen(_Section, frozen=True):
     host: str = "0.0.0.0"
     port: int = 15090
 
 
-class Pool(_Section):
+class Pool(_Section, frozen=True):
     max_connections: int = 100
     # httpcore counts every connection against the keep-alive limit, so a lower value makes
     # it close and re-handshake connections under load: keep it equal to max_connections.
@@ -91,14 +91,14 @@ class Pool(_Section):
     http2: bool = False
 
 
-class Timeouts(_Section):
+class Timeouts(_Section, frozen=True):
     connect: Seconds = Seconds(5)
     read: Seconds = Seconds(30)
     write: Seconds = Seconds(30)
     pool: Seconds = Seconds(1)
 
 
-class RouteTimeouts(_Section):
+class RouteTimeouts(_Section, frozen=True):
     """Per-route timeouts; a field left out takes the global value."""
 
     connect: Seconds | None = None
@@ -107,7 +107,7 @@ class RouteTimeouts(_Section):
     pool: Seconds | None = None
 
 
-class TLS(_Section):
+class TLS(_Section, frozen=True):
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -115,7 +115,7 @@ class TLS(_Section):
     insecure_skip_verify: bool = False
 
 
-class Policy(_Section):
+class Policy(_Section, frozen=True):
     default: Literal["allow-public", "deny"] = "allow-public"
     allow_hosts: list[str] = []
     deny_hosts: list[str] = []
@@ -124,13 +124,13 @@ class Policy(_Section):
     plain_http_hosts: list[str] = []
 
 
-class RetryBudget(_Section):
+class RetryBudget(_Section, frozen=True):
     percent: float = 20.0
     window: Seconds = Seconds(10)
     min_retries: int = 3
 
 
-class Retries(_Section):
+class Retries(_Section, frozen=True):
     attempts: int = 0  # retries after the first try
     on: list[str | int] = msgspec.field(default_factory=lambda: ["connect", "reset"])
     methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"])
@@ -140,13 +140,13 @@ class Retries(_Section):
     budget: RetryBudget = RetryBudget()
 
 
-class CircuitBreaker(_Section):
+class CircuitBreaker(_Section, frozen=True):
     consecutive_failures: int = 0  # 0: off
     window: Seconds = Seconds(10)
     cooldown: Seconds = Seconds(5)
 
 
-class HeaderValue(_Section):
+class HeaderValue(_Section, frozen=True):
     """A header a route injects: a literal `value`, or a secret read from `file`."""
 
     value: str | None = None
@@ -154,7 +154,7 @@ class HeaderValue(_Section):
     template: str = "{}"
 
 
-class Route(_Section):
+class Route(_Section, frozen=True):
     name: str
     prefix: str
     upstream: str
@@ -167,22 +167,22 @@ class Route(_Section):
     max_in_flight: int | None = None
 
 
-class Metrics(_Section):
+class Metrics(_Section, frozen=True):
     enabled: bool = True
     max_upstreams: int = 100
 
 
-class Log(_Section):
+class Log(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
     access: bool = True
 
 
-class Drain(_Section):
+class Drain(_Section, frozen=True):
     grace: Seconds = Seconds(20)
 
 
-class Forwarding(_Section):
+class Forwarding(_Section, frozen=True):
     """Headers a proxy may add; off by default so the upstream sees exactly the app's request."""
 
     via: bool = False
@@ -190,7 +190,7 @@ class Forwarding(_Section):
     request_id: bool = True  # pass (or generate) x-request-id upstream
 
 
-class Limits(_Section):
+class Limits(_Section, frozen=True):
     max_in_flight: int = 1000
     max_request_line: int = 8192
     max_header_bytes: int = 65536
@@ -199,7 +199,7 @@ class Limits(_Section):
     body_idle_timeout: Seconds = Seconds(60)
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     listen: Listen = Listen()
     admin: AdminListen = AdminListen()
     pool: Pool = Pool()

@@ -18,15 +18,18 @@ class ErrorSpec:
     status: int
     message: str
     retry_after: int | None = None
+    # Close the app's connection after answering: what follows on it cannot be trusted
+    # (an upgrade's other protocol, an unparsed body) or the sidecar is going away.
+    close: bool = False
 
 
 ERRORS: dict[str, ErrorSpec] = {
-    "bad_request": ErrorSpec(400, "the request target cannot be parsed"),
+    "bad_request": ErrorSpec(400, "the request target cannot be parsed", close=True),
     "no_route": ErrorSpec(404, "no route matches and the request names no usable host"),
     "loop": ErrorSpec(508, "the request is addressed to the sidecar itself"),
     "denied_host": ErrorSpec(403, "egress to this host is denied by policy"),
     "denied_ip": ErrorSpec(403, "egress to this address is denied by policy"),
-    "header_too_large": ErrorSpec(431, "request headers are too large or too many"),
+    "header_too_large": ErrorSpec(431, "request headers are too large or too many", close=True),
     "connect_error": ErrorSpec(502, "could not connect to the upstream"),
     "tls_error": ErrorSpec(502, "TLS handshake with the upstream failed"),
     "protocol_error": ErrorSpec(502, "the upstream sent an invalid response"),
@@ -37,9 +40,9 @@ ERRORS: dict[str, ErrorSpec] = {
     "pool_timeout": ErrorSpec(503, "no upstream connection became free in time", retry_after=1),
     "overloaded": ErrorSpec(503, "too many requests in flight", retry_after=1),
     "circuit_open": ErrorSpec(503, "the upstream is failing; the circuit is open", retry_after=5),
-    "draining": ErrorSpec(503, "the sidecar is shutting down", retry_after=1),
-    "unsupported": ErrorSpec(501, "protocol upgrades (WebSocket, CONNECT) are not supported"),
-    "client_timeout": ErrorSpec(408, "the client was too slow sending its request"),
+    "draining": ErrorSpec(503, "the sidecar is shutting down", retry_after=1, close=True),
+    "unsupported": ErrorSpec(501, "protocol upgrades (WebSocket, CONNECT) are not supported", close=True),
+    "client_timeout": ErrorSpec(408, "the client was too slow sending its request", close=True),
     "internal": ErrorSpec(500, "internal sidecar error"),
 }
 
@@ -118,4 +121,6 @@ def error_head(kind: str, subject: str | None = None) -> tuple[int, list[tuple[b
     ]
     if spec.retry_after is not None:
         headers.append((b"retry-after", str(spec.retry_after).encode()))
+    if spec.close:
+        headers.append((b"connection", b"close"))
     return spec.status, headers, body

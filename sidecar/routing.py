@@ -106,7 +106,7 @@ def normalise_host(host: str) -> str:
 
 
 def _timeouts(global_timeouts: Timeouts, route: Route | None) -> dict[str, float | None]:
-    values = {
+    values: dict[str, float | None] = {
         "connect": float(global_timeouts.connect),
         "read": float(global_timeouts.read),
         "write": float(global_timeouts.write),

@@ -22,7 +22,7 @@ from sidecar.forward import ForwardApp
 from sidecar.runtime import Runtime, build_runtime
 
 # In-flight work still running when the drain deadline passes gets this long, then is cut.
-_FORCE_CLOSE_AFTER = 0.5
+_FORCE_CLOSE_AFTER = 1
 
 
 class _Server(uvicorn.Server):

@@ -213,3 +213,19 @@ def test_upload_of_200_mib_keeps_rss_within_32_mib(sidecar: Sidecar) -> None:
     assert seen["body_size"] == total * len(block)
     peak = sidecar.rss_kib("VmHWM")
     assert peak - before <= 32 * 1024, f"RSS grew by {(peak - before) / 1024:.1f} MiB"
+
+
+def test_sidecar_adds_no_server_or_date_header(sidecar: Sidecar) -> None:
+    status, headers, _ = split_response(raw_request(
+        sidecar.port, f"GET /up/echo HTTP/1.1\r\nHost: 127.0.0.1:{sidecar.port}\r\nConnection: close\r\n\r\n".encode()))
+    assert status == 200
+    # The upstream sent exactly these two; uvicorn must add neither `server` nor `date`.
+    assert sorted(name for name, _ in headers if name not in ("connection",)) == ["content-length", "content-type"]
+
+
+def test_x_forwarded_headers_from_the_app_pass_through_untouched(sidecar: Sidecar) -> None:
+    seen = httpx.get(f"{sidecar.url}/up/echo",
+                     headers={"x-forwarded-for": "203.0.113.9", "x-forwarded-proto": "https"}).json()
+    headers = [tuple(h) for h in seen["headers"]]
+    assert ("x-forwarded-for", "203.0.113.9") in headers
+    assert ("x-forwarded-proto", "https") in headers

@@ -1,0 +1,120 @@
+"""Routing: scope -> Target, both addressing forms, loops, bad targets. Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sidecar import config as cfg
+from sidecar.errors import EgressError
+from sidecar.routing import Router, compile_route, normalise_host, split_authority
+
+CONFIG = cfg.from_mapping(
+    {
+        "routes": [
+            {"name": "github", "prefix": "/github", "upstream": "https://api.github.com"},
+            {"name": "v2", "prefix": "/github/v2", "upstream": "https://v2.example.com:8443/base/"},
+            {"name": "self", "prefix": "/self", "upstream": "http://127.0.0.1:15001"},
+        ],
+        "policy": {"plain_http_hosts": ["plain.example.com"]},
+    }
+)
+ROUTER = Router(CONFIG, [compile_route(r, CONFIG) for r in CONFIG.routes])
+
+
+def scope(raw_path: bytes, host: bytes | None = b"127.0.0.1:15001", query: bytes = b"") -> dict[str, Any]:
+    headers = [(b"host", host)] if host is not None else []
+    return {"raw_path": raw_path, "path": raw_path.decode(), "query_string": query, "headers": headers}
+
+
+def test_route_prefix_strips_and_keeps_query() -> None:
+    target = ROUTER.resolve(scope(b"/github/repos/x", query=b"y=1&z=%20"))
+    assert target.route is not None and target.route.name == "github"
+    assert (target.scheme, target.host, target.port) == ("https", "api.github.com", 443)
+    assert (target.path, target.query) == ("/repos/x", "y=1&z=%20")
+    assert target.host_header == b"api.github.com"
+
+
+def test_longest_prefix_wins_and_base_path_is_joined() -> None:
+    target = ROUTER.resolve(scope(b"/github/v2/items"))
+    assert target.route is not None and target.route.name == "v2"
+    assert (target.path, target.port, target.host_header) == ("/base/items", 8443, b"v2.example.com:8443")
+
+
+def test_prefix_matches_whole_segments_only() -> None:
+    with pytest.raises(EgressError) as error:
+        ROUTER.resolve(scope(b"/githubber/x"))
+    assert error.value.kind == "no_route"
+
+
+def test_bare_prefix_goes_to_root() -> None:
+    assert ROUTER.resolve(scope(b"/github")).path == "/"
+
+
+def test_forward_form_from_host_header_originates_tls() -> None:
+    target = ROUTER.resolve(scope(b"/x", host=b"API.Example.COM."))
+    assert (target.route, target.scheme, target.host, target.port, target.path) == (
+        None, "https", "api.example.com", 443, "/x")
+    assert target.url_parts().port is None
+
+
+def test_forward_form_keeps_an_explicit_non_80_port() -> None:
+    target = ROUTER.resolve(scope(b"/x", host=b"api.example.com:8443"))
+    assert (target.scheme, target.port, target.host_header) == ("https", 8443, b"api.example.com:8443")
+
+
+def test_absolute_uri_as_h11_delivers_it() -> None:
+    target = ROUTER.resolve(scope(b"http://api.example.com/a/b", host=b"ignored.example"))
+    assert (target.host, target.path) == ("api.example.com", "/a/b")
+
+
+def test_plain_http_hosts_stay_plain() -> None:
+    target = ROUTER.resolve(scope(b"/x", host=b"plain.example.com"))
+    assert (target.scheme, target.port) == ("http", 80)
+
+
+@pytest.mark.parametrize(
+    "request_scope",
+    [
+        scope(b"/x", host=b"127.0.0.1:15090"),  # the admin listener
+        scope(b"/x", host=b"localhost:15090"),
+        scope(b"http://127.0.0.1:15001/x"),
+        scope(b"http://localhost:15001/x"),
+        scope(b"/self/x"),  # a route whose upstream is the sidecar itself
+    ],
+)
+def test_requests_to_the_sidecar_itself_are_loops(request_scope: dict[str, Any]) -> None:
+    with pytest.raises(EgressError) as error:
+        ROUTER.resolve(request_scope)
+    assert error.value.kind == "loop"
+
+
+@pytest.mark.parametrize(
+    "request_scope",
+    [
+        scope(b"/x", host=b"bad host"),
+        scope(b"/x", host=b"a@b.example"),
+        scope(b"/x", host=b"example.com:99999"),
+        scope(b"/x", host=b"[::1"),
+        scope(b"*", host=b"example.com"),
+        scope(b"/\xc3\xa9", host=b"example.com"),
+    ],
+)
+def test_unparseable_targets_are_bad_requests(request_scope: dict[str, Any]) -> None:
+    with pytest.raises(EgressError) as error:
+        ROUTER.resolve(request_scope)
+    assert error.value.kind == "bad_request"
+
+
+def test_no_host_and_no_route_is_no_route() -> None:
+    with pytest.raises(EgressError) as error:
+        ROUTER.resolve(scope(b"/nothing", host=None))
+    assert error.value.kind == "no_route"
+
+
+def test_host_normalisation() -> None:
+    assert normalise_host("Bücher.Example.") == "xn--bcher-kva.example"
+    assert normalise_host("[::1]") == "::1"
+    assert split_authority("[::1]:8080") == ("::1", 8080)
+    assert split_authority("a.example") == ("a.example", None)
