@@ -4,7 +4,9 @@ Both are driven the way the sidecar's forward path drives them: build an `httpx.
 `handle_async_request`, read the body with `aiter_raw`, close. The upstream is nginx over TLS
 on 127.0.0.1 (100-byte answers), pinned to the last CPU; this process is pinned to the first.
 Reports CPU microseconds per request (time.process_time of this process only) and requests
-per second at concurrency 1 and 32. Every run is bounded in count and in time.
+per second at concurrency 1 and 32, next to a floor: a bare uvloop TLS protocol writing a fixed
+request and waiting for the fixed answer (no HTTP parsing, no httpx objects). Every run is
+bounded in count and in time.
 
     .venv/bin/python bench/transport_micro.py [--requests 5000] [--seconds 10] [--json out.json]
 """
@@ -32,7 +34,7 @@ import trustme
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sidecar.transport import HTTP11Transport  # noqa: E402
+from sidecar.transport import HTTP11Transport
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 BODY = "x" * 100
@@ -119,11 +121,12 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
 async def _one(transport: httpx.AsyncBaseTransport, url: httpx.URL, host: str) -> None:
     request = httpx.Request("GET", url, headers=[("Host", host)], extensions={"timeout": TIMEOUTS})
     response = await transport.handle_async_request(request)
+    stream = response.stream
     try:
-        async for _chunk in response.aiter_raw():
+        async for _chunk in stream:  # as sidecar/forward.py relays it
             pass
     finally:
-        await response.aclose()
+        await stream.aclose()  # type: ignore[union-attr]
     if response.status_code != 200:
         raise RuntimeError(f"status {response.status_code}")
 
@@ -159,6 +162,53 @@ async def _run(
     }
 
 
+class _Bare(asyncio.Protocol):
+    """The floor: a TLS connection that writes a fixed request and waits for the 100-byte
+    body, with no HTTP parsing and no httpx objects. Only valid against the fixed nginx answer."""
+
+    def __init__(self) -> None:
+        self.waiter: asyncio.Future[None] | None = None
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.buffer.endswith(BODY.encode()) and self.waiter is not None:
+            self.buffer = b""
+            self.waiter.set_result(None)
+
+
+async def _floor(context: ssl.SSLContext, port: int, concurrency: int, requests: int, seconds: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    raw = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    protocols = []
+    for _ in range(concurrency):
+        _, protocol = await loop.create_connection(_Bare, "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1")
+        protocols.append(protocol)
+    done = 0
+    stop_at = time.monotonic() + seconds
+
+    async def worker(protocol: _Bare) -> None:
+        nonlocal done
+        while done < requests and time.monotonic() < stop_at:
+            done += 1
+            protocol.waiter = loop.create_future()
+            protocol.transport.write(raw)  # type: ignore[union-attr]
+            await protocol.waiter
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker(p) for p in protocols))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    for protocol in protocols:
+        protocol.transport.close()  # type: ignore[union-attr]
+    return {"transport": "floor", "concurrency": concurrency, "requests": done, "seconds": round(wall, 3),
+            "req_per_s": round(done / wall), "cpu_us_per_req": round(cpu / done * 1e6, 1),
+            "connections_opened": concurrency}
+
+
 def _request_build_cost(url: httpx.URL, n: int = 20000) -> float:
     host = url.netloc.decode()
     cpu0 = time.process_time()
@@ -172,7 +222,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000, help="requests per measured run (cap)")
     parser.add_argument("--seconds", type=float, default=10.0, help="time cap per measured run")
     parser.add_argument("--json", help="write the results here too")
-    parser.add_argument("--only", choices=["ours", "httpx"], help="run one transport only (for profiling)")
+    parser.add_argument("--only", choices=["ours", "httpx", "floor"], help="run one candidate only (profiling)")
     args = parser.parse_args()
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -188,17 +238,17 @@ def main() -> None:
         ),
     }
     if args.only:
-        candidates = {args.only: candidates[args.only]}
+        candidates = {k: v for k, v in candidates.items() if k == args.only}
     results: list[dict[str, Any]] = []
     with nginx_upstream(ca, nginx_cpu) as port:
         url = httpx.URL(f"https://127.0.0.1:{port}/")
         build_us = _request_build_cost(url)
+        if args.only in (None, "floor"):
+            for concurrency in (1, 32):
+                results.append(uvloop.run(_floor(context, port, concurrency, args.requests, args.seconds)))
         for name, make in candidates.items():
             for concurrency in (1, 32):
-                row = asyncio.run(
-                    _run(make, url, concurrency, args.requests, args.seconds), loop_factory=uvloop.new_event_loop
-                ) if sys.version_info >= (3, 12) else uvloop.run(_run(make, url, concurrency, args.requests,
-                                                                       args.seconds))
+                row = uvloop.run(_run(make, url, concurrency, args.requests, args.seconds))
                 row["transport"] = name
                 results.append(row)
     print(f"httpx.Request construction alone: {build_us} us CPU (included in every row below)")

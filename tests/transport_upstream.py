@@ -21,6 +21,8 @@ shares nothing with it but the loopback network. The path picks the behaviour:
   /stall                never answers
   /no-read              stops reading the request body (a stuck server)
   /malformed            answers garbage
+  /early-413            answers 413 + Connection: close right after the head, stops reading
+  /huge-head            answers with a 200 KiB header
 """
 
 from __future__ import annotations
@@ -157,6 +159,9 @@ class _ServerConnection(asyncio.Protocol):
         path = self.url.split(b"?")[0]
         if path == b"/no-read":
             self.transport.pause_reading()  # type: ignore[union-attr]
+        elif path == b"/early-413":
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.send(413, [(b"Content-Length", b"9"), (b"Connection", b"close")], b"too large")
         elif path in (b"/stall", b"/disconnect", b"/reset"):
             self.respond_early(path)
 
@@ -261,6 +266,8 @@ class _ServerConnection(asyncio.Protocol):
             self.reset()
         elif name == "no-read":
             return
+        elif name == "huge-head":
+            self.send(200, [(b"X-Huge", b"h" * (200 << 10)), (b"Content-Length", b"2")], b"ok")
         elif name == "malformed":
             transport.write(b"HTTP/1.1 abc nonsense\r\n\x00\x01\r\n\r\n")
         else:

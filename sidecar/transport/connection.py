@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 # most 256 KiB, so one connection holds at most HIGH_WATER + 256 KiB of body.
 HIGH_WATER = 256 * 1024
 
+# Largest response head accepted (status line and headers), as httpcore's 100 KiB limit:
+# llhttp itself has none, so a hostile upstream could otherwise grow one header forever.
+MAX_HEAD_BYTES = 100 * 1024
+
 _TIMED_OUT = object()
 _WOKEN = None
 
@@ -46,6 +50,7 @@ class Connection(asyncio.Protocol):
         "error",
         "expiry_handle",
         "got_bytes",
+        "head_bytes",
         "head_done",
         "head_request",
         "headers",
@@ -62,6 +67,8 @@ class Connection(asyncio.Protocol):
         "pooled",
         "reading_paused",
         "reason",
+        "refused_body",
+        "request_sent",
         "requests",
         "status",
         "transport",
@@ -91,10 +98,13 @@ class Connection(asyncio.Protocol):
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
+        self.head_bytes = 0
         self.body_done = False
         self.informational = False
         self.got_bytes = False
         self.keep_alive = False
+        self.request_sent = False  # the whole request (with its body) went out
+        self.refused_body = False  # an early error response told us to stop sending the body
         self.error: Exception | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -116,9 +126,12 @@ class Connection(asyncio.Protocol):
         self.active = True
         self.head_request = head_request
         self.head_done = False
+        self.head_bytes = 0
         self.body_done = False
         self.got_bytes = False
         self.keep_alive = False
+        self.request_sent = False
+        self.refused_body = False
         self.error = None
         self.buffered = 0
 
@@ -167,7 +180,7 @@ class Connection(asyncio.Protocol):
 
     async def drain(self, timeout: float | None) -> bool:
         """Wait until the socket's write buffer is below its low mark; False on timeout."""
-        while self.writing_paused and not self.closed:
+        while self.writing_paused and not self.closed and not self.refused_body:
             waiter: asyncio.Future[object] = self.loop.create_future()
             self.drain_waiter = waiter
             handle = None if timeout is None else self.loop.call_later(timeout, _time_out, waiter)
@@ -211,6 +224,13 @@ class Connection(asyncio.Protocol):
             self.error = httpx.RemoteProtocolError(f"malformed response from upstream: {exc}")
             self.abort()
             self._wake()
+        if not self.head_done:
+            # Checked after feeding, so httptools buffers at most one read past the limit.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES and self.error is None:
+                self.error = httpx.RemoteProtocolError(f"response head larger than {MAX_HEAD_BYTES} bytes")
+                self.abort()
+                self._wake()
 
     def eof_received(self) -> bool:
         return False  # half-closed by the peer: close our side too
@@ -268,6 +288,13 @@ class Connection(asyncio.Protocol):
             return
         self.status = status
         self.head_done = True
+        if not self.request_sent and (status >= 400 or not self.parser.should_keep_alive()):
+            # RFC 9112 section 9.6: a client sending a body should watch for an error
+            # response and stop sending when the server will not read the rest.
+            self.refused_body = True
+            waiter = self.drain_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(_WOKEN)
         if self.head_request:
             # Responses to HEAD carry no body whatever their Content-Length says (RFC 9110
             # section 9.3.2); httptools cannot be told so, so the exchange ends here.

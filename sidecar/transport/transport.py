@@ -110,8 +110,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
             if scheme not in _DEFAULT_PORTS:
                 raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
             name = host.decode("ascii")
-            sni = request.extensions.get("sni_hostname") or name
-            origin = Origin(key, scheme == b"https", name, port or _DEFAULT_PORTS[scheme], sni)
+            origin = Origin(key, scheme == b"https", name, port or _DEFAULT_PORTS[scheme], name)
             self._pool.remember(origin)
         return origin
 
@@ -277,9 +276,10 @@ async def _send(
     assert transport is not None
     body = outgoing.body
     transport.write(outgoing.head + body if body else outgoing.head)  # one send for a small request
+    stream = outgoing.stream
+    conn.request_sent = stream is None
     if trace is not None:
         await trace("http11.send_request_headers.complete", {"return_value": None})
-    stream = outgoing.stream
     if stream is not None:
         if trace is not None:
             await trace("http11.send_request_body.started", {"request": request})
@@ -300,8 +300,9 @@ async def _send_stream(
 ) -> None:
     """Stream a request body with write-side flow control (wait while the socket is full).
 
-    If the server closes while we send, stop quietly when a response head already came (a
-    server may answer early, e.g. 413, and close): the caller then returns that response.
+    A server may answer before the body is complete (413, 401...). When that answer is an
+    error or closes the connection, stop sending and return quietly: the caller then returns
+    that response, and the connection, whose request was cut short, is closed after it.
     """
     sent = 0
     pending = first
@@ -309,6 +310,8 @@ async def _send_stream(
     assert transport is not None
     while True:
         if pending:
+            if conn.refused_body:
+                return
             if conn.closed:
                 if conn.head_done:
                     return
@@ -327,11 +330,14 @@ async def _send_stream(
             pending = await stream.__anext__()
         except StopAsyncIteration:
             break
+    if conn.refused_body:
+        return
     if chunked:
         if not conn.closed:
             transport.write(wire.CHUNKED_END)
     elif sent != length:
         raise httpx.LocalProtocolError("request body is shorter than its Content-Length")
+    conn.request_sent = True
 
 
 def _in_memory_body(stream: object) -> bytes | None:
@@ -405,7 +411,7 @@ class ResponseStream(httpx.AsyncByteStream):
         if conn.reading_paused and not conn.closed:
             conn.reading_paused = False
             conn.transport.resume_reading()  # type: ignore[union-attr]
-        if conn.keep_alive:
+        if conn.keep_alive and conn.request_sent:
             self._pool.release(conn)
         else:
             conn.close()

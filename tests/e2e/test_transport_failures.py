@@ -95,6 +95,30 @@ def test_malformed_response_is_remote_protocol_error(certs: Certs, server: Upstr
     assert classify(exc) == "protocol_error"
 
 
+def test_oversized_response_head_is_remote_protocol_error(certs: Certs, server: Upstream) -> None:
+    exc = _expect(certs, make_request("GET", server.url("/huge-head")), httpx.RemoteProtocolError)
+    assert "larger than" in str(exc)
+
+
+def test_early_error_response_stops_the_upload_instead_of_timing_out(certs: Certs, server: Upstream) -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        block = b"x" * 65536
+        for _ in range(4096):  # bounded: 256 MiB at most
+            yield block
+
+    async def main() -> None:
+        transport = transport_for(certs)
+        # The server answers 413 and stops reading: without watching for that answer the
+        # upload would block until the write timeout.
+        request = make_request("POST", server.url("/early-413"), content=endless(), timeouts={"write": 2.0})
+        response, body = await fetch(transport, request)
+        assert (response.status_code, body) == (413, b"too large")
+        assert transport.pool_stats() == (0, 0)  # the cut-short request's connection is closed
+        await transport.aclose()
+
+    run(main())
+
+
 def test_stall_before_headers_is_read_timeout(certs: Certs, server: Upstream) -> None:
     exc = _expect(certs, make_request("GET", server.url("/stall"), timeouts={"read": 0.3}), httpx.ReadTimeout)
     assert classify(exc) == "read_timeout"
