@@ -370,8 +370,11 @@ class Certs:
 
 
 @contextlib.contextmanager
-def upstream(certs: Certs | None) -> Iterator[Upstream]:
-    server = Upstream(certs.server_context() if certs is not None else None).start()
+def upstream(certs: Certs | None, context: ssl.SSLContext | None = None) -> Iterator[Upstream]:
+    """A running upstream: TLS with `certs` (or the given server `context`), else plain TCP."""
+    if context is None and certs is not None:
+        context = certs.server_context()
+    server = Upstream(context).start()
     try:
         yield server
     finally:

@@ -119,4 +119,10 @@ async def _start_tls(conn: Connection, origin: Origin, context: ssl.SSLContext, 
         raise
     if tls is None:  # the peer closed during the handshake
         raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: connection closed")
+    ssl_object = tls.get_extra_info("ssl_object")
+    protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+    if protocol not in (None, "http/1.1"):
+        # Only if the context offered more than http/1.1: this transport speaks nothing else.
+        tls.abort()
+        raise httpx.ConnectError(f"{origin.host}:{origin.port} negotiated {protocol!r}, not http/1.1")
     conn.transport = tls

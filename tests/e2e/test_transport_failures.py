@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from sidecar.errors import classify
+from sidecar.transport import HTTP11Transport
 from tests.e2e.transport_helpers import certs, fetch, make_request, server, transport_for
 from tests.transport_upstream import Certs, Upstream, run, seeded_bytes, upstream
 
@@ -70,6 +71,23 @@ def test_untrusted_certificate_is_connect_error_with_the_ssl_cause(certs: Certs)
     assert isinstance(exc.__cause__, ssl.SSLCertVerificationError)
     assert "CERTIFICATE_VERIFY_FAILED" in str(exc)
     assert classify(exc) == "tls_error"
+
+
+def test_upstream_choosing_h2_through_alpn_is_refused(certs: Certs) -> None:
+    server_context = certs.server_context()
+    server_context.set_alpn_protocols(["h2"])
+    client_context = certs.client_context()
+    client_context.set_alpn_protocols(["h2", "http/1.1"])  # a context meant for an http2 pool
+    with upstream(certs, server_context) as h2_only:
+        async def main() -> BaseException:
+            transport = HTTP11Transport(client_context)
+            with pytest.raises(httpx.ConnectError) as info:
+                await fetch(transport, make_request("GET", h2_only.url("/")))
+            assert transport.pool_stats() == (0, 0)
+            await transport.aclose()
+            return info.value
+
+        assert "negotiated 'h2'" in str(run(main()))
 
 
 def test_resolve_hook_returning_nothing_is_connect_error(certs: Certs, server: Upstream) -> None:
