@@ -18,7 +18,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 if TYPE_CHECKING:
     from sidecar.transport.pool import Origin
 
-# Buffered response body above which the socket stops being read. With uvloop a read is at
+# Buffered response body at which the socket stops being read. With uvloop a read is at
 # most 256 KiB, so one connection holds at most HIGH_WATER + 256 KiB of body.
 HIGH_WATER = 256 * 1024
 
@@ -308,7 +308,7 @@ class Connection(asyncio.Protocol):
         buffered = self.buffered + len(body)
         self.buffered = buffered
         self.max_buffered = max(self.max_buffered, buffered)
-        if buffered > HIGH_WATER and not self.reading_paused:
+        if buffered >= HIGH_WATER and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
         self._wake()
