@@ -296,3 +296,18 @@ def test_plain_http_origin_is_served_without_tls(plain_server: Upstream) -> None
         return body
 
     assert run(main()) == seeded_bytes(5000)
+
+
+def test_transport_works_under_an_async_client_too(certs: Certs, server: Upstream) -> None:
+    async def main() -> tuple[bytes, bytes]:
+        transport = transport_for(certs)
+        async with httpx.AsyncClient(transport=transport) as client:
+            whole = await client.get(server.url("/bytes/2000"))
+            async with client.stream("GET", server.url("/bytes/3000?chunked=1")) as streamed:
+                parts = [chunk async for chunk in streamed.aiter_raw()]
+            assert transport.connections_opened == 1
+        return whole.content, b"".join(parts)
+
+    whole, streamed = run(main())
+    assert whole == seeded_bytes(2000)
+    assert streamed == seeded_bytes(3000)
