@@ -177,10 +177,14 @@ class Pool:
             conn.origin.connections -= 1
             self._free_slot()
 
-    def cancel_reservation(self, origin: Origin) -> None:
-        """A reserved slot's connection attempt failed before a Connection held it."""
-        origin.connections -= 1
-        self._free_slot()
+    def reclaim(self, conn: Connection) -> None:
+        """Close `conn` but keep its slot for the caller, who opens a new connection to the
+        same origin with it (a waiter handed a connection that died meanwhile must not lose
+        its place to the next waiter)."""
+        if conn.idle:
+            self._unidle(conn)
+        conn.close()
+        conn.pooled = False  # the slot, and its count on the origin, pass to the new connection
 
     def _free_slot(self) -> None:
         waiters = self._waiters

@@ -140,10 +140,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
             if granted is not None:
                 if not fresh and granted.usable():
                     return granted, True, waited
-                granted.close()
-                pool.discard(granted)
-                if not pool.try_reserve(origin):  # pragma: no cover - the discard freed a slot
-                    raise httpx.PoolTimeout("no connection slot")
+                pool.reclaim(granted)  # dead (or we need a fresh one): its slot is ours
         conn = Connection(loop, origin)
         conn.pooled = True
         try:

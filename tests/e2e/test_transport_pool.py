@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import hashlib
+import random
+import sys
 
 import httpx
 import pytest
@@ -193,3 +197,54 @@ def test_aclose_closes_idle_connections_and_refuses_new_requests(certs: Certs, s
             await transport.handle_async_request(make_request("GET", server.url("/")))
 
     run(main())
+
+
+def test_slot_accounting_survives_a_mix_of_aborts_cancels_failures_and_origins(
+    certs: Certs, server: Upstream
+) -> None:
+    """300 requests, 48 at a time through 6 slots, over two origins; a third of them end badly."""
+    rng = random.Random(int(os.environ.get("TRANSPORT_STRESS_SEED", "7")))
+    kinds = ["ok", "ok", "ok", "abort", "cancel", "timeout", "disconnect", "drop", "reset-mid"]
+
+    async def main() -> None:
+        transport = transport_for(certs, max_connections=6)
+        semaphore = asyncio.Semaphore(48)
+
+        async def one(kind: str, host: str) -> None:
+            async with semaphore:
+                timeouts = {"pool": 10.0, "read": 0.2 if kind == "timeout" else 5.0}
+                path = {"ok": "/bytes/300", "abort": f"/big/{4 << 20}", "cancel": "/stall", "timeout": "/stall",
+                        "disconnect": "/disconnect", "drop": "/drop-next", "reset-mid": "/reset-mid-body"}[kind]
+                request = make_request("GET", server.url(path, host=host), timeouts=timeouts)
+                if kind == "cancel":
+                    task = asyncio.create_task(transport.handle_async_request(request))
+                    await asyncio.sleep(rng.random() * 0.02)  # cancel at a random point of the exchange
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                        response = await task
+                        await response.aclose()
+                    return
+                try:
+                    response = await transport.handle_async_request(request)
+                    async for _chunk in response.aiter_raw():
+                        if kind == "abort":
+                            break
+                    await response.aclose()
+                except httpx.HTTPError:
+                    assert kind in ("timeout", "disconnect", "reset-mid"), (kind, repr(sys.exc_info()[1]), sys.exc_info()[1].__cause__)
+
+        jobs = [one(rng.choice(kinds), rng.choice(["127.0.0.1", "localhost"])) for _ in range(300)]
+        await asyncio.gather(*jobs)
+        active, idle = transport.pool_stats()
+        assert active == 0 and idle <= 6
+        pool = transport._pool
+        assert pool.total == idle == sum(len(o.idle) for o in pool.origins.values())
+        assert sum(o.connections for o in pool.origins.values()) == pool.total
+        # Every slot is usable again: a burst on both origins succeeds without a pool timeout.
+        finals = [fetch(transport, make_request("GET", server.url("/bytes/10", host=host), timeouts={"pool": 2.0}))
+                  for host in ["127.0.0.1", "localhost"] * 12]
+        for _, body in await asyncio.gather(*finals):
+            assert body == seeded_bytes(10)
+        await transport.aclose()
+
+    run(main(), timeout=90)
