@@ -109,6 +109,8 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
             scheme, host, port = key
             if scheme not in _DEFAULT_PORTS:
                 raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
+            if not host:
+                raise httpx.UnsupportedProtocol("the request URL has no host")
             name = host.decode("ascii")
             origin = Origin(key, scheme == b"https", name, port or _DEFAULT_PORTS[scheme], name)
             self._pool.remember(origin)

@@ -206,3 +206,16 @@ def test_dead_reused_connection_is_not_retried_when_unsafe(
 
     run(main())
     assert server.requests == 2  # the upstream saw the request once, never a replay
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "https:///x"], ids=["scheme", "no_host"])
+def test_unusable_url_is_unsupported_protocol_before_any_connection(certs: Certs, url: str) -> None:
+    async def main() -> None:
+        transport = transport_for(certs)
+        request = httpx.Request("GET", url, headers=[("Host", "x")], extensions={"timeout": {}})
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await transport.handle_async_request(request)
+        assert transport.connections_opened == 0 and transport.pool_stats() == (0, 0)
+        await transport.aclose()
+
+    run(main())
