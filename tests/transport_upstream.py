@@ -23,6 +23,7 @@ shares nothing with it but the loopback network. The path picks the behaviour:
   /malformed            answers garbage
   /early-413            answers 413 + Connection: close right after the head, stops reading
   /huge-head            answers with a 200 KiB header
+  /early-hints          sends 103 Early Hints, then the answer
 """
 
 from __future__ import annotations
@@ -266,6 +267,9 @@ class _ServerConnection(asyncio.Protocol):
             self.reset()
         elif name == "no-read":
             return
+        elif name == "early-hints":
+            transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            self.send(200, [(b"Content-Length", b"2")], b"ok")
         elif name == "huge-head":
             self.send(200, [(b"X-Huge", b"h" * (200 << 10)), (b"Content-Length", b"2")], b"ok")
         elif name == "malformed":

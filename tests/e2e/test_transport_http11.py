@@ -123,6 +123,19 @@ def test_bodiless_responses_end_at_the_head_and_keep_the_connection(
     assert server.connections == 1
 
 
+def test_interim_1xx_response_is_skipped(certs: Certs, server: Upstream) -> None:
+    async def main() -> None:
+        transport = transport_for(certs)
+        response, body = await fetch(transport, make_request("GET", server.url("/early-hints")))
+        assert (response.status_code, body) == (200, b"ok")
+        assert "link" not in response.headers  # the 103's headers are not the response's
+        response, body = await fetch(transport, make_request("GET", server.url("/bytes/10")))
+        assert body == seeded_bytes(10) and response.extensions["egress.reused"] is True
+        await transport.aclose()
+
+    run(main())
+
+
 @pytest.mark.parametrize(
     ("path", "body", "version"),
     [("/close", b"ok", b"HTTP/1.1"), ("/http10", b"old server body", b"HTTP/1.0"),
