@@ -248,3 +248,23 @@ def test_slot_accounting_survives_a_mix_of_aborts_cancels_failures_and_origins(
         await transport.aclose()
 
     run(main(), timeout=90)
+
+
+def test_origins_without_connections_are_forgotten_past_the_cap(certs: Certs) -> None:
+    """An app in forward-proxy form can name endless hosts: the origin table stays bounded."""
+
+    class Denied(Exception):
+        pass
+
+    async def deny(host: str, port: int) -> list[str]:
+        raise Denied(host)
+
+    async def main() -> int:
+        transport = transport_for(certs, resolve=deny)
+        for index in range(5000):
+            with pytest.raises(Denied):
+                await transport.handle_async_request(make_request("GET", f"https://h{index}.test/"))
+        await transport.aclose()
+        return len(transport._pool.origins)
+
+    assert run(main()) <= 4096
