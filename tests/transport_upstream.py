@@ -335,7 +335,10 @@ class Upstream:
             for conn in list(self.open):
                 if conn.transport is not None:
                     conn.transport.abort()
-            loop.run_until_complete(asyncio.sleep(0))
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=main, name="transport-upstream", daemon=True)

@@ -46,6 +46,7 @@ class Connection(asyncio.Protocol):
         "buffered",
         "chunks",
         "closed",
+        "deadline",
         "drain_waiter",
         "error",
         "expiry_handle",
@@ -71,6 +72,8 @@ class Connection(asyncio.Protocol):
         "request_sent",
         "requests",
         "status",
+        "timer",
+        "timer_at",
         "transport",
         "waiter",
         "writing_paused",
@@ -113,6 +116,9 @@ class Connection(asyncio.Protocol):
         self.writing_paused = False
         self.waiter: asyncio.Future[object] | None = None
         self.drain_waiter: asyncio.Future[object] | None = None
+        self.deadline: float | None = None  # when the current wait times out
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     # ---- exchange lifecycle (called by the transport) ----
 
@@ -144,6 +150,7 @@ class Connection(asyncio.Protocol):
         """Drop the connection now: used when an exchange did not end cleanly."""
         self.active = False
         self.closed = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.abort()
 
@@ -151,8 +158,14 @@ class Connection(asyncio.Protocol):
         """Close gracefully (TLS close_notify): used for idle connections."""
         self.active = False
         self.closed = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def take_body(self) -> bytes:
         """All buffered body bytes as one chunk; resumes reading if it was paused."""
@@ -166,17 +179,45 @@ class Connection(asyncio.Protocol):
         return data
 
     async def wait(self, timeout: float | None) -> bool:
-        """Wait until the protocol side has news; False if `timeout` passed first."""
+        """Wait until the protocol side has news; False if `timeout` passed first.
+
+        One timer per connection, re-armed lazily: a wait only moves `deadline`, and the
+        timer, when it fires early for a later deadline, re-arms itself. Creating and
+        cancelling a uvloop timer per wait costs a closing libuv handle, hence one extra,
+        non-blocking turn of the event loop per request (measured: 1.5 polls per request
+        instead of 1 at concurrency 1).
+        """
         waiter: asyncio.Future[object] = self.loop.create_future()
         self.waiter = waiter
-        handle = None if timeout is None else self.loop.call_later(timeout, _time_out, waiter)
+        if timeout is not None:
+            deadline = self.loop.time() + timeout
+            self.deadline = deadline
+            timer = self.timer
+            if timer is None or self.timer_at > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self.timer = self.loop.call_at(deadline, self._on_timer)
+                self.timer_at = deadline
         try:
             result = await waiter
         finally:
             self.waiter = None
-            if handle is not None:
-                handle.cancel()
+            self.deadline = None
         return result is not _TIMED_OUT
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        deadline = self.deadline
+        if deadline is None:
+            return  # nobody waits: the next wait arms a new timer
+        # uvloop timers have millisecond resolution and may fire a little early.
+        if self.loop.time() + 0.001 >= deadline:
+            waiter = self.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(_TIMED_OUT)
+        else:
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+            self.timer_at = deadline
 
     async def drain(self, timeout: float | None) -> bool:
         """Wait until the socket's write buffer is below its low mark; False on timeout."""

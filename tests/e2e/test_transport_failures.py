@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
@@ -140,6 +141,29 @@ def test_early_error_response_stops_the_upload_instead_of_timing_out(certs: Cert
 def test_stall_before_headers_is_read_timeout(certs: Certs, server: Upstream) -> None:
     exc = _expect(certs, make_request("GET", server.url("/stall"), timeouts={"read": 0.3}), httpx.ReadTimeout)
     assert classify(exc) == "read_timeout"
+
+
+def test_read_timeouts_follow_each_request_on_a_reused_connection(certs: Certs, server: Upstream) -> None:
+    """The read timer is armed once per connection and moved lazily: each request must still
+    get exactly its own read timeout, shorter or longer than the one before."""
+
+    async def main() -> None:
+        transport = transport_for(certs)
+        loop = asyncio.get_running_loop()
+        await fetch(transport, make_request("GET", server.url("/bytes/10"), timeouts={"read": 0.3}))
+        # Longer than the previous request's timeout: the old timer firing at 0.3 s must not
+        # end this one, which answers after 0.6 s.
+        response, body = await fetch(transport, make_request("GET", server.url("/delay/600"),
+                                                               timeouts={"read": 3.0}))
+        assert body == b"ok" and response.extensions["egress.reused"] is True
+        # Shorter than the timer now armed (3 s): must time out at 0.2 s, not later.
+        started = loop.time()
+        with pytest.raises(httpx.ReadTimeout):
+            await fetch(transport, make_request("GET", server.url("/stall"), timeouts={"read": 0.2}))
+        assert loop.time() - started < 1.5
+        await transport.aclose()
+
+    run(main())
 
 
 def test_reset_mid_body_is_read_error_after_the_bytes_that_came(certs: Certs, server: Upstream) -> None:
