@@ -323,6 +323,7 @@ class Upstream:
 
         def main() -> None:
             loop = uvloop.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             server = loop.run_until_complete(
                 loop.create_server(lambda: _ServerConnection(self), self.host, 0, ssl=self.ssl_context)
@@ -338,7 +339,8 @@ class Upstream:
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=main, name="transport-upstream", daemon=True)
