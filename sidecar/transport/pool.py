@@ -103,7 +103,7 @@ class Pool:
 
     async def wait(self, origin: Origin, timeout: float | None) -> Connection | None:
         """Queue for a slot. Returns a released connection of `origin`, or None for a slot to
-        connect with; raises PoolTimeout after `timeout` seconds."""
+        connect with; raises PoolWaitTimeout after `timeout` seconds."""
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         waiter: asyncio.Future[object] = loop.create_future()
