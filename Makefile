@@ -44,3 +44,21 @@ lint: $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# Side-by-side benchmark (bench/README.md): installs Debian nginx/wrk and the `bench` extra,
+# then runs every candidate in one go; prints the table and writes bench/results/latest.{md,json}.
+# BENCH_ARGS passes options through, e.g. BENCH_ARGS="--only sidecar,aiohttp".
+BENCH_STAMP := $(VENV)/.bench-installed
+.PHONY: bench-quick
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	./scripts/install-system-deps.sh
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	./scripts/install-system-deps.sh
+	$(PY) -m bench.run --quick $(BENCH_ARGS)

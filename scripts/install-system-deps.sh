@@ -4,6 +4,7 @@
 set -euo pipefail
 need=()
 command -v curl >/dev/null || need+=(curl)
+command -v wrk >/dev/null || need+=(wrk)            # make bench: the load generator
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v unshare >/dev/null || need+=(util-linux)
