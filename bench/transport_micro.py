@@ -39,6 +39,7 @@ from sidecar.transport import HTTP11Transport
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 BODY = "x" * 100
 TIMEOUTS = {"connect": 5.0, "read": 10.0, "write": 10.0, "pool": 10.0}
+STREAM_BYTES = 100 << 20
 
 NGINX_CONF = """
 worker_processes 1;
@@ -59,6 +60,7 @@ http {{
         ssl_certificate {dir}/cert.pem;
         ssl_certificate_key {dir}/key.pem;
         location / {{ default_type text/plain; return 200 "{body}"; }}
+        location = /stream {{ alias {dir}/stream.bin; }}
     }}
 }}
 """
@@ -74,9 +76,12 @@ def _free_port() -> int:
 def nginx_upstream(ca: trustme.CA, cpu: int | None) -> Iterator[int]:
     """nginx serving 100 bytes over TLS on an ephemeral loopback port; stopped by its PID."""
     workdir = Path(tempfile.mkdtemp(prefix="transport-bench-"))
+    workdir.chmod(0o755)  # nginx workers (often `nobody`) read /stream's file from here
     leaf = ca.issue_cert("127.0.0.1")
     leaf.cert_chain_pems[0].write_to_path(str(workdir / "cert.pem"))
     leaf.private_key_pem.write_to_path(str(workdir / "key.pem"))
+    with open(workdir / "stream.bin", "wb") as out:  # 100 MiB of random bytes for /stream
+        out.writelines(os.urandom(1 << 20) for _ in range(STREAM_BYTES >> 20))
     for attempt in range(5):
         port = _free_port()  # nginx cannot bind port 0; retry if someone takes it meanwhile
         (workdir / "nginx.conf").write_text(NGINX_CONF.format(dir=workdir, port=port, body=BODY))
@@ -209,6 +214,27 @@ async def _floor(context: ssl.SSLContext, port: int, concurrency: int, requests:
             "connections_opened": concurrency}
 
 
+async def _stream(make: Callable[[], httpx.AsyncBaseTransport], url: httpx.URL, times: int) -> dict[str, Any]:
+    """Download /stream (100 MiB) `times` times, reading as fast as possible."""
+    transport = make()
+    host = url.netloc.decode()
+    stream_url = url.copy_with(path="/stream")
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    total = 0
+    for _ in range(times):
+        request = httpx.Request("GET", stream_url, headers=[("Host", host)], extensions={"timeout": TIMEOUTS})
+        response = await transport.handle_async_request(request)
+        stream = response.stream
+        async for chunk in stream:  # type: ignore[union-attr]
+            total += len(chunk)
+        await stream.aclose()  # type: ignore[union-attr]
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    await transport.aclose()
+    if total != times * STREAM_BYTES:
+        raise RuntimeError(f"short download: {total}")
+    return {"mib_per_s": round(total / wall / (1 << 20)), "cpu_s_per_gib": round(cpu / (total / (1 << 30)), 2)}
+
+
 def _request_build_cost(url: httpx.URL, n: int = 20000) -> float:
     host = url.netloc.decode()
     cpu0 = time.process_time()
@@ -246,11 +272,13 @@ def main() -> None:
         if args.only in (None, "floor"):
             for concurrency in (1, 32):
                 results.append(uvloop.run(_floor(context, port, concurrency, args.requests, args.seconds)))
+        streams: dict[str, dict[str, Any]] = {}
         for name, make in candidates.items():
             for concurrency in (1, 32):
                 row = uvloop.run(_run(make, url, concurrency, args.requests, args.seconds))
                 row["transport"] = name
                 results.append(row)
+            streams[name] = uvloop.run(_stream(make, url, 3))
     print(f"httpx.Request construction alone: {build_us} us CPU (included in every row below)")
     print(f"{'transport':<10} {'conc':>4} {'requests':>8} {'req/s':>8} {'CPU us/req':>10} {'conns':>6}")
     for row in results:
@@ -262,8 +290,11 @@ def main() -> None:
             ours, theirs = by[("ours", concurrency)], by[("httpx", concurrency)]
             print(f"c{concurrency}: ours/httpx req/s {ours['req_per_s'] / theirs['req_per_s']:.1f}x, "
                   f"CPU per request {theirs['cpu_us_per_req'] / ours['cpu_us_per_req']:.1f}x less")
+    for name, row in streams.items():
+        print(f"{name}: 100 MiB download x3: {row['mib_per_s']} MiB/s, {row['cpu_s_per_gib']} s CPU per GiB")
     if args.json:
-        Path(args.json).write_text(json.dumps({"request_build_us": build_us, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"request_build_us": build_us, "results": results,
+                                               "stream": streams}, indent=2))
 
 
 if __name__ == "__main__":
