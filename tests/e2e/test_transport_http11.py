@@ -324,3 +324,19 @@ def test_transport_works_under_an_async_client_too(certs: Certs, server: Upstrea
     whole, streamed = run(main())
     assert whole == seeded_bytes(2000)
     assert streamed == seeded_bytes(3000)
+
+
+def test_ipv6_literal_origin_is_dialled_and_verified(certs: Certs) -> None:
+    leaf_certs = Certs()
+    leaf_certs.leaf = leaf_certs.ca.issue_cert("::1")
+    server = Upstream(leaf_certs.server_context(), host="::1").start()
+    try:
+        async def main() -> bytes:
+            transport = HTTP11Transport(leaf_certs.client_context())
+            _, body = await fetch(transport, make_request("GET", f"https://[::1]:{server.port}/bytes/10"))
+            await transport.aclose()
+            return body
+
+        assert run(main()) == seeded_bytes(10)
+    finally:
+        server.stop()
