@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -326,7 +327,17 @@ def test_transport_works_under_an_async_client_too(certs: Certs, server: Upstrea
     assert streamed == seeded_bytes(3000)
 
 
-def test_ipv6_literal_origin_is_dialled_and_verified(certs: Certs) -> None:
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_ipv6_literal_origin_is_dialled_and_verified() -> None:
     leaf_certs = Certs()
     leaf_certs.leaf = leaf_certs.ca.issue_cert("::1")
     server = Upstream(leaf_certs.server_context(), host="::1").start()
