@@ -24,6 +24,8 @@ shares nothing with it but the loopback network. The path picks the behaviour:
   /early-413            answers 413 + Connection: close right after the head, stops reading
   /huge-head            answers with a 200 KiB header
   /early-hints          sends 103 Early Hints, then the answer
+  /huge-trailer         a chunked answer whose trailer section is 200 KiB
+  /endless-header       a head whose one header line grows past 200 KiB and never ends
 """
 
 from __future__ import annotations
@@ -270,6 +272,17 @@ class _ServerConnection(asyncio.Protocol):
         elif name == "early-hints":
             transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
             self.send(200, [(b"Content-Length", b"2")], b"ok")
+        elif name == "huge-trailer":
+            trailer = b"X-Trailer: " + b"t" * (200 << 10) + b"\r\n\r\n"
+            transport.write(self.write_head(200, [(b"Transfer-Encoding", b"chunked")]) + b"2\r\nok\r\n0\r\n")
+            for offset in range(0, len(trailer), 16384):  # in pieces, as a slow trickle would come
+                transport.write(trailer[offset : offset + 16384])
+                await self.drain()
+        elif name == "endless-header":
+            transport.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+            for _ in range(200 << 10 >> 14):  # 200 KiB in pieces, never terminated
+                transport.write(b"e" * 16384)
+                await self.drain()
         elif name == "huge-head":
             self.send(200, [(b"X-Huge", b"h" * (200 << 10)), (b"Content-Length", b"2")], b"ok")
         elif name == "malformed":

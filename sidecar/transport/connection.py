@@ -22,14 +22,19 @@ if TYPE_CHECKING:
 # most 256 KiB, so one connection holds at most HIGH_WATER + 256 KiB of body.
 HIGH_WATER = 256 * 1024
 
-# Largest response head accepted (status line and headers), as httpcore's 100 KiB limit:
-# llhttp itself has none, so a hostile upstream could otherwise grow one header forever.
+# Largest response head (status line and headers) or trailer section accepted, as httpcore's
+# 100 KiB limit: llhttp has none, so a hostile upstream could otherwise grow a header forever.
 MAX_HEAD_BYTES = 100 * 1024
 
 _TIMED_OUT = object()
 _WOKEN = None
 
 DISCONNECTED = "Server disconnected without sending a response."
+_TOO_LARGE = f"response head or trailer section larger than {MAX_HEAD_BYTES} bytes"
+
+
+class _HeadTooLarge(Exception):
+    """Raised inside an httptools callback to stop parsing an oversized head."""
 
 
 def _time_out(waiter: asyncio.Future[object]) -> None:
@@ -42,6 +47,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "active",
+        "body_bytes",
         "body_done",
         "buffered",
         "chunks",
@@ -54,6 +60,7 @@ class Connection(asyncio.Protocol):
         "head_bytes",
         "head_done",
         "head_request",
+        "header_bytes",
         "headers",
         "idle",
         "idle_since",
@@ -101,7 +108,9 @@ class Connection(asyncio.Protocol):
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes fed since the last body byte (head, framing, trailers)
+        self.header_bytes = 0  # size of the header or trailer lines of this message
+        self.body_bytes = 0
         self.body_done = False
         self.informational = False
         self.got_bytes = False
@@ -133,6 +142,7 @@ class Connection(asyncio.Protocol):
         self.head_request = head_request
         self.head_done = False
         self.head_bytes = 0
+        self.body_bytes = 0
         self.body_done = False
         self.got_bytes = False
         self.keep_alive = False
@@ -254,6 +264,7 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
+        body_before = self.body_bytes
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -262,16 +273,23 @@ class Connection(asyncio.Protocol):
             self.keep_alive = False
             self._wake()
         except HttpParserError as exc:
-            self.error = httpx.RemoteProtocolError(f"malformed response from upstream: {exc}")
+            if self.error is None:  # a callback may have set a more precise one
+                self.error = httpx.RemoteProtocolError(f"malformed response from upstream: {exc}")
             self.abort()
             self._wake()
-        if not self.head_done:
-            # Checked after feeding, so httptools buffers at most one read past the limit.
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES and self.error is None:
-                self.error = httpx.RemoteProtocolError(f"response head larger than {MAX_HEAD_BYTES} bytes")
-                self.abort()
-                self._wake()
+        if self.body_done or self.error is not None:
+            return
+        if self.head_done and self.body_bytes != body_before:
+            self.head_bytes = 0  # body bytes came: the framing is making progress
+            return
+        # Bytes that carried no body: a head or trailer line still incomplete, which httptools
+        # accumulates without bound (complete ones are counted in on_header). Checked after
+        # feeding, so it buffers at most one read past the limit.
+        self.head_bytes += len(data)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self.error = httpx.RemoteProtocolError(_TOO_LARGE)
+            self.abort()
+            self._wake()
 
     def eof_received(self) -> bool:
         return False  # half-closed by the peer: close our side too
@@ -314,11 +332,17 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.headers = []
         self.reason = b""
+        self.header_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        size = self.header_bytes + len(name) + len(value)
+        self.header_bytes = size
+        if size > MAX_HEAD_BYTES:
+            self.error = httpx.RemoteProtocolError(_TOO_LARGE)
+            raise _HeadTooLarge  # stops httptools; data_received turns it into the error above
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -345,6 +369,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
         self.chunks.append(body)
         buffered = self.buffered + len(body)
         self.buffered = buffered

@@ -114,9 +114,25 @@ def test_malformed_response_is_remote_protocol_error(certs: Certs, server: Upstr
     assert classify(exc) == "protocol_error"
 
 
-def test_oversized_response_head_is_remote_protocol_error(certs: Certs, server: Upstream) -> None:
-    exc = _expect(certs, make_request("GET", server.url("/huge-head")), httpx.RemoteProtocolError)
+@pytest.mark.parametrize("path", ["/huge-head", "/endless-header"], ids=["complete", "never_ending"])
+def test_oversized_response_head_is_remote_protocol_error(certs: Certs, server: Upstream, path: str) -> None:
+    exc = _expect(certs, make_request("GET", server.url(path)), httpx.RemoteProtocolError)
     assert "larger than" in str(exc)
+
+
+def test_oversized_trailer_section_is_remote_protocol_error(certs: Certs, server: Upstream) -> None:
+    async def main() -> bytes:
+        transport = transport_for(certs)
+        response = await transport.handle_async_request(make_request("GET", server.url("/huge-trailer")))
+        received = b""
+        with pytest.raises(httpx.RemoteProtocolError, match="larger than"):
+            async for chunk in response.aiter_raw():
+                received += chunk
+        assert transport.pool_stats() == (0, 0)
+        await transport.aclose()
+        return received
+
+    assert run(main()) == b"ok"
 
 
 def test_early_error_response_stops_the_upload_instead_of_timing_out(certs: Certs, server: Upstream) -> None:
