@@ -17,6 +17,7 @@ never a stream we have started to consume). See `wire.may_retry_on_fresh`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator
 
@@ -423,3 +424,11 @@ class ResponseStream(httpx.AsyncByteStream):
         conn.abort()
         conn.chunks.clear()
         self._pool.discard(conn)
+
+    def __del__(self) -> None:
+        # Safety net: a response dropped without being read to the end or closed would
+        # otherwise hold its connection's pool slot for ever.
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may already be closed
+                self._drop(conn)

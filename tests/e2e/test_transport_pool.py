@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import random
@@ -107,6 +108,21 @@ def test_aborted_downloads_close_their_connection_and_free_the_slot(certs: Certs
 
     run(main())
     assert server.connections == 11  # ten aborted ones, then one reused for the 20
+
+
+def test_response_dropped_without_close_gives_its_slot_back(certs: Certs, server: Upstream) -> None:
+    async def main() -> None:
+        transport = transport_for(certs, max_connections=1)
+        response = await transport.handle_async_request(make_request("GET", server.url(f"/big/{4 << 20}")))
+        assert transport.pool_stats() == (1, 0)
+        del response  # neither read to the end nor closed: a caller's bug
+        gc.collect()
+        assert transport.pool_stats() == (0, 0)
+        _, body = await fetch(transport, make_request("GET", server.url("/bytes/10"), timeouts={"pool": 0.5}))
+        assert body == seeded_bytes(10)
+        await transport.aclose()
+
+    run(main())
 
 
 def test_cancelled_request_waiting_for_headers_frees_its_slot(certs: Certs, server: Upstream) -> None:
