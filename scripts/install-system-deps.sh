@@ -9,6 +9,11 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
+command -v mount >/dev/null || need+=(mount)  # sealed tests bind-mount their own resolv.conf
+command -v setpriv >/dev/null || need+=(util-linux)
+# tests/e2e/test_image.py installs the wheel into a venv of the system Python (readable by the
+# image's uid 65532, unlike pyenv's under /root).
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "install-system-deps: need ${need[*]} but not root; install them and re-run" >&2

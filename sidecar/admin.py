@@ -1,4 +1,4 @@
-"""The admin listener: /healthz, /readyz, /config (and /metrics once metrics are wired)."""
+"""The admin listener: /metrics, /healthz, /readyz, /config."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from sidecar import config as config_module
+from sidecar.credentials import redact
 from sidecar.runtime import Runtime
 
 Scope = MutableMapping[str, Any]
@@ -15,17 +16,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 Handler = Callable[[Scope], Awaitable[tuple[int, bytes, bytes]]]
 
-REDACTED = "<redacted>"
-
-
 def redacted_config(runtime: Runtime) -> dict[str, Any]:
-    """The effective config for display: injected header values and secret paths' contents hidden."""
-    data: dict[str, Any] = config_module.to_builtins(runtime.config)
-    for route in data.get("routes", []):
-        for source in route.get("headers", {}).values():
-            if source.get("value") is not None:
-                source["value"] = REDACTED
-    return data
+    """The effective config for display: literal injected header values hidden (credentials.redact)."""
+    return redact(config_module.to_builtins(runtime.config))
 
 
 class AdminApp:
@@ -37,6 +30,7 @@ class AdminApp:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/config": self._config,
+            **({"/metrics": self._metrics} if runtime.observer.metrics is not None else {}),
             **(extra or {}),
         }
 
@@ -73,3 +67,14 @@ class AdminApp:
     async def _config(self, scope: Scope) -> tuple[int, bytes, bytes]:
         body = json.dumps(redacted_config(self.runtime), indent=2, sort_keys=True).encode() + b"\n"
         return 200, b"application/json", body
+
+    async def _metrics(self, scope: Scope) -> tuple[int, bytes, bytes]:
+        metrics = self.runtime.observer.metrics
+        assert metrics is not None
+        accept = b""
+        for name, value in scope["headers"]:
+            if name == b"accept":
+                accept = value
+                break
+        content_type, body = metrics.exposition(accept.decode("latin-1"))
+        return 200, content_type, body

@@ -54,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from sidecar.server import run
 
-    return run(config)
+    try:
+        return run(config)
+    except config_module.ConfigError as exc:  # e.g. a route's secret file cannot be read
+        print(f"egress-sidecar: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

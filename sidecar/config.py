@@ -19,6 +19,8 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from sidecar.hostnames import canonical_host, check_patterns
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the key and the problem."""
@@ -206,7 +208,8 @@ class Config(_Section, frozen=True):
     timeouts: Timeouts = Timeouts()
     tls: TLS = TLS()
     policy: Policy = Policy()
-    resolve: dict[str, str] = {}
+    # Static name -> address(es), like curl --resolve; consulted before the system resolver.
+    resolve: dict[str, str | list[str]] = {}
     routes: list[Route] = []
     forwarding: Forwarding = Forwarding()
     limits: Limits = Limits()
@@ -289,11 +292,28 @@ def check_semantics(config: Config) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             fail(f"policy.allow_cidrs[{index}]", f"{cidr!r} is not a CIDR range")
-    for name, address in config.resolve.items():
+    for key in ("allow_hosts", "deny_hosts", "plain_http_hosts"):
+        problem = check_patterns(getattr(config.policy, key))
+        if problem is not None:
+            fail(f"policy.{key}", f"invalid host pattern {problem}")
+    for name, addresses in config.resolve.items():
         try:
-            ipaddress.ip_address(address.strip("[]"))
-        except ValueError:
-            fail(f"resolve.{name}", f"{address!r} is not an IP address")
+            canonical_host(name)
+        except ValueError as exc:
+            fail(f"resolve.{name}", f"{name!r} is not a host name: {exc}")
+        for address in [addresses] if isinstance(addresses, str) else addresses:
+            try:
+                ipaddress.ip_address(address.strip("[]"))
+            except ValueError:
+                fail(f"resolve.{name}", f"{address!r} is not an IP address")
+        if not addresses:
+            fail(f"resolve.{name}", "needs at least one address")
+    if config.tls.insecure_skip_verify:
+        fail("tls.insecure_skip_verify", "certificate verification can only be turned off per route "
+             "(routes[].tls.insecure_skip_verify), never for every destination")
+    for key, tls in [("tls", config.tls)] + [(f"routes[{i}].tls", r.tls) for i, r in enumerate(config.routes)]:
+        if tls is not None and tls.key_file is not None and tls.cert_file is None:
+            fail(f"{key}.key_file", "a client key needs tls.cert_file too")
     seen: set[str] = set()
     for index, route in enumerate(config.routes):
         where = f"routes[{index}]"

@@ -97,7 +97,9 @@ def classify(exc: BaseException) -> str:
         text = str(exc).lower()
         return "upstream_reset" if "disconnected" in text or "connection closed" in text else "protocol_error"
     if isinstance(exc, (httpx.ReadError, httpx.WriteError, ConnectionError)):
-        return "upstream_reset"
+        # A TLS 1.3 server checks the client certificate after the client's handshake is done:
+        # its alert (e.g. certificate required) arrives on the first read.
+        return "tls_error" if _is_tls_failure(exc) else "upstream_reset"
     if isinstance(exc, ssl.SSLError):
         return "tls_error"
     if isinstance(exc, httpx.UnsupportedProtocol):

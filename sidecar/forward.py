@@ -26,6 +26,7 @@ from sidecar.headers import (
     upstream_request_headers,
 )
 from sidecar.observe import Exchange
+from sidecar.policy import PolicyDenied
 from sidecar.runtime import Runtime
 
 Scope = MutableMapping[str, Any]
@@ -92,6 +93,8 @@ class ForwardApp:
             await self._proxy(scope, receive, send, exchange)
         finally:
             exchange.end = time.perf_counter()
+            if exchange.request_id is None:  # refused before the id was read: log the app's id anyway
+                exchange.request_id = request_id_of(scope["headers"])
             runtime.request_finished()
             runtime.observer.finished(exchange)
 
@@ -140,13 +143,17 @@ class ForwardApp:
                 stream=body if body is not None else _EMPTY_BODY,
                 extensions=extensions,
             )
+            exchange.mark_sent()
             response = await runtime.upstream.send(request, route)
+            exchange.headers = time.perf_counter()
         except ClientDisconnected as exc:
             exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
             return
         except Exception as exc:  # every failure before the head goes out becomes an error response
             kind = classify(exc)
             subject = exc.subject if isinstance(exc, EgressError) else None
+            if isinstance(exc, PolicyDenied):
+                exchange.reason = exc.reason
             await self._send_error(send, exchange, kind, str(exc), subject)
             return
         finally:

@@ -22,6 +22,7 @@ from httpx._urlparse import ParseResult
 
 from sidecar.config import Config, Route, Timeouts
 from sidecar.errors import EgressError
+from sidecar.hostnames import HostPatterns, canonical_host
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # A host as it may appear in Host or an absolute URI: a DNS-ish name or an IPv4 literal in any
@@ -150,7 +151,8 @@ class Router:
         # Longest prefix first, so /api/v2 wins over /api.
         self.routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
         self.default_timeouts = _timeouts(config.timeouts, None)
-        self.plain_http_hosts = frozenset(normalise_host(h) for h in config.policy.plain_http_hosts)
+        # Exact names or *.suffix, matched like the policy's host lists.
+        self.plain_http_hosts = HostPatterns(config.policy.plain_http_hosts)
         own_ports = {config.listen.port, config.admin.port}
         own_hosts = set(_LOOPBACK_NAMES) | {config.listen.host.lower(), config.admin.host.lower()}
         self.own_ports = frozenset(own_ports)
@@ -203,13 +205,21 @@ class Router:
                 return Target(route, route.scheme, route.host, route.port, path, query, route.host_header)
         raise EgressError("no_route", f"no route prefix matches {raw_path[:100]!r}")
 
+    def _is_plain(self, host: str) -> bool:
+        if not self.plain_http_hosts:
+            return False
+        try:
+            return self.plain_http_hosts.matches(canonical_host(host))
+        except ValueError:
+            return False  # not a valid host: the policy denies it as invalid_host
+
     def _forward_target(self, authority: str, path: str, query: str | None) -> Target:
         try:
             host, port = split_authority(authority)
             host = normalise_host(host)
         except (ValueError, UnicodeError) as exc:
             raise EgressError("bad_request", f"bad destination: {exc}") from None
-        if host in self.plain_http_hosts:
+        if self._is_plain(host):
             scheme, port = "http", port or 80
         else:
             scheme = "https"

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from sidecar.config import Config
-from sidecar.credentials import header_provider
+from sidecar.credentials import injected_headers
 from sidecar.observe import Observer
 from sidecar.policy import EgressPolicy
 from sidecar.routing import Router, compile_route
@@ -38,20 +38,17 @@ class Runtime:
 
 def build_runtime(config: Config, observer: Observer | None = None) -> Runtime:
     routes = [
-        compile_route(
-            route,
-            config,
-            tuple((name.lower().encode("latin-1"), header_provider(source)) for name, source in route.headers.items()),
-        )
+        compile_route(route, config, injected_headers(route))
         for route in config.routes
     ]
     policy = EgressPolicy.from_config(config)
+    upstream = Upstream(config, routes, resolve=policy.resolve)
     runtime = Runtime(
         config=config,
         router=Router(config, routes),
         policy=policy,
-        upstream=Upstream(config, routes),
-        observer=observer or Observer(),
+        upstream=upstream,
+        observer=observer or Observer(config, upstream.pool_stats),
     )
     runtime.idle.set()
     return runtime

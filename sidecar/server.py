@@ -16,16 +16,17 @@ import uvicorn
 import uvloop
 
 from sidecar import log as log_module
-from sidecar.admin import AdminApp
+from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
 from sidecar.forward import ForwardApp
+from sidecar.policy import exposure_warnings
 from sidecar.runtime import Runtime, build_runtime
 
 # In-flight work still running when the drain deadline passes gets this long, then is cut.
 _FORCE_CLOSE_AFTER = 1
 
 
-class _Server(uvicorn.Server):
+class SignalFreeServer(uvicorn.Server):
     """A uvicorn server that leaves signals to us: one process, two listeners, one drain."""
 
     def capture_signals(self) -> Any:
@@ -57,8 +58,8 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
     log = log_module.get("egress.server")
     started = time.perf_counter()
     runtime = runtime or build_runtime(config)
-    data = _Server(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config, config.listen.http))
-    admin = _Server(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config))
+    data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config, config.listen.http))
+    admin = SignalFreeServer(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -85,6 +86,13 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
             await runtime.upstream.aclose()
             return 1
         await asyncio.sleep(0.005)
+    # With port 0 the real ports are known only now; the policy denies them under any spelling.
+    for server, host in ((data, config.listen.host), (admin, config.admin.host)):
+        for listener in server.servers:
+            for sock in listener.sockets:
+                runtime.policy.add_listener(host, sock.getsockname()[1])
+    for warning in exposure_warnings(config):
+        log.warning("insecure_setting", message=warning)
     runtime.ready = True
     log.info(
         "started",
@@ -94,6 +102,7 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
         policy=config.policy.default,
         ready_seconds=round(time.perf_counter() - started, 4),
     )
+    log.info("config", config=redacted_config(runtime))  # the effective config, secrets redacted
 
     stop_wait = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stop_wait, data_task, admin_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -108,7 +117,7 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
     return 0
 
 
-async def _drain(runtime: Runtime, data: _Server, grace: float, log: Any) -> None:
+async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: Any) -> None:
     runtime.draining = True
     log.info("draining", in_flight=runtime.in_flight, grace_seconds=grace)
     try:

@@ -19,17 +19,16 @@ from __future__ import annotations
 import http.cookiejar
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import httpx
 
 from sidecar.config import TLS, Config
+from sidecar.guard import Resolve, guard_transport
 from sidecar.routing import CompiledRoute
 from sidecar.transport import HTTP11Transport
 
 log = logging.getLogger("egress.upstream")
-
-Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
 class _NoCookies(http.cookiejar.CookieJar):
@@ -111,7 +110,7 @@ class Upstream:
                 keepalive_expiry=float(pool.keepalive_expiry),
                 resolve=self.resolve,
             )
-        return httpx.AsyncHTTPTransport(
+        transport = httpx.AsyncHTTPTransport(
             verify=ssl_context(tls, http2),
             http1=True,
             http2=http2,
@@ -123,6 +122,8 @@ class Upstream:
             trust_env=False,
             retries=0,
         )
+        # The connect guard: every new connection dials only addresses the policy checked.
+        return guard_transport(transport, self.resolve) if self.resolve is not None else transport
 
     def transport_for(self, route: CompiledRoute | None) -> httpx.AsyncBaseTransport:
         if route is not None:
@@ -135,6 +136,24 @@ class Upstream:
 
     def transports(self) -> list[httpx.AsyncBaseTransport]:
         return [self.default_transport, *self.route_transports.values()]
+
+    def pool_stats(self) -> dict[str, tuple[int, int]]:
+        """(active, idle) connections per pool ("default" or the route's name), read from the pools now.
+
+        A transport with its own `pool_stats()` answers for itself; httpx's stock transport is
+        read through httpcore's pool (`_pool.connections`, each `is_idle()`/`is_closed()`).
+        """
+        stats: dict[str, tuple[int, int]] = {}
+        for name, transport in (("default", self.default_transport), *self.route_transports.items()):
+            own = getattr(transport, "pool_stats", None)
+            if own is not None:
+                stats[name] = own()
+                continue
+            connections = transport._pool.connections  # type: ignore[attr-defined]
+            idle = sum(1 for c in connections if c.is_idle())
+            closed = sum(1 for c in connections if c.is_closed())
+            stats[name] = (len(connections) - idle - closed, idle)
+        return stats
 
     async def aclose(self) -> None:
         for transport in self.route_transports.values():

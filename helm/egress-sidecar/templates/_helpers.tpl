@@ -1,0 +1,192 @@
+{{/* Names and labels, in the style of the prometheus-community charts. */}}
+{{- define "egress-sidecar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "egress-sidecar.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "egress-sidecar.injectorName" -}}
+{{- printf "%s-injector" (include "egress-sidecar.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "egress-sidecar.tlsSecretName" -}}
+{{- printf "%s-webhook-tls" (include "egress-sidecar.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "egress-sidecar.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "egress-sidecar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "egress-sidecar.injectorSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "egress-sidecar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: injector
+{{- end }}
+
+{{/*
+The sidecar's values and appVersion, whether the template runs in this chart or in a parent
+chart that lists egress-sidecar as a dependency (static injection): there `.Values` is the
+parent's, and this chart's coalesced values sit under the "egress-sidecar" key. Returns JSON.
+*/}}
+{{- define "egress-sidecar.sidecarContext" -}}
+{{- $values := .Values }}
+{{- $appVersion := .Chart.AppVersion }}
+{{- if and (hasKey .Values "egress-sidecar") (hasKey (.Subcharts | default dict) "egress-sidecar") }}
+{{- $values = index .Values "egress-sidecar" }}
+{{- $appVersion = (index .Subcharts "egress-sidecar").Chart.AppVersion }}
+{{- end }}
+{{- $mode := $values.sidecar.mode }}
+{{- $kube := .Capabilities.KubeVersion.Version }}
+{{- if eq $mode "auto" }}
+{{- $mode = ternary "native" "fallback" (semverCompare ">=1.29.0-0" $kube) }}
+{{- else if and (eq $mode "native") (not (semverCompare ">=1.28.0-0" $kube)) }}
+{{- /* The API server would drop restartPolicy from the init container: the app would never start. */}}
+{{- fail (printf "sidecar.mode native needs Kubernetes 1.29+ (1.28 with the SidecarContainers feature gate), the cluster is %s: use auto or fallback" $kube) }}
+{{- end }}
+{{- toJson (dict "values" $values "appVersion" $appVersion "mode" $mode) }}
+{{- end }}
+
+{{- define "egress-sidecar.imageRef" -}}
+{{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson }}
+{{- $image := $ctx.values.image }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $ctx.appVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+egress-sidecar.container: the sidecar container spec, one YAML mapping. The ONE source of truth:
+the injector's settings ConfigMap carries this rendered text and the webhook injects it (plus
+per-pod annotation overrides); static users include it in their own pod templates:
+
+  initContainers:          # native mode; in fallback mode put it first under containers:
+    - {{- include "egress-sidecar.container" . | nindent 6 }}
+  volumes:
+    - {{- include "egress-sidecar.volume" . | nindent 6 }}
+*/}}
+{{- define "egress-sidecar.container" -}}
+{{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson }}
+{{- $s := $ctx.values.sidecar -}}
+name: egress-sidecar
+image: {{ include "egress-sidecar.imageRef" . | quote }}
+imagePullPolicy: {{ $ctx.values.image.pullPolicy }}
+args: [run, --config, /etc/egress-sidecar/config.yaml]
+{{- if eq $ctx.mode "native" }}
+restartPolicy: Always
+{{- end }}
+env:
+  - name: EGRESS_LISTEN_PORT
+    value: {{ $s.listenPort | int | toString | quote }}
+  - name: EGRESS_ADMIN_PORT
+    value: {{ $s.adminPort | int | toString | quote }}
+  - name: EGRESS_DRAIN_GRACE
+    value: {{ $s.drainGrace | quote }}
+  {{- with $s.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+ports:
+  - name: egress-admin
+    containerPort: {{ $s.adminPort | int }}
+    protocol: TCP
+{{- /* App containers start only once this succeeds (native sidecar ordering, KEP-753). */}}
+startupProbe:
+  httpGet: {path: /readyz, port: egress-admin}
+  periodSeconds: 1
+  timeoutSeconds: 1
+  failureThreshold: {{ $s.startupTimeoutSeconds | int }}
+readinessProbe:
+  httpGet: {path: /readyz, port: egress-admin}
+  periodSeconds: 5
+  timeoutSeconds: 1
+  failureThreshold: 2
+livenessProbe:
+  httpGet: {path: /healthz, port: egress-admin}
+  periodSeconds: 10
+  timeoutSeconds: 2
+  failureThreshold: 3
+{{- if eq $ctx.mode "fallback" }}
+{{- /* The kubelet starts the next container only when postStart returns: the app waits for us. */}}
+{{- /* All containers get SIGTERM at once in this mode; the sidecar's delays it so the app keeps
+its egress while it shuts down (the sidecar then drains for drainGrace). */}}
+lifecycle:
+  postStart:
+    exec:
+      command: [python, -m, sidecar.inject.waitready, --timeout, {{ $s.startupTimeoutSeconds | int | toString | quote }}]
+  {{- if $s.fallbackPreStopSeconds }}
+  preStop:
+    exec:
+      command: [sleep, {{ $s.fallbackPreStopSeconds | int | toString | quote }}]
+  {{- end }}
+{{- end }}
+resources:
+  {{- toYaml $s.resources | nindent 2 }}
+securityContext:
+  {{- toYaml $s.securityContext | nindent 2 }}
+volumeMounts:
+  - name: egress-sidecar-config
+    mountPath: /etc/egress-sidecar
+    readOnly: true
+{{- end }}
+
+{{/* egress-sidecar.volume: the pod volume the container mounts (the config ConfigMap). */}}
+{{- define "egress-sidecar.volume" -}}
+{{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson -}}
+name: egress-sidecar-config
+configMap:
+  name: {{ $ctx.values.sidecar.configMapName }}
+{{- end }}
+
+{{/*
+egress-sidecar.proxyEnv: env entries for app containers (static injection), the same the webhook
+adds for egress-sidecar.io/set-proxy-env: "true". Never HTTPS_PROXY: the sidecar cannot serve CONNECT.
+*/}}
+{{- define "egress-sidecar.proxyEnv" -}}
+{{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson }}
+{{- $proxy := printf "http://127.0.0.1:%d" ($ctx.values.sidecar.listenPort | int) }}
+{{- $noProxy := join "," (uniq $ctx.values.sidecar.noProxy) -}}
+- name: HTTP_PROXY
+  value: {{ $proxy | quote }}
+- name: http_proxy
+  value: {{ $proxy | quote }}
+- name: NO_PROXY
+  value: {{ $noProxy | quote }}
+- name: no_proxy
+  value: {{ $noProxy | quote }}
+{{- end }}
+
+{{/* The sidecar config file: the documented default, or it with .Values.sidecar.config merged over. */}}
+{{- define "egress-sidecar.configFile" -}}
+{{- $default := .Files.Get "files/default.yaml" }}
+{{- if .Values.sidecar.config }}
+{{- mergeOverwrite ($default | fromYaml) (deepCopy .Values.sidecar.config) | toYaml }}
+{{- else }}
+{{- $default }}
+{{- end }}
+{{- end }}
+
+{{/* The injector's settings file (also hashed into the Deployment to roll it on change). */}}
+{{- define "egress-sidecar.injectorSettings" -}}
+container:
+  {{- include "egress-sidecar.container" . | nindent 2 }}
+volume:
+  {{- include "egress-sidecar.volume" . | nindent 2 }}
+noProxy: {{ toJson .Values.sidecar.noProxy }}
+prometheusAnnotations: {{ .Values.sidecar.prometheusAnnotations }}
+{{- end }}
