@@ -66,27 +66,43 @@ async def open_connection(
 
 async def _connect_tcp(conn: Connection, origin: Origin, resolve: Resolve | None, timeout: float | None) -> None:
     loop = conn.loop
-    try:
-        async with asyncio.timeout(timeout):
-            # The policy hook decides which addresses may be dialled; its own exception
-            # (a denial) propagates unchanged. Without it the loop resolves the name.
-            addresses = [origin.host] if resolve is None else await resolve(origin.host, origin.port)
-            if not addresses:
-                raise httpx.ConnectError(f"no address to connect to for {origin.host}")
-            last: OSError | None = None
-            for address in addresses:
-                try:
-                    await loop.create_connection(lambda: conn, address, origin.port)
-                    return
-                except OSError as exc:
-                    last = exc
-            assert last is not None
-            raise last
-    except TimeoutError:
-        raise httpx.ConnectTimeout(f"timed out connecting to {origin.host}:{origin.port}") from None
-    except OSError as exc:
-        # Refused, unreachable, DNS failure (socket.gaierror is an OSError).
-        raise httpx.ConnectError(f"{origin.host}:{origin.port}: {exc}") from exc
+    deadline = None if timeout is None else loop.time() + timeout
+    where = f"{origin.host}:{origin.port}"
+    if resolve is None:
+        addresses: Sequence[str] = [origin.host]  # the loop resolves it (getaddrinfo)
+    else:
+        # The policy hook decides which addresses may be dialled; its own exception (a
+        # denial) propagates unchanged. The connect timeout covers resolution too.
+        try:
+            async with asyncio.timeout_at(deadline):
+                addresses = await resolve(origin.host, origin.port)
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"resolving {origin.host} timed out") from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot resolve {origin.host}: {exc}") from exc
+        if not addresses:
+            raise httpx.ConnectError(f"no address to connect to for {origin.host}")
+    last: OSError | None = None
+    for index, address in enumerate(addresses):
+        # What is left of the deadline is shared among the addresses still to try, so one
+        # black-holed address cannot use it all up (the same rule as sidecar/guard.py).
+        attempt = None
+        if deadline is not None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            attempt = remaining / (len(addresses) - index)
+        try:
+            async with asyncio.timeout(attempt):
+                await loop.create_connection(lambda: conn, address, origin.port)
+            return
+        except TimeoutError as exc:
+            last = exc
+        except OSError as exc:  # refused, unreachable, DNS failure (socket.gaierror)
+            last = exc
+    if last is None or isinstance(last, TimeoutError):
+        raise httpx.ConnectTimeout(f"timed out connecting to {where}") from None
+    raise httpx.ConnectError(f"{where}: {last}") from last
 
 
 async def _start_tls(conn: Connection, origin: Origin, context: ssl.SSLContext, timeout: float | None) -> None:

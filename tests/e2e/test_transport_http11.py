@@ -284,6 +284,31 @@ def test_resolve_hook_dials_the_checked_addresses_in_order_with_sni_of_the_name(
     assert server.sni_names == ["upstream.test"]  # the certificate was checked for the name
 
 
+def test_black_holed_address_does_not_use_up_the_connect_timeout(certs: Certs, server: Upstream) -> None:
+    """Connect attempts share the connect timeout, so the next checked address still gets a turn."""
+    # A listener with a full backlog on 127.0.0.3 drops further SYNs: a connect there hangs.
+    hole = socket.socket()
+    hole.bind(("127.0.0.3", server.port))
+    hole.listen(0)
+    filler = socket.create_connection(("127.0.0.3", server.port))
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["127.0.0.3", "127.0.0.1"]
+
+    async def main() -> bytes:
+        transport = transport_for(certs, resolve=resolve)
+        request = make_request("GET", server.url("/bytes/10", host="upstream.test"), timeouts={"connect": 1.0})
+        _, body = await fetch(transport, request)
+        await transport.aclose()
+        return body
+
+    try:
+        assert run(main()) == seeded_bytes(10)
+    finally:
+        filler.close()
+        hole.close()
+
+
 def test_resolve_hook_denial_propagates_unchanged(certs: Certs, server: Upstream) -> None:
     class Denied(Exception):
         pass
