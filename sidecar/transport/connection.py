@@ -312,8 +312,12 @@ class Connection(asyncio.Protocol):
                 self.body_done = True
                 self.keep_alive = False
             elif exc is not None:
-                # A reset: httpcore raises ReadError here too, so callers map both alike.
-                self.error = httpx.ReadError(str(exc) or repr(exc))
+                # A reset, or a TLS alert (a server refusing our client certificate answers
+                # the first read with one): ReadError as httpcore raises, with the OSError or
+                # ssl.SSLError kept as its cause so the caller can tell a TLS failure apart.
+                error = httpx.ReadError(str(exc) or repr(exc))
+                error.__cause__ = exc
+                self.error = error
             elif not self.head_done:
                 self.error = httpx.RemoteProtocolError(DISCONNECTED)
             else:

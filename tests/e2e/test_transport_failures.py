@@ -74,6 +74,31 @@ def test_untrusted_certificate_is_connect_error_with_the_ssl_cause(certs: Certs)
     assert classify(exc) == "tls_error"
 
 
+def test_mtls_upstream_accepts_a_client_certificate_and_refuses_its_absence(certs: Certs) -> None:
+    server_context = certs.server_context()
+    server_context.verify_mode = ssl.CERT_REQUIRED  # the upstream demands a client certificate
+    certs.ca.configure_trust(server_context)
+    with_cert = certs.client_context()
+    certs.ca.issue_cert("client.test").configure_cert(with_cert)
+    with upstream(certs, server_context) as mtls:
+        async def main() -> bytes:
+            good = HTTP11Transport(with_cert)
+            _, body = await fetch(good, make_request("GET", mtls.url("/bytes/10")))
+            await good.aclose()
+            bad = transport_for(certs)  # trusts the server, has no client certificate
+            # TLS 1.3 finishes the client's side of the handshake first: the refusal comes on
+            # the first read, as a TLS alert (ReadError caused by ssl.SSLError; the sidecar's
+            # tests/e2e/test_upstream_tls.py checks it maps to tls_error) or, from this asyncio
+            # server that closes without flushing the alert, as a bare disconnect.
+            with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+                await fetch(bad, make_request("GET", mtls.url("/bytes/10")))
+            assert bad.pool_stats() == (0, 0)
+            await bad.aclose()
+            return body
+
+        assert run(main()) == seeded_bytes(10)
+
+
 def test_upstream_choosing_h2_through_alpn_is_refused(certs: Certs) -> None:
     server_context = certs.server_context()
     server_context.set_alpn_protocols(["h2"])
