@@ -133,16 +133,24 @@ class RetryBudget(_Section, frozen=True):
 
 
 class Retries(_Section, frozen=True):
+    """A route's retries (sidecar/retry.py). Only tries that failed before a response started, or
+    answered with a status listed in `on`, of a method in `methods`, are retried."""
+
     attempts: int = 0  # retries after the first try
     on: list[str | int] = msgspec.field(default_factory=lambda: ["connect", "reset"])
     methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"])
     backoff_base: Seconds = Seconds(0.025)
     backoff_max: Seconds = Seconds(0.25)
+    # A streamed request body is kept for a retry up to this size; a larger one is not retried
+    # once any of it went out (Linkerd's rule: bodies over 64 KiB are never retried).
     max_body_bytes: int = 65536
     budget: RetryBudget = RetryBudget()
 
 
 class CircuitBreaker(_Section, frozen=True):
+    """Per upstream host:port (sidecar/breaker.py): open after `consecutive_failures` failures
+    within `window`, fail fast for `cooldown`, then let one probe through."""
+
     consecutive_failures: int = 0  # 0: off
     window: Seconds = Seconds(10)
     cooldown: Seconds = Seconds(5)
@@ -332,10 +340,31 @@ def check_semantics(config: Config) -> None:
         if route.max_in_flight is not None and route.max_in_flight < 1:
             fail(f"{where}.max_in_flight", "must be at least 1")
         if route.retries is not None:
-            for reason in route.retries.on:
+            retries = route.retries
+            for reason in retries.on:
                 if isinstance(reason, str) and reason not in ("connect", "reset", "timeout"):
                     fail(f"{where}.retries.on", f"unknown retry reason {reason!r} "
                          "(connect, reset, timeout, or a status code)")
+                if isinstance(reason, int) and not 400 <= reason <= 599:
+                    fail(f"{where}.retries.on", f"status {reason} is not an error status (400-599)")
+            for key, value in (("attempts", retries.attempts), ("max_body_bytes", retries.max_body_bytes),
+                               ("budget.min_retries", retries.budget.min_retries),
+                               ("budget.percent", retries.budget.percent)):
+                if value < 0:
+                    fail(f"{where}.retries.{key}", "cannot be negative")
+            if float(retries.budget.window) <= 0:
+                fail(f"{where}.retries.budget.window", "must be longer than 0s")
+            for method in retries.methods:
+                if not method.isalpha() or not method.isupper():
+                    fail(f"{where}.retries.methods", f"{method!r} is not an upper-case HTTP method")
+        breaker = route.circuit_breaker
+        if breaker is not None:
+            if breaker.consecutive_failures < 0:
+                fail(f"{where}.circuit_breaker.consecutive_failures", "cannot be negative (0: off)")
+            if float(breaker.window) <= 0:
+                fail(f"{where}.circuit_breaker.window", "must be longer than 0s")
+    if config.limits.max_in_flight < 1:
+        fail("limits.max_in_flight", "must be at least 1")
 
 
 def _is_loopback(host: str) -> bool:

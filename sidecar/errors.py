@@ -50,13 +50,18 @@ ERRORS: dict[str, ErrorSpec] = {
 class EgressError(Exception):
     """An error with a named kind from ERRORS; `detail` goes to the log, never to metrics labels."""
 
-    def __init__(self, kind: str, detail: str = "", subject: str | None = None) -> None:
+    def __init__(
+        self, kind: str, detail: str = "", subject: str | None = None, retry_after: int | None = None
+    ) -> None:
         assert kind in ERRORS, kind
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
         self.detail = detail
         # What the body may name (a denied host), already validated by routing; never an address list.
         self.subject = subject
+        # Overrides the kind's fixed Retry-After when the producer knows better (an open circuit's
+        # remaining cooldown).
+        self.retry_after = retry_after
 
 
 class ClientDisconnected(Exception):
@@ -68,12 +73,45 @@ def _is_tls_failure(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        # SSLWantRead/WriteError only mean "needs more bytes": on asyncio's SSL transport a peer
+        # reset mid-handshake is raised with one as its __context__; that is a reset, not TLS.
+        if isinstance(current, (ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+            return False
         if isinstance(current, ssl.SSLError):
             return True
         text = str(current)
         if "CERTIFICATE_VERIFY_FAILED" in text or "SSL" in text and "handshake" in text.lower():
             return True
         current = current.__cause__ or current.__context__
+    return False
+
+
+# How httpcore reports an HTTP/2 upstream dropping a stream before its response head; all three
+# are a reset before headers, not a malformed response (RFC 9113 sections 6.8 and 8.7):
+# - the h2 events GOAWAY (ConnectionTerminated, e.g. nginx's keepalive_requests) and RST_STREAM
+#   (StreamReset, e.g. REFUSED_STREAM), wrapped in RemoteProtocolError;
+# - h2's own ProtocolError "Invalid input ConnectionInputs.RECV_HEADERS in state
+#   ConnectionState.CLOSED", wrapped in LocalProtocolError: h2 closes its state machine on GOAWAY
+#   and rejects the response frames the server may still send for streams up to last_stream_id
+#   (nginx sends GOAWAY before the last response; encode/httpcore#46), or a request was started
+#   on a connection h2 already saw closed (encode/httpcore#679).
+_H2_RESET_EVENTS = frozenset({"ConnectionTerminated", "StreamReset"})
+
+
+def _is_h2_connection_end(exc: BaseException) -> bool:
+    current: BaseException | None = exc
+    for _ in range(4):  # httpx's exception, then httpcore's as its __cause__
+        if current is None:
+            return False
+        for arg in current.args:
+            kind = type(arg)
+            if not kind.__module__.startswith("h2."):
+                continue
+            if kind.__name__ in _H2_RESET_EVENTS:
+                return True
+            if kind.__name__ == "ProtocolError" and "ConnectionState.CLOSED" in str(arg):
+                return True
+        current = current.__cause__
     return False
 
 
@@ -91,6 +129,8 @@ def classify(exc: BaseException) -> str:
         return "write_timeout"
     if isinstance(exc, httpx.ConnectError):
         return "tls_error" if _is_tls_failure(exc) else "connect_error"
+    if isinstance(exc, httpx.ProtocolError) and _is_h2_connection_end(exc):
+        return "upstream_reset"
     if isinstance(exc, httpx.RemoteProtocolError):
         # h11/httptools say "Server disconnected without sending a response" when the
         # peer closed before the status line: that is a reset, not a malformed response.
@@ -111,9 +151,13 @@ def classify(exc: BaseException) -> str:
     return "internal"
 
 
-def error_head(kind: str, subject: str | None = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def error_head(
+    kind: str, subject: str | None = None, retry_after: int | None = None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Status, headers and one-line body of the response for an error kind."""
     spec = ERRORS[kind]
+    if retry_after is None:
+        retry_after = spec.retry_after
     about = f" ({subject})" if subject else ""
     body = f"egress-sidecar: {kind}: {spec.message}{about}\n".encode("ascii", "replace")
     headers = [
@@ -121,8 +165,8 @@ def error_head(kind: str, subject: str | None = None) -> tuple[int, list[tuple[b
         (b"content-length", str(len(body)).encode()),
         (b"x-egress-error", kind.encode()),
     ]
-    if spec.retry_after is not None:
-        headers.append((b"retry-after", str(spec.retry_after).encode()))
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     if spec.close:
         headers.append((b"connection", b"close"))
     return spec.status, headers, body

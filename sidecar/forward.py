@@ -27,7 +27,9 @@ from sidecar.headers import (
 )
 from sidecar.observe import Exchange
 from sidecar.policy import PolicyDenied
+from sidecar.resilience import send_resilient
 from sidecar.runtime import Runtime
+from sidecar.shedding import Gate
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -102,6 +104,8 @@ class ForwardApp:
         runtime = self.runtime
         headers = scope["headers"]
         body: RequestBody | None = None
+        gate: Gate | None = None
+        response: httpx.Response | None = None
         try:
             if runtime.stopping:
                 raise EgressError("draining", "shutting down")
@@ -113,6 +117,8 @@ class ForwardApp:
             exchange.upstream = f"{target.host}:{target.port}"
             exchange.path = target.path
             runtime.policy.check_target(target)
+            # Load shedding: past max_in_flight (global or the route's), 503 overloaded at once.
+            gate = runtime.resilience.shedding.gate(route.name if route is not None else None).enter()
             has_body, chunked = body_framing(headers)
             request_id = request_id_of(headers)
             added_id = None
@@ -143,8 +149,7 @@ class ForwardApp:
                 stream=body if body is not None else _EMPTY_BODY,
                 extensions=extensions,
             )
-            exchange.mark_sent()
-            response = await runtime.upstream.send(request, route)
+            response = await send_resilient(runtime, request, route, exchange.mark_sent)
             exchange.headers = time.perf_counter()
         except ClientDisconnected as exc:
             exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
@@ -154,12 +159,19 @@ class ForwardApp:
             subject = exc.subject if isinstance(exc, EgressError) else None
             if isinstance(exc, PolicyDenied):
                 exchange.reason = exc.reason
-            await self._send_error(send, exchange, kind, str(exc), subject)
+            retry_after = exc.retry_after if isinstance(exc, EgressError) else None
+            await self._send_error(send, exchange, kind, str(exc), subject, retry_after)
             return
         finally:
             if body is not None:
                 exchange.bytes_in = body.size
-        await self._relay(response, receive, send, exchange)
+            if gate is not None and response is None:
+                gate.leave()
+        try:
+            await self._relay(response, receive, send, exchange)
+        finally:
+            if gate is not None:
+                gate.leave()
 
     async def _relay(self, response: httpx.Response, receive: Receive, send: Send, exchange: Exchange) -> None:
         """Stream the upstream response to the app; stop reading upstream if the app goes away."""
@@ -221,9 +233,10 @@ class ForwardApp:
             await stream.aclose()  # type: ignore[union-attr]
 
     async def _send_error(
-        self, send: Send, exchange: Exchange, kind: str, detail: str, subject: str | None
+        self, send: Send, exchange: Exchange, kind: str, detail: str, subject: str | None,
+        retry_after: int | None = None,
     ) -> None:
-        status, headers, body = error_head(kind, subject)
+        status, headers, body = error_head(kind, subject, retry_after)
         exchange.kind, exchange.status, exchange.detail = kind, status, detail
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -79,6 +79,27 @@ class PoolCollector(Collector):
         yield limit
 
 
+class BreakerCollector(Collector):
+    """`egress_circuit_state{upstream}`: 0 closed, 1 half-open, 2 open, read at scrape time."""
+
+    VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+    def __init__(self, states: Callable[[], Mapping[str, str]]) -> None:
+        self.states = states
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "egress_circuit_state", "Circuit breaker state per upstream (0 closed, 1 half-open, 2 open)",
+            labels=["upstream"],
+        )
+        for upstream, state in sorted(self.states().items()):
+            family.add_metric([upstream], self.VALUES.get(state, 2))
+        yield family
+
+
 @dataclass(slots=True)
 class _Series:
     """Label children for one (route, upstream) pair, bound once."""
@@ -157,6 +178,10 @@ class Metrics:
         # the dashboard's denial panel shows 0 rather than "no data" on a quiet day.
         for kind in sorted(DENIALS):
             self._child(self._denied, self.denied, ("-", kind))  # type: ignore[arg-type]
+
+    def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
+        """Export the circuit breakers' states (resilience.Breakers.states) at scrape time."""
+        self.registry.register(BreakerCollector(states))
 
     # -- label handling -------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from sidecar.config import Config
 from sidecar.credentials import injected_headers
 from sidecar.observe import Observer
 from sidecar.policy import EgressPolicy
+from sidecar.resilience import Resilience
 from sidecar.routing import Router, compile_route
 from sidecar.upstream import Upstream
 
@@ -20,6 +21,7 @@ class Runtime:
     policy: EgressPolicy
     upstream: Upstream
     observer: Observer
+    resilience: Resilience
     in_flight: int = 0
     draining: bool = False  # SIGTERM seen: not ready, still serving
     stopping: bool = False  # grace over or nothing in flight: new requests get 503 draining
@@ -49,6 +51,10 @@ def build_runtime(config: Config, observer: Observer | None = None) -> Runtime:
         policy=policy,
         upstream=upstream,
         observer=observer or Observer(config, upstream.pool_stats),
+        resilience=Resilience(config, routes),
     )
+    metrics = getattr(runtime.observer, "metrics", None)
+    if metrics is not None:
+        metrics.watch_breakers(runtime.resilience.breakers.states)
     runtime.idle.set()
     return runtime

@@ -42,6 +42,7 @@ class Upstream:
     handshakes: int = 0
     requests: list[Seen] = field(default_factory=list)
     open_connections: int = 0
+    counters: dict[str, int] = field(default_factory=dict)  # /flaky: tries seen per key
 
     @property
     def base(self) -> str:
@@ -204,6 +205,27 @@ class _Handler:
             await self.writer.drain()
             self.writer.close()
             return False
+        elif path == "/flaky":
+            # Fails the first `fail` tries of each `key` (after reading the body), then echoes:
+            # mode=reset sends RST before any response byte, mode=stall never answers,
+            # mode=<status> answers that status.
+            key, fail, mode = query.get("key", ""), int(query.get("fail", "1")), query.get("mode", "reset")
+            tries = self.state.counters[key] = self.state.counters.get(key, 0) + 1
+            if tries <= fail:
+                if mode == "reset":
+                    self.reset()
+                    return False
+                if mode == "stall":  # never answers (until the client gives up)
+                    await asyncio.sleep(3600)
+                    return False
+                await self.respond(int(mode), [("content-length", "6"), ("x-try", str(tries))], b"failed")
+            else:
+                body = json.dumps({"tries": tries, "body_size": size, "body_sha256": sha}).encode()
+                await self.respond(200, [("content-length", str(len(body)))], body)
+        elif path == "/delay":
+            # The response head comes after `s` seconds (a slow upstream, before headers).
+            await asyncio.sleep(float(query.get("s", "0.5")))
+            await self.respond(200, [("content-length", "7")], b"delayed")
         else:
             await self.respond(404, [("content-length", "9")], b"not found")
         return True
@@ -283,6 +305,37 @@ class SilentTLSServer:
         self.thread.join(5)
         for conn in self.accepted:
             conn.close()
+        self.sock.close()
+
+
+class ResettingServer:
+    """Accepts TCP connections and resets each at once, before any TLS byte: a connect failure
+    that, unlike a refused port, can be counted (`accepted`)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(5)
         self.sock.close()
 
 

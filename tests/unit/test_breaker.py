@@ -1,0 +1,155 @@
+"""Circuit breaker transitions over an injected clock."""
+
+from __future__ import annotations
+
+from sidecar.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Breakers, is_failure_status
+from sidecar.config import CircuitBreaker, Seconds
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(clock: Clock, failures: int = 3, window: float = 10, cooldown: float = 5) -> Breaker:
+    return Breaker("api:443", CircuitBreaker(consecutive_failures=failures, window=Seconds(window),
+                                             cooldown=Seconds(cooldown)), clock)
+
+
+def fail(breaker: Breaker, times: int) -> None:
+    for _ in range(times):
+        assert breaker.admit()
+        breaker.record_failure()
+
+
+def test_opens_after_n_consecutive_failures() -> None:
+    breaker = make(Clock())
+    fail(breaker, 2)
+    assert breaker.state == CLOSED
+    fail(breaker, 1)
+    assert breaker.state == OPEN
+    assert not breaker.admit()
+
+
+def test_a_success_resets_the_streak() -> None:
+    breaker = make(Clock())
+    fail(breaker, 2)
+    assert breaker.admit()
+    breaker.record_success()
+    fail(breaker, 2)
+    assert breaker.state == CLOSED
+
+
+def test_failures_spread_wider_than_the_window_do_not_open() -> None:
+    clock = Clock()
+    breaker = make(clock, window=10)
+    for _ in range(6):
+        fail(breaker, 1)
+        clock.now += 6  # every 3 consecutive failures span 12s > 10s
+    assert breaker.state == CLOSED
+    fail(breaker, 1)
+    clock.now += 1
+    fail(breaker, 1)  # the last three: 6s + 1s apart, within the window
+    assert breaker.state == OPEN
+
+
+def test_open_reports_remaining_cooldown_as_retry_after() -> None:
+    clock = Clock()
+    breaker = make(clock, cooldown=5)
+    fail(breaker, 3)
+    assert breaker.retry_after() == 5
+    clock.now += 3.2
+    assert breaker.retry_after() == 2
+    clock.now += 1.7
+    assert breaker.retry_after() == 1
+
+
+def test_half_open_after_cooldown_lets_exactly_one_probe_through() -> None:
+    clock = Clock()
+    breaker = make(clock, cooldown=5)
+    fail(breaker, 3)
+    clock.now += 5
+    assert breaker.state == HALF_OPEN
+    assert breaker.admit()
+    assert not breaker.admit()
+    assert not breaker.admit()
+    assert breaker.retry_after() == 1
+
+
+def test_probe_success_closes() -> None:
+    clock = Clock()
+    breaker = make(clock)
+    fail(breaker, 3)
+    clock.now += 5
+    assert breaker.admit()
+    breaker.record_success()
+    assert breaker.state == CLOSED
+    assert breaker.admit() and breaker.admit()
+
+
+def test_probe_failure_opens_again_for_a_full_cooldown() -> None:
+    clock = Clock()
+    breaker = make(clock, cooldown=5)
+    fail(breaker, 3)
+    clock.now += 6
+    assert breaker.admit()
+    breaker.record_failure()
+    assert breaker.state == OPEN
+    assert breaker.retry_after() == 5
+    clock.now += 4.9
+    assert not breaker.admit()
+    clock.now += 0.1
+    assert breaker.admit()
+
+
+def test_released_probe_frees_the_slot() -> None:
+    clock = Clock()
+    breaker = make(clock)
+    fail(breaker, 3)
+    clock.now += 5
+    assert breaker.admit()
+    breaker.release()  # the app went away: nothing learned about the upstream
+    assert breaker.state == HALF_OPEN
+    assert breaker.admit()
+
+
+def test_late_failure_of_a_try_admitted_before_opening_changes_nothing() -> None:
+    clock = Clock()
+    breaker = make(clock)
+    fail(breaker, 3)
+    breaker.record_failure()
+    clock.now += 5
+    assert breaker.state == HALF_OPEN
+
+
+def test_transitions_are_reported() -> None:
+    clock = Clock()
+    breaker = make(clock)
+    seen: list[tuple[str, str]] = []
+    breaker.on_change = lambda upstream, state: seen.append((upstream, state))
+    fail(breaker, 3)
+    clock.now += 5
+    assert breaker.admit()
+    breaker.record_success()
+    assert seen == [("api:443", OPEN), ("api:443", HALF_OPEN), ("api:443", CLOSED)]
+
+
+def test_registry_shares_one_breaker_per_upstream_and_exports_states() -> None:
+    clock = Clock()
+    breakers = Breakers(clock)
+    config = CircuitBreaker(consecutive_failures=1)
+    first = breakers.add("a:443", config)
+    assert first is not None and breakers.add("a:443", config) is first
+    assert breakers.add("b:443", CircuitBreaker(consecutive_failures=0)) is None  # 0: off
+    breakers.add("c:8443", config)
+    assert first.admit()
+    first.record_failure()
+    assert breakers.states() == {"a:443": OPEN, "c:8443": CLOSED}
+
+
+def test_5xx_is_a_failure_4xx_is_not() -> None:
+    assert is_failure_status(500) and is_failure_status(503)
+    assert not is_failure_status(404) and not is_failure_status(429) and not is_failure_status(200)
