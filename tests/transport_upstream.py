@@ -16,6 +16,7 @@ shares nothing with it but the loopback network. The path picks the behaviour:
   /until-close          an HTTP/1.1 answer with no length, delimited by close
   /close-after          answers keep-alive, then closes the idle connection at once
   /drop-next            answers keep-alive; the next request on that connection is dropped
+  /reset-next           answers keep-alive; the next request on that connection gets a reset
   /disconnect /reset    closes (FIN) / resets (RST) without answering
   /reset-mid-body       sends a head for 1 MiB, 64 KiB of it, then a reset
   /stall                never answers
@@ -104,6 +105,7 @@ class _ServerConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.in_head = True
         self.drop_next = False
+        self.reset_next = False
         self.body_hash = hashlib.sha256()
         self.body_len = 0
         self.writable = asyncio.Event()
@@ -158,6 +160,10 @@ class _ServerConnection(asyncio.Protocol):
         self.server.heads.append(self.head)
         if self.drop_next:
             self.transport.close()  # type: ignore[union-attr]
+            return
+        if self.reset_next:
+            self.drop_next = True  # answer nothing more on this connection
+            self.reset()
             return
         path = self.url.split(b"?")[0]
         if path == b"/no-read":
@@ -260,6 +266,9 @@ class _ServerConnection(asyncio.Protocol):
         elif name == "close-after":
             self.send(200, [(b"Content-Length", b"2")], b"ok")
             transport.close()
+        elif name == "reset-next":
+            self.send(200, [(b"Content-Length", b"2")], b"ok")
+            self.reset_next = True
         elif name == "drop-next":
             self.send(200, [(b"Content-Length", b"2")], b"ok")
             self.drop_next = True

@@ -30,6 +30,12 @@ _TIMED_OUT = object()
 _WOKEN = None
 
 DISCONNECTED = "Server disconnected without sending a response."
+
+
+class ServerDisconnected(httpx.RemoteProtocolError):
+    """The server closed cleanly (FIN or TLS close_notify, not a reset) before any response
+    byte: the signature of a keep-alive connection closed as we reused it."""
+
 _TOO_LARGE = f"response head or trailer section larger than {MAX_HEAD_BYTES} bytes"
 
 
@@ -319,7 +325,7 @@ class Connection(asyncio.Protocol):
                 error.__cause__ = exc
                 self.error = error
             elif not self.head_done:
-                self.error = httpx.RemoteProtocolError(DISCONNECTED)
+                self.error = ServerDisconnected(DISCONNECTED)
             else:
                 self.error = httpx.RemoteProtocolError(
                     "peer closed connection without sending complete message body"

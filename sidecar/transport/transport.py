@@ -8,10 +8,12 @@ protocol without HTTP is the floor at ~15-25 us (bench/transport_micro.py; share
 The API stays httpx's: the caller hands an `httpx.Request` to `handle_async_request` and
 gets an `httpx.Response` whose stream yields the raw (de-chunked, never decompressed) body.
 
-Retry rule, for the keep-alive race only: when a *reused* connection fails before any response
-byte arrives (the server closed it as we sent), the request is sent once more on a *new*
-connection if its method is idempotent and its body is replayable (none, empty, or in memory;
-never a stream we have started to consume). See `wire.may_retry_on_fresh`.
+Retry rule, for the keep-alive race only: when the server closes a *reused* connection
+cleanly (FIN / close_notify, not a reset) before any response byte (it timed the idle
+connection out as we sent on it), the request is sent once more on a *new* connection if its
+method is idempotent and its body is replayable (none, empty, or in memory; never a stream we
+have started to consume). Resets, timeouts and fresh connections are never retried here: that
+is the resilience layer's job, with its own budget and counts. See `wire.may_retry_on_fresh`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import httpx
 
 from sidecar.transport import wire
 from sidecar.transport.connect import Resolve, Trace, open_connection
-from sidecar.transport.connection import DISCONNECTED, Connection
+from sidecar.transport.connection import DISCONNECTED, Connection, ServerDisconnected
 from sidecar.transport.pool import Origin, OriginKey, Pool, PoolClosed, PoolWaitTimeout
 
 _DEFAULT_PORTS = {b"https": 443, b"http": 80}
@@ -99,7 +101,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
                 return await self._exchange(conn, request, outgoing, timeouts, trace, reused, waited)
             except _Stale as stale:
                 replayable = outgoing.stream is None
-                if not wire.may_retry_on_fresh(request.method, reused, False, replayable, retried):
+                if not wire.may_retry_on_fresh(request.method, reused, False, True, replayable, retried):
                     raise stale.error from None
                 retried = True
                 origin = self._origin(request)
@@ -187,7 +189,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         except BaseException as exc:
             conn.abort()
             self._pool.discard(conn)
-            if reused and not conn.got_bytes and isinstance(exc, _STALE_ERRORS):
+            if reused and not conn.got_bytes and isinstance(exc, ServerDisconnected):
                 raise _Stale(exc) from exc
             raise
         return httpx.Response(
@@ -202,9 +204,6 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
                 "egress.pool_wait": waited,
             },
         )
-
-
-_STALE_ERRORS = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)
 
 
 class _Outgoing:
@@ -273,7 +272,7 @@ async def _send(
     if trace is not None:
         await trace("http11.send_request_headers.started", {"request": request})
     if not conn.usable():
-        raise conn.error or httpx.RemoteProtocolError(DISCONNECTED)
+        raise conn.error or ServerDisconnected(DISCONNECTED)  # closed before we wrote a byte
     transport = conn.transport
     assert transport is not None
     body = outgoing.body

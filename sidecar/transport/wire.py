@@ -106,20 +106,24 @@ def may_retry_on_fresh(
     method: str,
     reused: bool,
     got_response_bytes: bool,
+    closed_cleanly: bool,
     body_replayable: bool,
     already_retried: bool,
 ) -> bool:
     """Whether a request that failed on a connection should be sent again on a new one.
 
-    Only for the keep-alive race: a reused connection the server closed (idle timeout, restart)
-    just as we sent on it, before any response byte came back. And only when sending again is
-    safe: the body can be replayed (empty, or in memory - a consumed stream cannot) and the
-    method is idempotent (RFC 9110 section 9.2.2: a client must not retry a non-idempotent
-    request automatically; Go's net/http applies the same rule). Once, never in a loop.
+    Only for the keep-alive race: a reused connection the server closed cleanly (FIN or TLS
+    close_notify: it timed the idle connection out, or restarted) just as we sent on it,
+    before any response byte came back. A reset is not that race and is left to the caller's
+    retry policy, as are timeouts and failures on a fresh connection. And only when sending
+    again is safe: the body can be replayed (empty, or in memory - a consumed stream cannot)
+    and the method is idempotent (RFC 9110 section 9.2.2: a client must not retry a
+    non-idempotent request automatically; Go's net/http applies the same rule). Once.
     """
     return (
         reused
         and not got_response_bytes
+        and closed_cleanly
         and body_replayable
         and not already_retried
         and method in IDEMPOTENT_METHODS

@@ -250,6 +250,21 @@ def test_dead_reused_connection_is_retried_once_for_an_idempotent_request(certs:
     assert server.connections == 2
 
 
+def test_reset_on_a_reused_connection_is_not_retried_by_the_transport(certs: Certs, server: Upstream) -> None:
+    """A reset is not the keep-alive race: the sidecar's retry policy decides, and counts."""
+
+    async def main() -> None:
+        transport = transport_for(certs)
+        await fetch(transport, make_request("GET", server.url("/reset-next")))
+        with pytest.raises(httpx.ReadError):
+            await fetch(transport, make_request("GET", server.url("/bytes/10")))
+        assert transport.connections_opened == 1
+        await transport.aclose()
+
+    run(main())
+    assert server.requests == 2
+
+
 @pytest.mark.parametrize(
     ("method", "streamed"), [("POST", False), ("PUT", True)], ids=["post_not_idempotent", "consumed_stream"]
 )

@@ -78,19 +78,20 @@ def test_method_bytes_for_common_and_extension_methods() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "reused", "got_bytes", "replayable", "retried", "expected"),
+    ("method", "reused", "got_bytes", "clean", "replayable", "retried", "expected"),
     [
-        ("GET", True, False, True, False, True),
-        ("PUT", True, False, True, False, True),
-        ("GET", False, False, True, False, False),  # a fresh connection failing is a real failure
-        ("GET", True, True, True, False, False),  # the server had started answering
-        ("GET", True, False, False, False, False),  # a consumed stream cannot be sent again
-        ("GET", True, False, True, True, False),  # once only
-        ("POST", True, False, True, False, False),  # not idempotent (RFC 9110 9.2.2)
-        ("PATCH", True, False, True, False, False),
+        ("GET", True, False, True, True, False, True),
+        ("PUT", True, False, True, True, False, True),
+        ("GET", False, False, True, True, False, False),  # a fresh connection failing is a real failure
+        ("GET", True, True, True, True, False, False),  # the server had started answering
+        ("GET", True, False, False, True, False, False),  # a reset is not the keep-alive race
+        ("GET", True, False, True, False, False, False),  # a consumed stream cannot be sent again
+        ("GET", True, False, True, True, True, False),  # once only
+        ("POST", True, False, True, True, False, False),  # not idempotent (RFC 9110 9.2.2)
+        ("PATCH", True, False, True, True, False, False),
     ],
 )
 def test_retry_only_for_the_keep_alive_race_and_only_when_safe(
-    method: str, reused: bool, got_bytes: bool, replayable: bool, retried: bool, expected: bool
+    method: str, reused: bool, got_bytes: bool, clean: bool, replayable: bool, retried: bool, expected: bool
 ) -> None:
-    assert wire.may_retry_on_fresh(method, reused, got_bytes, replayable, retried) is expected
+    assert wire.may_retry_on_fresh(method, reused, got_bytes, clean, replayable, retried) is expected
