@@ -48,7 +48,8 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
     `ssl_context` is used for every https origin (the caller builds it: trust, client
     certificate, ALPN http/1.1). `resolve`, when given, returns the addresses a host may be
     dialled at (already checked by the egress policy); SNI and certificate checks still use
-    the host name. `max_idle` defaults to `max_connections`.
+    the host name. `max_idle` defaults to `max_connections`. `retry_stale=False` turns off
+    the one silent retry of the keep-alive race (see the module docstring).
     """
 
     def __init__(
@@ -59,12 +60,14 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         max_idle: int | None = None,
         keepalive_expiry: float | None = 60.0,
         resolve: Resolve | None = None,
+        retry_stale: bool = True,
     ) -> None:
         if ssl_context is None:
             ssl_context = ssl.create_default_context()
             ssl_context.set_alpn_protocols(["http/1.1"])
         self._ssl_context = ssl_context
         self._resolve = resolve
+        self._retry_stale = retry_stale
         self._pool = Pool(max_connections, max_connections if max_idle is None else max_idle, keepalive_expiry)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -100,7 +103,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
             try:
                 return await self._exchange(conn, request, outgoing, timeouts, trace, reused, waited)
             except _Stale as stale:
-                replayable = outgoing.stream is None
+                replayable = outgoing.stream is None and self._retry_stale
                 if not wire.may_retry_on_fresh(request.method, reused, False, True, replayable, retried):
                     raise stale.error from None
                 retried = True

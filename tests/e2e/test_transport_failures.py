@@ -250,6 +250,18 @@ def test_dead_reused_connection_is_retried_once_for_an_idempotent_request(certs:
     assert server.connections == 2
 
 
+def test_keep_alive_race_retry_can_be_turned_off(certs: Certs, server: Upstream) -> None:
+    async def main() -> None:
+        transport = transport_for(certs, retry_stale=False)
+        await fetch(transport, make_request("GET", server.url("/drop-next")))
+        with pytest.raises(httpx.RemoteProtocolError, match="Server disconnected"):
+            await fetch(transport, make_request("GET", server.url("/bytes/10")))
+        assert transport.connections_opened == 1
+        await transport.aclose()
+
+    run(main())
+
+
 def test_reset_on_a_reused_connection_is_not_retried_by_the_transport(certs: Certs, server: Upstream) -> None:
     """A reset is not the keep-alive race: the sidecar's retry policy decides, and counts."""
 
