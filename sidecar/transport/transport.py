@@ -103,8 +103,10 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
             try:
                 return await self._exchange(conn, request, outgoing, timeouts, trace, reused, waited)
             except _Stale as stale:
-                replayable = outgoing.stream is None and self._retry_stale
-                if not wire.may_retry_on_fresh(request.method, reused, False, True, replayable, retried):
+                replayable = outgoing.stream is None
+                if not self._retry_stale or not wire.may_retry_on_fresh(
+                    request.method, reused, False, True, replayable, retried
+                ):
                     raise stale.error from None
                 retried = True
                 origin = self._origin(request)
