@@ -1,0 +1,144 @@
+"""Opening a connection: resolve (through the egress policy's hook), TCP, then TLS.
+
+Kept apart from the request path: it runs once per connection, not per request. TCP and TLS
+are two steps (`create_connection`, then `start_tls`) so the trace hook can time each, as
+httpcore's `connection.connect_tcp` / `connection.start_tls` events do. Failures become
+httpx's exceptions; a TLS failure keeps its `ssl.SSLError` as `__cause__` and its text in the
+message, so the caller can tell `tls_error` from `connect_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import httpx
+
+from sidecar.transport.connection import Connection
+from sidecar.transport.pool import Origin
+
+Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
+Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+# asyncio's own default when no handshake timeout is given; a None connect timeout still
+# should not let a silent peer hold a slot forever.
+_DEFAULT_HANDSHAKE_TIMEOUT = 60.0
+
+
+async def open_connection(
+    conn: Connection,
+    origin: Origin,
+    ssl_context: ssl.SSLContext | None,
+    resolve: Resolve | None,
+    timeout: float | None,
+    trace: Trace | None,
+) -> None:
+    """Connect `conn` to `origin`; on failure the socket is closed and an httpx error raised."""
+    kwargs = {"host": origin.host, "port": origin.port, "local_address": None, "timeout": timeout,
+              "socket_options": None}
+    if trace is not None:
+        await trace("connection.connect_tcp.started", kwargs)
+    try:
+        await _connect_tcp(conn, origin, resolve, timeout)
+    except BaseException as exc:
+        if trace is not None:
+            await trace("connection.connect_tcp.failed", {"exception": exc})
+        raise
+    if trace is not None:
+        await trace("connection.connect_tcp.complete", {"return_value": conn.transport})
+    if not origin.tls:
+        return
+    assert ssl_context is not None
+    kwargs = {"ssl_context": ssl_context, "server_hostname": origin.server_hostname, "timeout": timeout}
+    if trace is not None:
+        await trace("connection.start_tls.started", kwargs)
+    try:
+        await _start_tls(conn, origin, ssl_context, timeout)
+    except BaseException as exc:
+        if trace is not None:
+            await trace("connection.start_tls.failed", {"exception": exc})
+        raise
+    if trace is not None:
+        await trace("connection.start_tls.complete", {"return_value": conn.transport})
+
+
+async def _connect_tcp(conn: Connection, origin: Origin, resolve: Resolve | None, timeout: float | None) -> None:
+    loop = conn.loop
+    deadline = None if timeout is None else loop.time() + timeout
+    where = f"{origin.host}:{origin.port}"
+    if resolve is None:
+        addresses: Sequence[str] = [origin.host]  # the loop resolves it (getaddrinfo)
+    else:
+        # The policy hook decides which addresses may be dialled; its own exception (a
+        # denial) propagates unchanged. The connect timeout covers resolution too.
+        try:
+            async with asyncio.timeout_at(deadline):
+                addresses = await resolve(origin.host, origin.port)
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"resolving {origin.host} timed out") from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot resolve {origin.host}: {exc}") from exc
+        if not addresses:
+            raise httpx.ConnectError(f"no address to connect to for {origin.host}")
+    last: OSError | None = None
+    for index, address in enumerate(addresses):
+        # What is left of the deadline is shared among the addresses still to try, so one
+        # black-holed address cannot use it all up (the same rule as sidecar/guard.py).
+        attempt = None
+        if deadline is not None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            attempt = remaining / (len(addresses) - index)
+        try:
+            async with asyncio.timeout(attempt):
+                await loop.create_connection(lambda: conn, address, origin.port)
+            return
+        except TimeoutError as exc:
+            last = exc
+        except OSError as exc:  # refused, unreachable, DNS failure (socket.gaierror)
+            last = exc
+    if last is None or isinstance(last, TimeoutError):
+        raise httpx.ConnectTimeout(f"timed out connecting to {where}") from None
+    raise httpx.ConnectError(f"{where}: {last}") from last
+
+
+async def _start_tls(conn: Connection, origin: Origin, context: ssl.SSLContext, timeout: float | None) -> None:
+    raw = conn.transport
+    assert raw is not None
+    try:
+        async with asyncio.timeout(timeout):
+            tls = await conn.loop.start_tls(
+                raw, conn, context,
+                server_hostname=origin.server_hostname,
+                ssl_handshake_timeout=timeout if timeout is not None else _DEFAULT_HANDSHAKE_TIMEOUT,
+            )
+    except TimeoutError:
+        raw.abort()
+        raise httpx.ConnectTimeout(f"TLS handshake with {origin.host}:{origin.port} timed out") from None
+    except ssl.SSLError as exc:
+        # ssl.SSLCertVerificationError included: "[SSL: CERTIFICATE_VERIFY_FAILED] ...".
+        raw.abort()
+        raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: {exc}") from exc
+    except ConnectionAbortedError as exc:
+        raw.abort()
+        if "handshake is taking longer" in str(exc):  # asyncio's own handshake timeout
+            raise httpx.ConnectTimeout(f"TLS handshake with {origin.host}:{origin.port} timed out") from exc
+        raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: {exc}") from exc
+    except OSError as exc:
+        raw.abort()
+        raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: {exc}") from exc
+    except BaseException:
+        raw.abort()
+        raise
+    if tls is None:  # the peer closed during the handshake
+        raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: connection closed")
+    ssl_object = tls.get_extra_info("ssl_object")
+    protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+    if protocol not in (None, "http/1.1"):
+        # Only if the context offered more than http/1.1: this transport speaks nothing else.
+        tls.abort()
+        raise httpx.ConnectError(f"{origin.host}:{origin.port} negotiated {protocol!r}, not http/1.1")
+    conn.transport = tls

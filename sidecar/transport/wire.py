@@ -1,0 +1,130 @@
+"""HTTP/1.1 request bytes and the small decisions around them, as pure functions.
+
+No sockets here: the request head, the body framing, chunk frames, and the rule for
+retrying a request that met a dead keep-alive connection. Tested directly in
+tests/unit/test_transport_wire.py.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import httpx
+
+
+class Framing(enum.Enum):
+    """How the request body is delimited on the wire (RFC 9112 section 6)."""
+
+    NONE = "none"  # no body at all
+    LENGTH = "length"  # Content-Length given by the caller
+    CHUNKED = "chunked"  # Transfer-Encoding given by the caller, or added by us
+
+
+_METHOD_BYTES = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")}
+
+# RFC 9110 section 9.2.2: methods whose repetition has the same effect as one request.
+# Only these are retried after a dead keep-alive connection (see `may_retry_on_fresh`).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+CHUNKED_END = b"0\r\n\r\n"
+_CRLF = b"\r\n"
+
+
+def method_bytes(method: str) -> bytes:
+    """The method as bytes, without an encode for the common ones."""
+    encoded = _METHOD_BYTES.get(method)
+    return encoded if encoded is not None else method.encode("ascii")
+
+
+def body_framing(headers: Sequence[tuple[bytes, bytes]]) -> tuple[Framing | None, int]:
+    """The framing the caller chose through its headers, and the Content-Length if any.
+
+    Returns (None, -1) when the caller gave neither header: the transport then decides from
+    the body itself. Both headers at once is refused: a peer that honours the other one
+    would read a different request boundary (request smuggling, RFC 9112 section 6.3).
+    """
+    framing: Framing | None = None
+    length = -1
+    for name, value in headers:
+        # The length test keeps the per-header cost to an int compare for every other name.
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            if framing is Framing.CHUNKED or length >= 0:
+                raise httpx.LocalProtocolError("conflicting request framing headers")
+            try:
+                length = int(value)
+            except ValueError:
+                raise httpx.LocalProtocolError(f"invalid Content-Length {value!r}") from None
+            if length < 0:
+                raise httpx.LocalProtocolError(f"invalid Content-Length {value!r}")
+            framing = Framing.LENGTH
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            if framing is Framing.LENGTH:
+                raise httpx.LocalProtocolError("conflicting request framing headers")
+            framing = Framing.CHUNKED
+    return framing, length
+
+
+def encode_head(
+    method: bytes,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    extra: tuple[bytes, bytes] | None = None,
+) -> bytes:
+    """The request line and headers, exactly as given (order, repeats, case), plus `extra`.
+
+    A CR or LF inside a name, value or target would let a caller inject headers or a second
+    request: counting line breaks over the finished head catches it in one C-level pass.
+    """
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    append = parts.append
+    for name, value in headers:
+        append(name)
+        append(b": ")
+        append(value)
+        append(_CRLF)
+    if extra is not None:
+        append(extra[0])
+        append(b": ")
+        append(extra[1])
+        append(_CRLF)
+    append(_CRLF)
+    head = b"".join(parts)
+    lines = len(headers) + (3 if extra is not None else 2)
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        raise httpx.LocalProtocolError("CR or LF inside the request target or a header")
+    return head
+
+
+def chunk_frame(size: int) -> bytes:
+    """The line that opens a chunk of `size` bytes (the data and a CRLF follow it)."""
+    return b"%x\r\n" % size
+
+
+def may_retry_on_fresh(
+    method: str,
+    reused: bool,
+    got_response_bytes: bool,
+    closed_cleanly: bool,
+    body_replayable: bool,
+    already_retried: bool,
+) -> bool:
+    """Whether a request that failed on a connection should be sent again on a new one.
+
+    Only for the keep-alive race: a reused connection the server closed cleanly (FIN or TLS
+    close_notify: it timed the idle connection out, or restarted) just as we sent on it,
+    before any response byte came back. A reset is not that race and is left to the caller's
+    retry policy, as are timeouts and failures on a fresh connection. And only when sending
+    again is safe: the body can be replayed (empty, or in memory - a consumed stream cannot)
+    and the method is idempotent (RFC 9110 section 9.2.2: a client must not retry a
+    non-idempotent request automatically; Go's net/http applies the same rule). Once.
+    """
+    return (
+        reused
+        and not got_response_bytes
+        and closed_cleanly
+        and body_replayable
+        and not already_retried
+        and method in IDEMPOTENT_METHODS
+    )

@@ -1,0 +1,97 @@
+"""The transport's pure wire rules: request head bytes, body framing, the retry rule."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from sidecar.transport import wire
+
+
+def test_head_keeps_headers_exactly_in_order_with_repeats() -> None:
+    head = wire.encode_head(
+        b"GET", b"/a%2Fb?q=%7e&x=a+b",
+        [(b"Host", b"api.example.com"), (b"X-Dup", b"1"), (b"x-dup", b"2"), (b"Cookie", b"c=1")],
+    )
+    assert head == (
+        b"GET /a%2Fb?q=%7e&x=a+b HTTP/1.1\r\nHost: api.example.com\r\nX-Dup: 1\r\nx-dup: 2\r\n"
+        b"Cookie: c=1\r\n\r\n"
+    )
+
+
+def test_head_appends_the_framing_header_we_add_last() -> None:
+    head = wire.encode_head(b"POST", b"/", [(b"Host", b"h")], (b"Transfer-Encoding", b"chunked"))
+    assert head.endswith(b"Host: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        (b"/", [(b"X-A", b"1\r\nX-Injected: 1")]),
+        (b"/", [(b"X-A", b"bare\rcr")]),
+        (b"/", [(b"X-A\n", b"1")]),
+        (b"/ HTTP/1.1\r\nHost: evil\r\n\r\nGET /", [(b"Host", b"h")]),
+    ],
+    ids=["crlf_in_value", "bare_cr", "lf_in_name", "crlf_in_target"],
+)
+def test_head_refuses_line_breaks_that_would_inject(target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    with pytest.raises(httpx.LocalProtocolError):
+        wire.encode_head(b"GET", target, headers)
+
+
+def test_framing_from_content_length() -> None:
+    assert wire.body_framing([(b"Host", b"h"), (b"content-length", b"12")]) == (wire.Framing.LENGTH, 12)
+
+
+def test_framing_from_transfer_encoding() -> None:
+    assert wire.body_framing([(b"Transfer-Encoding", b"chunked")]) == (wire.Framing.CHUNKED, -1)
+
+
+def test_framing_absent_leaves_the_choice_to_the_transport() -> None:
+    assert wire.body_framing([(b"Host", b"h"), (b"Content-Type", b"x")]) == (None, -1)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked")],
+        [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3")],
+        [(b"Content-Length", b"3"), (b"Content-Length", b"4")],
+        [(b"Content-Length", b"-1")],
+        [(b"Content-Length", b"ten")],
+    ],
+    ids=["cl_then_te", "te_then_cl", "two_lengths", "negative", "not_a_number"],
+)
+def test_framing_refuses_ambiguous_or_invalid_lengths(headers: list[tuple[bytes, bytes]]) -> None:
+    with pytest.raises(httpx.LocalProtocolError):
+        wire.body_framing(headers)
+
+
+def test_chunk_frame_is_hex_size_line() -> None:
+    assert wire.chunk_frame(255) == b"ff\r\n"
+    assert wire.chunk_frame(1 << 20) == b"100000\r\n"
+
+
+def test_method_bytes_for_common_and_extension_methods() -> None:
+    assert wire.method_bytes("GET") == b"GET"
+    assert wire.method_bytes("PROPFIND") == b"PROPFIND"
+
+
+@pytest.mark.parametrize(
+    ("method", "reused", "got_bytes", "clean", "replayable", "retried", "expected"),
+    [
+        ("GET", True, False, True, True, False, True),
+        ("PUT", True, False, True, True, False, True),
+        ("GET", False, False, True, True, False, False),  # a fresh connection failing is a real failure
+        ("GET", True, True, True, True, False, False),  # the server had started answering
+        ("GET", True, False, False, True, False, False),  # a reset is not the keep-alive race
+        ("GET", True, False, True, False, False, False),  # a consumed stream cannot be sent again
+        ("GET", True, False, True, True, True, False),  # once only
+        ("POST", True, False, True, True, False, False),  # not idempotent (RFC 9110 9.2.2)
+        ("PATCH", True, False, True, True, False, False),
+    ],
+)
+def test_retry_only_for_the_keep_alive_race_and_only_when_safe(
+    method: str, reused: bool, got_bytes: bool, clean: bool, replayable: bool, retried: bool, expected: bool
+) -> None:
+    assert wire.may_retry_on_fresh(method, reused, got_bytes, clean, replayable, retried) is expected
