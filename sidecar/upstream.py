@@ -20,13 +20,11 @@ import http.cookiejar
 import logging
 import ssl
 from collections.abc import Sequence
-from typing import Any
 
 import httpx
 
 from sidecar.config import TLS, Config
 from sidecar.guard import Resolve, guard_transport
-from sidecar.pool_gate import PoolGate
 from sidecar.routing import CompiledRoute
 from sidecar.transport import HTTP11Transport
 
@@ -125,10 +123,7 @@ class Upstream:
             retries=0,
         )
         # The connect guard: every new connection dials only addresses the policy checked.
-        if self.resolve is not None:
-            guard_transport(transport, self.resolve)
-        # HTTP/1.1 requests wait in a FIFO gate, not in httpcore's pool (see pool_gate.py).
-        return transport if http2 else PoolGate(transport, pool.max_connections)
+        return guard_transport(transport, self.resolve) if self.resolve is not None else transport
 
     def transport_for(self, route: CompiledRoute | None) -> httpx.AsyncBaseTransport:
         if route is not None:
@@ -154,8 +149,7 @@ class Upstream:
             if own is not None:
                 stats[name] = own()
                 continue
-            inner: Any = getattr(transport, "inner", transport)  # behind a PoolGate
-            connections = inner._pool.connections
+            connections = transport._pool.connections  # type: ignore[attr-defined]
             idle = sum(1 for c in connections if c.is_idle())
             closed = sum(1 for c in connections if c.is_closed())
             stats[name] = (len(connections) - idle - closed, idle)

@@ -2,8 +2,8 @@
 
 Each case asserts what the app sees, what the upstream saw, and that the pool is healthy
 afterwards (fault_support.assert_pool_healthy: with 4 slots and a 0.5 s pool wait, one
-leaked slot fails it). Retries are not in this branch: where a retry would change the
-outcome, the test pins today's behaviour and says so.
+leaked slot fails it). Route retries are off here (tests/e2e/test_resilience_* cover them);
+the transport's own one retry of the keep-alive race is on, as in production.
 """
 
 from __future__ import annotations
@@ -120,33 +120,33 @@ def test_a_keep_alive_connection_the_upstream_closed_is_not_reused(faulty: Sidec
     assert_pool_healthy(faulty)
 
 
-def test_a_keep_alive_connection_dropped_as_it_is_reused_is_a_502_without_retries(
+def test_a_keep_alive_connection_dropped_as_it_is_reused_is_sent_again_for_a_get(
     faulty: Sidecar, fresh_upstream: Upstream
 ) -> None:
-    # The race proper: the upstream gives up on the idle connection only after the next
-    # request was written to it. httpcore does not retry (its `retries` covers connect
-    # failures only), so on a route without retries the app gets 502 upstream_reset for
-    # this idempotent GET; with retries on, the next test shows it becomes a 200.
+    # The race proper: the upstream gives up on the idle connection (a clean close) only
+    # after the next request was written to it. The route has no retries: the transport's
+    # one silent retry of this race (sidecar/transport, wire.may_retry_on_fresh: reused
+    # connection, clean close, no response byte, idempotent method, replayable body) sends
+    # the GET again on a fresh connection, and the app never sees the race.
     assert httpx.get(f"{faulty.url}/up/drop-next").content == b"ok"
-    assert_sidecar_error(faulty, httpx.get(f"{faulty.url}/up/echo"), 502, "upstream_reset")
-    first, second = fresh_upstream.requests[:2]
-    assert (first.target, second.target) == ("/drop-next", "/echo") and first.connection == second.connection == 1
-    assert httpx.get(f"{faulty.url}/up/echo").status_code == 200  # the dead connection left the pool
+    response = httpx.get(f"{faulty.url}/up/echo")
+    assert response.status_code == 200, response.text
+    assert [(seen.target, seen.connection) for seen in fresh_upstream.requests] == [
+        ("/drop-next", 1), ("/echo", 1), ("/echo", 2)]
     assert_pool_healthy(faulty)
 
 
-def test_a_keep_alive_connection_dropped_as_it_is_reused_is_retried_for_a_get(
-    make_sidecar: Callable[..., Sidecar], fresh_upstream: Upstream
+def test_a_keep_alive_connection_dropped_as_it_is_reused_is_a_502_for_a_post(
+    faulty: Sidecar, fresh_upstream: Upstream
 ) -> None:
-    sidecar = make_sidecar(routes=[{"name": "up", "prefix": "/up", "upstream": fresh_upstream.base,
-                                    "retries": {"attempts": 1, "on": ["reset"]}}], **SMALL_POOL)
-    assert httpx.get(f"{sidecar.url}/up/drop-next").content == b"ok"
-    response = httpx.get(f"{sidecar.url}/up/echo")
-    assert response.status_code == 200, response.text
-    # The upstream saw the GET twice: dropped on the reused connection, answered on a new one.
-    assert [(seen.target, seen.connection) for seen in fresh_upstream.requests] == [
-        ("/drop-next", 1), ("/echo", 1), ("/echo", 2)]
-    assert_pool_healthy(sidecar)
+    # The same race for a POST: not idempotent (RFC 9110 9.2.2), and its streamed body is
+    # gone, so it is never sent twice: the app gets the error and decides.
+    assert httpx.get(f"{faulty.url}/up/drop-next").content == b"ok"
+    assert_sidecar_error(faulty, httpx.post(f"{faulty.url}/up/echo", content=b"p" * 1000), 502, "upstream_reset")
+    assert [(seen.method, seen.target, seen.connection) for seen in fresh_upstream.requests] == [
+        ("GET", "/drop-next", 1), ("POST", "/echo", 1)]
+    assert httpx.get(f"{faulty.url}/up/echo").status_code == 200  # the dead connection left the pool
+    assert_pool_healthy(faulty)
 
 
 def test_garbage_instead_of_a_response_is_a_502_protocol_error(faulty: Sidecar, fresh_upstream: Upstream) -> None:
