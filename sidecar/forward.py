@@ -178,7 +178,7 @@ class ForwardApp:
         except ClientDisconnected as exc:
             exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
             return
-        except Exception as exc:  # every failure before the head goes out becomes an error response
+        except Exception as exc:  # noqa: BLE001 - every failure before the head goes out becomes an error response
             kind = classify(exc)
             subject = exc.subject if isinstance(exc, EgressError) else None
             if isinstance(exc, PolicyDenied):
@@ -247,7 +247,7 @@ class ForwardApp:
                 raise
             task.uncancel()
             exchange.kind, exchange.detail = "client_disconnected", "the app went away mid-response"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure now can only abort the response
             # The head is out: abort (return without completing), so uvicorn closes the
             # connection and the app sees a truncated body rather than a short one.
             exchange.kind, exchange.detail = classify(exc), f"after response start: {exc}"
