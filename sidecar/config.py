@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import msgspec
 import yaml
@@ -30,12 +30,12 @@ class Seconds(float):
     """A duration in seconds, written in config as `5s`, `250ms`, `1m`, `1.5s` or a bare number."""
 
     _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-    _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+    _UNITS: ClassVar[dict[str | None, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
     @classmethod
     def parse(cls, value: object) -> Seconds:
         if isinstance(value, bool):
-            raise ValueError("expected a duration like `5s` or `250ms`")
+            raise TypeError("expected a duration like `5s` or `250ms`")
         if isinstance(value, (int, float)):
             number = float(value)
         elif isinstance(value, str):
@@ -44,7 +44,7 @@ class Seconds(float):
                 raise ValueError(f"expected a duration like `5s` or `250ms`, got {value!r}")
             number = float(match.group(1)) * cls._UNITS[match.group(2)]
         else:
-            raise ValueError(f"expected a duration like `5s` or `250ms`, got {value!r}")
+            raise TypeError(f"expected a duration like `5s` or `250ms`, got {value!r}")
         if number < 0:
             raise ValueError("a duration cannot be negative")
         return cls(number)
@@ -289,7 +289,7 @@ def check_semantics(config: Config) -> None:
             fail(key, f"port {port} is out of range 0-65535")
     if config.listen.port == config.admin.port and config.listen.port != 0:
         fail("admin.port", "the admin port must differ from listen.port")
-    if not _is_loopback(config.listen.host) and not config.listen.allow_non_loopback:
+    if not is_loopback_host(config.listen.host) and not config.listen.allow_non_loopback:
         fail("listen.host", f"{config.listen.host!r} is not loopback; set listen.allow_non_loopback: true "
              "to expose the proxy beyond the pod (other pods could use it as an open proxy)")
     if config.pool.max_connections < 1:
@@ -377,13 +377,26 @@ def check_semantics(config: Config) -> None:
         fail("limits.max_in_flight", "must be at least 1")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen host is loopback (`localhost`, 127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -> Any:
+    """Parse a YAML file, raising `error` with a message that names the file and the problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path} is not valid YAML: {exc}") from None
 
 
 def embedded_default_text() -> str:
@@ -395,14 +408,7 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
     """Build the effective config: defaults, then the YAML file, then environment variables."""
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        loaded = read_yaml(path, "config file", ConfigError)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -50,7 +50,7 @@ class RequestBody(httpx.AsyncByteStream):
     response, HTTP/1.1 and HTTP/2 alike); were it to, _relay's abort path would apply.
     """
 
-    __slots__ = ("_receive", "_idle_timeout", "_on_end", "size")
+    __slots__ = ("_idle_timeout", "_on_end", "_receive", "size")
 
     def __init__(self, receive: Receive, idle_timeout: float, on_end: Callable[[], None]) -> None:
         self._receive = receive
@@ -135,6 +135,30 @@ def _url(target_parts: Any) -> httpx.URL:
     return url
 
 
+def build_request(
+    method: str,
+    url: httpx.URL,
+    headers: list[tuple[bytes, bytes]],
+    stream: httpx.AsyncByteStream,
+    extensions: dict[str, Any],
+) -> httpx.Request:
+    """An `httpx.Request` without re-normalising what the server already normalised.
+
+    uvicorn hands header names lower-cased as bytes and the header rules only add lower-case
+    names, so httpx's per-header normalisation (about 5 µs a request) would change nothing.
+    """
+    request = httpx.Request.__new__(httpx.Request)
+    request.method = method
+    request.url = url
+    request_headers = httpx.Headers.__new__(httpx.Headers)
+    request_headers._list = [(name, name, value) for name, value in headers]
+    request_headers._encoding = None
+    request.headers = request_headers
+    request.extensions = extensions
+    request.stream = stream
+    return request
+
+
 class ForwardApp:
     """Raw ASGI app for the data listener."""
 
@@ -207,12 +231,12 @@ class ForwardApp:
                 body = RequestBody(receive, self.body_idle_timeout, watch.start)
             else:
                 watch.start()
-            request = httpx.Request(
+            request = build_request(
                 scope["method"],
                 _url(target.url_parts()),
-                headers=upstream_headers,
-                stream=body if body is not None else _EMPTY_BODY,
-                extensions=extensions,
+                upstream_headers,
+                body if body is not None else _EMPTY_BODY,
+                extensions,
             )
             response = await send_resilient(runtime, request, route, exchange.mark_sent)
             exchange.headers = time.perf_counter()
@@ -227,7 +251,7 @@ class ForwardApp:
             watch.stop()
             exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
             return
-        except Exception as exc:  # every failure before the head goes out becomes an error response
+        except Exception as exc:  # noqa: BLE001 - every failure before the head goes out becomes an error response
             watch.stop()
             if watch.absorb():  # the app left at the same moment: nobody to answer
                 exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
@@ -286,7 +310,7 @@ class ForwardApp:
             if not watch.absorb():
                 raise
             exchange.kind, exchange.detail = "client_disconnected", "the app went away mid-response"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure now can only abort the response
             watch.absorb()  # should the app also have left, its pending cancellation goes too
             # The head is out: abort (return without completing), so uvicorn closes the
             # connection and the app sees a truncated body rather than a short one.

@@ -9,7 +9,7 @@ Accept-Encoding, cookies). Downstream: the upstream's headers less the hop-by-ho
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 Header = tuple[bytes, bytes]
@@ -94,7 +94,8 @@ def request_id_of(headers: Sequence[Header]) -> bytes | None:
 
 
 def new_request_id() -> bytes:
-    return uuid.uuid4().hex.encode()
+    """32 random hex digits (as random as a uuid4, a third of its cost)."""
+    return os.urandom(16).hex().encode()
 
 
 def downstream_response_headers(headers: Sequence[Header]) -> list[Header]:

@@ -27,6 +27,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from sidecar.breaker import STATE_VALUES
 from sidecar.config import Config
 
 if TYPE_CHECKING:
@@ -82,8 +83,6 @@ class PoolCollector(Collector):
 class BreakerCollector(Collector):
     """`egress_circuit_state{upstream}`: 0 closed, 1 half-open, 2 open, read at scrape time."""
 
-    VALUES = {"closed": 0, "half_open": 1, "open": 2}
-
     def __init__(self, states: Callable[[], Mapping[str, str]]) -> None:
         self.states = states
 
@@ -96,7 +95,7 @@ class BreakerCollector(Collector):
             labels=["upstream"],
         )
         for upstream, state in sorted(self.states().items()):
-            family.add_metric([upstream], self.VALUES.get(state, 2))
+            family.add_metric([upstream], STATE_VALUES[state])
         yield family
 
 

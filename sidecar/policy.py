@@ -32,7 +32,7 @@ from sidecar.addresses import (
     parse_ip_literal,
     parse_network,
 )
-from sidecar.config import Config
+from sidecar.config import Config, is_loopback_host
 from sidecar.errors import EgressError
 from sidecar.hostnames import HostPatterns, canonical_host
 
@@ -341,7 +341,7 @@ def exposure_warnings(config: Config) -> list[str]:
     sidecar.upstream.)
     """
     warnings: list[str] = []
-    if config.listen.allow_non_loopback and not _is_loopback_host(config.listen.host):
+    if config.listen.allow_non_loopback and not is_loopback_host(config.listen.host):
         warnings.append(
             f"data listener bound to {config.listen.host}:{config.listen.port} beyond loopback "
             "(listen.allow_non_loopback): other pods can use this sidecar as a proxy"
@@ -349,10 +349,3 @@ def exposure_warnings(config: Config) -> list[str]:
     return warnings
 
 
-def _is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

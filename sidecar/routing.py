@@ -171,8 +171,8 @@ class Router:
         query = query_bytes.decode("ascii") if query_bytes else None
         # h11 keeps the absolute URI in raw_path; httptools keeps only the path.
         lowered = raw_path[:8].lower()
-        if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
-            scheme_bytes, _, rest = raw_path.partition(b"://")
+        if lowered.startswith((b"http://", b"https://")):
+            _, _, rest = raw_path.partition(b"://")
             authority, _, path = rest.partition(b"/")
             return self._forward_target(authority.decode("ascii"), "/" + path.decode("ascii"), query)
         if not raw_path.startswith(b"/"):

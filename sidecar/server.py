@@ -130,7 +130,7 @@ async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: An
     try:
         await asyncio.wait_for(runtime.idle.wait(), timeout=grace)
         log.info("drained", in_flight=0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("drain_grace_expired", in_flight=runtime.in_flight)
     runtime.stopping = True
 

@@ -142,15 +142,14 @@ def start_sidecar(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | 
     config_path = tmp_path / f"sidecar-{config['listen']['port']}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / f"sidecar-{config['listen']['port']}.log"
-    log_file = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run", "--config", str(config_path)],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-    log_file.close()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
     sidecar = Sidecar(proc, config["listen"]["port"], config["admin"]["port"], log_path, config_path)
 
     def ready() -> bool:

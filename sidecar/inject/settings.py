@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sidecar.config import Seconds
+from sidecar.config import Seconds, read_yaml
 
 # Environment variables the rendered container must carry: the sidecar reads them (config.py's
 # ENV_OVERRIDES) and the webhook rewrites them for the per-pod port and drain overrides.
@@ -123,12 +121,4 @@ def from_mapping(raw: object) -> Settings:
 
 def load(path: str | Path) -> Settings:
     """Read and validate a settings YAML file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise SettingsError(f"cannot read settings file {path}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"settings file {path} is not valid YAML: {exc}") from None
-    return from_mapping(raw)
+    return from_mapping(read_yaml(path, "settings file", SettingsError))

@@ -23,8 +23,8 @@ def assert_error(sidecar: Sidecar, raw: bytes, status: int, kind: str) -> None:
         (b"GET /x HTTP/1.1\r\nHost: bad..host^\r\nConnection: close\r\n\r\n", 400, "bad_request"),
         (b"GET /x HTTP/1.1\r\nHost: user@example.com\r\nConnection: close\r\n\r\n", 400, "bad_request"),
         (b"GET /x HTTP/1.1\r\nHost: 127.0.0.1:{admin}\r\nConnection: close\r\n\r\n", 508, "loop"),
-        (b"GET /up/echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", 501, "unsupported"),
+        ((b"GET /up/echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"), 501, "unsupported"),
     ],
     ids=["no_route", "bad_host", "userinfo", "loop_admin", "websocket"],
 )
