@@ -107,3 +107,19 @@ def handle(body: bytes, settings: Settings, *, namespace_opted_in: bool) -> Repl
         response["warnings"] = [f"egress-sidecar: {w}" for w in result.warnings]
     outcome = "injected" if result.patch else "skipped"
     return Reply(200, _review(response), outcome, result.reason, pod)
+
+
+def pod_create_review(pod: dict[str, Any], uid: str, namespace: str) -> dict[str, Any]:
+    """An AdmissionReview v1 request for creating `pod` (what the API server sends us)."""
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "object": pod,
+        },
+    }

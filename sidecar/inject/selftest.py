@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from sidecar.inject.review import pod_create_review
+
 
 def review(uid: str) -> dict[str, Any]:
     pod = {
@@ -30,18 +32,7 @@ def review(uid: str) -> dict[str, Any]:
         },
         "spec": {"containers": [{"name": "app", "image": "app:1"}]},
     }
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "default",
-            "operation": "CREATE",
-            "object": pod,
-        },
-    }
+    return pod_create_review(pod, uid, "default")
 
 
 def check(answer: Any, uid: str) -> str | None:

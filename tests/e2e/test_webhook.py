@@ -21,6 +21,7 @@ import jsonpatch
 import pytest
 import trustme
 
+from sidecar.inject.review import pod_create_review
 from tests.e2e.k8s_support import REPO, Injector, documents, injector_settings, render, run_injector, validate
 
 
@@ -72,21 +73,10 @@ def pod(labels: dict[str, str] | None = None, annotations: dict[str, str] | None
 
 
 def review(obj: dict[str, Any], uid: str = "0f9c2a6e-1") -> dict[str, Any]:
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "shop",
-            "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount"},
-            "object": obj,
-            "oldObject": None,
-            "dryRun": False,
-        },
-    }
+    request = pod_create_review(obj, uid, "shop")
+    # What the API server adds beyond the minimum.
+    request["request"].update({"userInfo": {"username": "system:serviceaccount"}, "oldObject": None, "dryRun": False})
+    return request
 
 
 def admit(

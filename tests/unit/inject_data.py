@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 from sidecar.inject import settings as settings_module
+from sidecar.inject.review import pod_create_review
 
 CONTAINER: dict[str, Any] = {
     "name": "egress-sidecar",
@@ -53,15 +54,4 @@ def admission_review(
         "metadata": metadata,
         "spec": {"containers": [{"name": "app", "image": "app:1"}]},
     }
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "shop",
-            "operation": "CREATE",
-            "object": pod,
-        },
-    }
+    return pod_create_review(pod, uid, "shop")
