@@ -185,7 +185,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
                     raise conn.error
                 if not await conn.wait(read_timeout):
                     raise httpx.ReadTimeout("timed out waiting for the response headers")
-            version = _VERSIONS.get(conn.parser.get_http_version(), b"HTTP/1.1")
+            version = _VERSIONS.get(conn.http_version, b"HTTP/1.1")
             if trace is not None:
                 await trace(
                     "http11.receive_response_headers.complete",
@@ -193,6 +193,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
                 )
         except BaseException as exc:
             conn.abort()
+            conn.forget_error()  # `exc` may be it: see Connection.forget_error
             self._pool.discard(conn)
             if reused and not conn.got_bytes and isinstance(exc, ServerDisconnected):
                 raise _Stale(exc) from exc
@@ -388,8 +389,14 @@ class ResponseStream(httpx.AsyncByteStream):
                 self._finish(conn)
                 raise StopAsyncIteration
             if conn.error is not None:
+                error = conn.error
                 self._drop(conn)
-                raise conn.error
+                try:
+                    raise error
+                finally:
+                    # The traceback holds this frame: a local naming the error would make a
+                    # cycle (frame -> error -> traceback -> frame) keeping `conn` alive.
+                    del error
             try:
                 ok = await conn.wait(self._read_timeout)
             except BaseException:
@@ -426,6 +433,7 @@ class ResponseStream(httpx.AsyncByteStream):
     def _drop(self, conn: Connection) -> None:
         self._conn = None
         conn.abort()
+        conn.forget_error()  # see Connection.forget_error
         conn.chunks.clear()
         self._pool.discard(conn)
 
