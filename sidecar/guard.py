@@ -14,13 +14,13 @@ unchanged to the forward path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable
 
 import httpcore
 import httpx
 from httpcore import AsyncNetworkBackend, AsyncNetworkStream
 
-Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
+from sidecar.transport.connect import Resolve  # one definition for both transports
 
 
 class GuardedBackend(AsyncNetworkBackend):

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import httpx
 
 from sidecar.config import TLS, Config
-from sidecar.guard import Resolve, guard_transport
+from sidecar.guard import guard_transport
 from sidecar.routing import CompiledRoute
-from sidecar.transport import HTTP11Transport
+from sidecar.transport import HTTP11Transport, Resolve
 
 log = logging.getLogger("egress.upstream")
 
