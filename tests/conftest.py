@@ -20,6 +20,7 @@ import pytest
 import trustme
 import yaml
 
+from tests.processes import stop_process
 from tests.upstream import Upstream, UpstreamServer, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,13 +182,7 @@ def make_sidecar(tmp_path: Path, ca_file: str) -> Iterator[Callable[..., Sidecar
 
     yield make
     for sidecar in started:
-        if sidecar.proc.poll() is None:
-            sidecar.proc.send_signal(signal.SIGTERM)
-            try:
-                sidecar.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                sidecar.proc.kill()
-                sidecar.proc.wait(5)
+        stop_process(sidecar.proc)
 
 
 @pytest.fixture

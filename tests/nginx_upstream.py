@@ -9,7 +9,6 @@ so tests can assert what the upstream saw. Stopped by PID (SIGTERM, then SIGKILL
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import trustme
 
+from tests.processes import stop_process
 from tests.upstream import wait_until
 
 NGINX = "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "nginx"
@@ -115,10 +115,5 @@ http {{
         return entries
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # the master stops its workers
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, 10)  # the master stops its workers

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.processes import stop_process
 from tests.upstream import wait_until
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -71,13 +71,7 @@ class Prometheus:
         return float(result[0]["value"][1])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def start_prometheus(tmp_path: Path, port: int, target: str, interval: str = "1s") -> Prometheus:

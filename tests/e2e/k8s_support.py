@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import re
-import signal
 import ssl
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import yaml
 from helm_python import _native as helm_native
 from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
+
+from tests.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "egress-sidecar"
@@ -196,10 +197,4 @@ def run_injector(settings_file: Path, cert: Path, key: Path, ca: ssl.SSLContext)
         assert injector.get("/healthz").status_code == 200
         yield injector
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, 10)

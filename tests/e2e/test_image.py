@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import trustme
 
 from tests.conftest import free_port
 from tests.e2e.k8s_support import documents, injector_settings, render
+from tests.processes import stop_process
 from tests.upstream import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,13 +211,7 @@ def test_installed_wheel_runs_as_non_root_on_a_read_only_root(installed: Path, t
         assert ready.returncode == 0, ready.stderr
         assert httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=2).status_code == 200
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
     assert process.returncode == 0
     output = log_path.read_text()
     assert "Read-only file system" not in output and "Traceback" not in output, output[-2000:]
@@ -268,12 +262,6 @@ def test_installed_wheel_serves_the_injector_as_non_root_on_a_read_only_root(ins
         )
         assert ok.returncode == 0, ok.stderr
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
     assert process.returncode == 0, log_path.read_text()
     assert "Traceback" not in log_path.read_text()
