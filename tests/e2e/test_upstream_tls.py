@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from tests.conftest import Sidecar, server_context
-from tests.upstream import Upstream, UpstreamServer
+from tests.upstream import Upstream, UpstreamServer, wait_until
 
 
 class MTLSUpstream:
@@ -138,7 +138,10 @@ def test_mtls_route_without_client_certificate_is_a_tls_error(
     sidecar = make_sidecar(routes=[{"name": "mtls", "prefix": "/mtls", "upstream": f"https://localhost:{mtls_upstream.port}"}])
     status, headers, body = get(sidecar, "/mtls/echo")
     assert (status, headers.get("x-egress-error")) == (502, "tls_error"), body
-    assert mtls_upstream.subjects == [] and mtls_upstream.handshake_failures
+    # The upstream's thread records its side of the failed handshake a moment after the
+    # sidecar has seen the alert: wait for it rather than race it.
+    wait_until(lambda: mtls_upstream.handshake_failures, timeout=5, message="upstream saw the failed handshake")
+    assert mtls_upstream.subjects == []
     line = sidecar.wait_log(lambda e: e.get("event") == "egress_error" and e.get("kind") == "tls_error")
     assert "CERTIFICATE_REQUIRED" in line["detail"]
 
