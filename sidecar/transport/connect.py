@@ -36,32 +36,36 @@ async def open_connection(
     trace: Trace | None,
 ) -> None:
     """Connect `conn` to `origin`; on failure the socket is closed and an httpx error raised."""
-    kwargs = {"host": origin.host, "port": origin.port, "local_address": None, "timeout": timeout,
-              "socket_options": None}
-    if trace is not None:
-        await trace("connection.connect_tcp.started", kwargs)
-    try:
-        await _connect_tcp(conn, origin, resolve, timeout)
-    except BaseException as exc:
-        if trace is not None:
-            await trace("connection.connect_tcp.failed", {"exception": exc})
-        raise
-    if trace is not None:
-        await trace("connection.connect_tcp.complete", {"return_value": conn.transport})
+    await _traced(
+        trace, "connection.connect_tcp",
+        {"host": origin.host, "port": origin.port, "local_address": None, "timeout": timeout,
+         "socket_options": None},
+        _connect_tcp(conn, origin, resolve, timeout), conn,
+    )
     if not origin.tls:
         return
     assert ssl_context is not None
-    kwargs = {"ssl_context": ssl_context, "server_hostname": origin.server_hostname, "timeout": timeout}
-    if trace is not None:
-        await trace("connection.start_tls.started", kwargs)
+    await _traced(
+        trace, "connection.start_tls",
+        {"ssl_context": ssl_context, "server_hostname": origin.server_hostname, "timeout": timeout},
+        _start_tls(conn, origin, ssl_context, timeout), conn,
+    )
+
+
+async def _traced(
+    trace: Trace | None, event: str, info: dict[str, Any], step: Awaitable[None], conn: Connection
+) -> None:
+    """Run one connect step between httpcore's `.started` and `.complete`/`.failed` trace events."""
+    if trace is None:
+        await step
+        return
+    await trace(f"{event}.started", info)
     try:
-        await _start_tls(conn, origin, ssl_context, timeout)
+        await step
     except BaseException as exc:
-        if trace is not None:
-            await trace("connection.start_tls.failed", {"exception": exc})
+        await trace(f"{event}.failed", {"exception": exc})
         raise
-    if trace is not None:
-        await trace("connection.start_tls.complete", {"return_value": conn.transport})
+    await trace(f"{event}.complete", {"return_value": conn.transport})
 
 
 async def _connect_tcp(conn: Connection, origin: Origin, resolve: Resolve | None, timeout: float | None) -> None:
