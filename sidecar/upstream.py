@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import http.cookiejar
 import logging
-import ssl
 from collections.abc import Sequence
 
 import httpx
 
 from sidecar.config import TLS, Config
-from sidecar.guard import guard_transport
 from sidecar.routing import CompiledRoute
+from sidecar.tls import TLSContexts, default_pool, route_pool
 from sidecar.transport import HTTP11Transport, Resolve
 
 log = logging.getLogger("egress.upstream")
@@ -41,36 +40,15 @@ class _NoCookies(http.cookiejar.CookieJar):
         return None
 
 
-def ssl_context(tls: TLS, http2: bool) -> ssl.SSLContext:
-    """A client TLS context: system trust or `ca_file`, optional client certificate (mTLS)."""
-    if tls.insecure_skip_verify:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context = ssl.create_default_context(cafile=tls.ca_file) if tls.ca_file else _system_context()
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
-    return context
-
-
-def _system_context() -> ssl.SSLContext:
-    try:
-        import certifi  # httpx's own default trust, when present
-
-        return ssl.create_default_context(cafile=certifi.where())
-    except ImportError:  # pragma: no cover - certifi ships with httpx
-        return ssl.create_default_context()
-
-
 class Upstream:
     """Owns the one AsyncClient and the per-route pools; `send` is the hot path."""
 
-    def __init__(self, config: Config, routes: Sequence[CompiledRoute], resolve: Resolve | None = None) -> None:
+    def __init__(self, config: Config, routes: Sequence[CompiledRoute], resolve: Resolve | None = None,
+                 contexts: TLSContexts | None = None) -> None:
         self.config = config
         self.resolve = resolve
-        self.default_transport = self._transport(config.tls, config.pool.http2)
+        self.contexts = contexts or TLSContexts()  # contexts started early (sidecar.tls), else built here
+        self.default_transport = self._transport(*default_pool(config))
         self.client = httpx.AsyncClient(
             transport=self.default_transport,
             cookies=httpx.Cookies(_NoCookies()),
@@ -86,13 +64,11 @@ class Upstream:
         self.client.headers.clear()  # no User-Agent / Accept / Accept-Encoding of httpx's own
         self.route_transports: dict[str, httpx.AsyncBaseTransport] = {}
         for route in routes:
-            tls = route.config.tls
-            http2 = route.config.http2
-            if tls is None and (http2 is None or http2 == config.pool.http2):
+            settings = route_pool(route.config, config)
+            if settings is None:
                 continue
-            self.route_transports[route.name] = self._transport(
-                tls or config.tls, config.pool.http2 if http2 is None else http2
-            )
+            self.route_transports[route.name] = self._transport(*settings)
+            tls = route.config.tls
             if tls is not None and tls.insecure_skip_verify:
                 log.warning("route %s: TLS verification is OFF (insecure_skip_verify)", route.name)
         if config.tls.insecure_skip_verify:
@@ -104,14 +80,18 @@ class Upstream:
             # HTTP/1.1 pools use our own transport (sidecar/transport/): same httpx API, a
             # fraction of httpcore's CPU per request. It also dials through `resolve`.
             return HTTP11Transport(
-                ssl_context(tls, http2),
+                self.contexts.get(tls, http2),
                 max_connections=pool.max_connections,
                 max_idle=pool.max_keepalive_connections,
                 keepalive_expiry=float(pool.keepalive_expiry),
                 resolve=self.resolve,
             )
+        # Only HTTP/2 pools use httpx's stock transport, hence httpcore (with h11, h2, hpack,
+        # hyperframe and anyio: ~25 ms of imports and ~2 MiB): loaded only when one is configured.
+        from sidecar.guard import guard_transport
+
         transport = httpx.AsyncHTTPTransport(
-            verify=ssl_context(tls, http2),
+            verify=self.contexts.get(tls, http2),
             http1=True,
             http2=http2,
             limits=httpx.Limits(
