@@ -3,7 +3,8 @@
 ONE `httpx.AsyncClient` for the process, made at start and closed at stop. It owns the
 default pool. A route whose TLS settings or HTTP version differ from the default gets its own
 pool (an `ssl.SSLContext` and the HTTP/2 switch belong to a pool in httpcore), created once at
-start and closed with the client.
+start (an HTTP/2 pool's transport at its first request: _DeferredTransport) and closed with the
+client.
 
 The hot path does not call `client.send`: it hands an `httpx.Request` to the transport's
 `handle_async_request`. That skips, by construction, what a proxy must not do: the client's
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import http.cookiejar
 import logging
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Sequence
 
 import httpx
 
@@ -38,6 +40,39 @@ class _NoCookies(http.cookiejar.CookieJar):
 
     def extract_cookies(self, response: object, request: object) -> None:
         return None
+
+
+class _DeferredTransport(httpx.AsyncBaseTransport):
+    """An HTTP/2 pool: httpx's stock transport, built at the pool's first request.
+
+    It needs httpcore, which brings h11, h2, hpack, hyperframe and anyio: ~25 ms of imports and
+    ~2 MiB that the sidecar does not pay before it is ready, nor at all while no request takes
+    an HTTP/2 route. Building it does no I/O and no await, so concurrent first requests cannot
+    build two. Its TLS context is made at start with the others.
+    """
+
+    def __init__(self, build: Callable[[], httpx.AsyncBaseTransport]) -> None:
+        self._build = build
+        self._inner: httpx.AsyncBaseTransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        inner = self._inner
+        if inner is None:
+            inner = self._inner = self._build()
+        return await inner.handle_async_request(request)
+
+    def pool_stats(self) -> tuple[int, int]:
+        """(active, idle), read through httpcore's pool (`_pool.connections`, `is_idle()`/`is_closed()`)."""
+        if self._inner is None:
+            return 0, 0
+        connections = self._inner._pool.connections  # type: ignore[attr-defined]
+        idle = sum(1 for c in connections if c.is_idle())
+        closed = sum(1 for c in connections if c.is_closed())
+        return len(connections) - idle - closed, idle
+
+    async def aclose(self) -> None:
+        if self._inner is not None:
+            await self._inner.aclose()
 
 
 class Upstream:
@@ -62,7 +97,7 @@ class Upstream:
             ),
         )
         self.client.headers.clear()  # no User-Agent / Accept / Accept-Encoding of httpx's own
-        self.route_transports: dict[str, httpx.AsyncBaseTransport] = {}
+        self.route_transports: dict[str, HTTP11Transport | _DeferredTransport] = {}
         for route in routes:
             settings = route_pool(route.config, config)
             if settings is None:
@@ -74,7 +109,7 @@ class Upstream:
         if config.tls.insecure_skip_verify:
             log.warning("TLS verification is OFF for forward-proxy destinations (tls.insecure_skip_verify)")
 
-    def _transport(self, tls: TLS, http2: bool) -> httpx.AsyncBaseTransport:
+    def _transport(self, tls: TLS, http2: bool) -> HTTP11Transport | _DeferredTransport:
         pool = self.config.pool
         if not http2:
             # HTTP/1.1 pools use our own transport (sidecar/transport/): same httpx API, a
@@ -86,14 +121,17 @@ class Upstream:
                 keepalive_expiry=float(pool.keepalive_expiry),
                 resolve=self.resolve,
             )
-        # Only HTTP/2 pools use httpx's stock transport, hence httpcore (with h11, h2, hpack,
-        # hyperframe and anyio: ~25 ms of imports and ~2 MiB): loaded only when one is configured.
-        from sidecar.guard import guard_transport
+        context = self.contexts.get(tls, http2)  # at start, like every pool's: a bad CA file stops start-up
+        return _DeferredTransport(lambda: self._stock_transport(context))
 
+    def _stock_transport(self, context: ssl.SSLContext) -> httpx.AsyncBaseTransport:
+        from sidecar.guard import guard_transport  # imports httpcore (see _DeferredTransport)
+
+        pool = self.config.pool
         transport = httpx.AsyncHTTPTransport(
-            verify=self.contexts.get(tls, http2),
+            verify=context,
             http1=True,
-            http2=http2,
+            http2=True,
             limits=httpx.Limits(
                 max_connections=pool.max_connections,
                 max_keepalive_connections=pool.max_keepalive_connections,
@@ -118,21 +156,10 @@ class Upstream:
         return [self.default_transport, *self.route_transports.values()]
 
     def pool_stats(self) -> dict[str, tuple[int, int]]:
-        """(active, idle) connections per pool ("default" or the route's name), read from the pools now.
-
-        A transport with its own `pool_stats()` answers for itself; httpx's stock transport is
-        read through httpcore's pool (`_pool.connections`, each `is_idle()`/`is_closed()`).
-        """
+        """(active, idle) connections per pool ("default" or the route's name), read from the pools now."""
         stats: dict[str, tuple[int, int]] = {}
         for name, transport in (("default", self.default_transport), *self.route_transports.items()):
-            own = getattr(transport, "pool_stats", None)
-            if own is not None:
-                stats[name] = own()
-                continue
-            connections = transport._pool.connections  # type: ignore[attr-defined]
-            idle = sum(1 for c in connections if c.is_idle())
-            closed = sum(1 for c in connections if c.is_closed())
-            stats[name] = (len(connections) - idle - closed, idle)
+            stats[name] = transport.pool_stats()
         return stats
 
     async def aclose(self) -> None:

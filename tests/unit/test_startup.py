@@ -39,17 +39,19 @@ def test_importing_the_run_path_leaves_unneeded_modules_unloaded() -> None:
     assert json.loads(done.stdout) == []
 
 
-def test_runtime_without_http2_routes_does_not_load_httpcore(ca_file: str) -> None:
+def test_httpcore_loads_only_when_an_http2_pool_takes_its_first_request(ca_file: str) -> None:
     code = (
-        "import json, sys\n"
+        "import asyncio, json, sys, httpx\n"
         "from sidecar import config\n"
         "from sidecar.runtime import build_runtime\n"
-        f"build_runtime(config.from_mapping({{'routes': [{{'name': 'a', 'prefix': '/a', "
-        f"'upstream': 'https://example.test', 'tls': {{'ca_file': {ca_file!r}}}}}]}}))\n"
-        "print(json.dumps([m for m in ('httpcore', 'h2') if m in sys.modules]))\n"
+        f"runtime = build_runtime(config.from_mapping({{'routes': ["
+        f"{{'name': 'a', 'prefix': '/a', 'upstream': 'https://a.test', 'tls': {{'ca_file': {ca_file!r}}}}}, "
+        f"{{'name': 'h2', 'prefix': '/h2', 'upstream': 'https://b.test', 'http2': True}}]}}))\n"
+        "seen = [[m for m in ('httpcore', 'h2') if m in sys.modules]]\n"
+        "print(json.dumps(seen + [runtime.upstream.pool_stats()['h2']]))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert json.loads(done.stdout) == []
+    assert json.loads(done.stdout) == [[], [0, 0]]
 
 
 def routes_config(ca_file: str) -> cfg.Config:
