@@ -6,7 +6,8 @@
 
 Each run spawns `egress-sidecar run` on free ports (EGRESS_LISTEN_PORT / EGRESS_ADMIN_PORT,
 admin on 127.0.0.1) and records, from the spawn:
-- ready: the first `/readyz` 200;
+- ready: the first `/readyz` 200, and the CPU time (user + system) the process had used by
+  then: steadier than wall time on a busy machine (at 10 ms clock ticks);
 - answer: the first answer of the data listener to a request (one whose Host is the sidecar's
   admin listener, answered 508 `loop`: it runs the forward path, the error path, the access
   log and the metrics, and sends nothing anywhere); with `--proxied`, the first byte-exact
@@ -43,6 +44,7 @@ MAX_RUNS = 50
 @dataclass
 class Start:
     ready_ms: float
+    ready_cpu_ms: float
     answer_ms: float
     rss_ready: int
     rss_idle: int
@@ -83,6 +85,7 @@ def one_start(argv: list[str], work: Path, index: int, timeout: float, probe: Pr
     try:
         procs.wait_for(lambda: started.check_alive() and _get(admin, "/readyz")[0] == 200, timeout, "/readyz 200")
         ready_ms = (time.monotonic() - started.spawned_at) * 1e3
+        ready_cpu_ms = procs.cpu_seconds(started.pid) * 1e3
         rss_ready = procs.rss_bytes(started.pid)
         probe(listen, admin)
         answer_ms = (time.monotonic() - started.spawned_at) * 1e3
@@ -90,7 +93,7 @@ def one_start(argv: list[str], work: Path, index: int, timeout: float, probe: Pr
         if status != 200 or b"egress_requests_total" not in body:
             raise RuntimeError(f"/metrics answered {status} without egress_requests_total")
         rss_idle = procs.rss_bytes(started.pid)
-        return Start(ready_ms, answer_ms, rss_ready, rss_idle)
+        return Start(ready_ms, ready_cpu_ms, answer_ms, rss_ready, rss_idle)
     except Exception:
         print(started.log_tail(), file=sys.stderr)
         raise
@@ -134,6 +137,7 @@ def main() -> None:
 
     print(f"`{' '.join(argv[1:])}`, {runs} starts")
     print(row("ready (/readyz 200)", [s.ready_ms for s in starts], "ms"))
+    print(row("CPU used to ready", [s.ready_cpu_ms for s in starts], "ms"))
     print(row("first answer", [s.answer_ms for s in starts], "ms"))
     print(row("RSS at ready", [s.rss_ready / mib for s in starts], "MiB"))
     print(row("RSS idle (after 1st)", [s.rss_idle / mib for s in starts], "MiB"))
