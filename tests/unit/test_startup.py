@@ -6,6 +6,7 @@ import (the webhook, PyYAML, httpcore and HTTP/2, importlib.metadata) shows up a
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import ssl
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 import sidecar
 from sidecar import config as cfg
+from sidecar import policy
 from sidecar.metrics import Metrics
 from sidecar.runtime import build_runtime
 from sidecar.tls import TLSContexts, pools
@@ -102,3 +104,9 @@ def test_build_info_versions_agree_with_the_installed_metadata() -> None:
     sample = metrics.registry.get_sample_value("egress_build_info", {
         **labels, "python": sys.version.split()[0], "implementation": sys.implementation.name})
     assert sample == 1.0
+
+
+def test_interface_addresses_come_from_the_process_own_libc() -> None:
+    # dlopen(NULL): no `ldconfig -p` run at start; the interfaces are still read (getifaddrs).
+    assert policy._libc()._name is None
+    assert ipaddress.ip_address("127.0.0.1") in policy._interface_addresses()
