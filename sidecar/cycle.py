@@ -5,9 +5,10 @@ with separate `transport.write` calls, and checks each header with two regular e
 For a small proxied response that is two socket writes (each a syscall that also runs the
 receiver's TCP path on loopback, ~5 us here) and ~5 us of per-header work. `ProxyCycle`:
 
-- holds the head until the first body chunk and writes both at once, or writes the head
-  alone on the next loop iteration if no body comes in the same step (an SSE or slow
-  upstream still gets its head out at once: never later than one loop turn);
+- writes the head together with the first body chunk when the app says that chunk is
+  already there (`BODY_READY` in the start message; the forward path knows whether the
+  upstream's first bytes came in with its head), else the head at once: an event stream or
+  a slow upstream gets its head out without waiting for a body, as with uvicorn;
 - checks every header name with one regex call over all names, every value with one over
   all values (the same byte sets as uvicorn: a CR, LF or other control byte is refused);
 - calls `on_disconnect` (set by the app, see forward.DisconnectWatch) when the client's
@@ -26,12 +27,14 @@ uvicorn's own access log line is not written: the sidecar keeps its own (access_
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
+
+# In an `http.response.start` message: the first body chunk follows at once (this same step).
+BODY_READY = "egress.body_ready"
 
 # The bytes uvicorn refuses in a header name and in a header value (RFC 9110 5.1, 5.5).
 _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
@@ -44,9 +47,8 @@ class ProxyCycle(RequestResponseCycle):
 
     # Class-level defaults: the protocol turns uvicorn's freshly built cycle into this class
     # (see limits.py), so there is no __init__ of ours to set them.
-    loop: asyncio.AbstractEventLoop  # set by the protocol with the class
     on_disconnect: Callable[[], None] | None = None
-    _held: bytes | None = None  # the response head, waiting for the first body chunk
+    _held: bytes | None = None  # the response head, waiting for the body chunk announced ready
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
@@ -57,7 +59,7 @@ class ProxyCycle(RequestResponseCycle):
         if not self.response_started:
             if kind != "http.response.start":
                 raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{kind}'.")
-            self._start(message["status"], message.get("headers", ()))
+            self._start(message["status"], message.get("headers", ()), message.get(BODY_READY, False))
         elif not self.response_complete:
             if kind != "http.response.body":
                 raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
@@ -65,7 +67,7 @@ class ProxyCycle(RequestResponseCycle):
         else:
             raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
 
-    def _start(self, status: int, headers: Any) -> None:
+    def _start(self, status: int, headers: Any, body_ready: bool) -> None:
         self.response_started = True
         self.waiting_for_100_continue = False
         if self.default_headers:
@@ -97,16 +99,10 @@ class ProxyCycle(RequestResponseCycle):
             self.chunked_encoding = True
             parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"\r\n")
-        self._held = b"".join(parts)
-        # Whatever the app does next, the head leaves by the next loop turn.
-        self.loop.call_soon(self._flush_head)
-
-    def _flush_head(self) -> None:
-        head = self._held
-        if head is not None:
-            self._held = None
-            if not self.transport.is_closing():
-                self.transport.write(head)
+        if body_ready:
+            self._held = b"".join(parts)
+        else:
+            self.transport.write(b"".join(parts))
 
     def _body(self, body: bytes, more_body: bool) -> None:
         if self.scope["method"] == "HEAD":

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from sidecar.cycle import ProxyCycle
+from sidecar.cycle import BODY_READY, ProxyCycle
 from sidecar.errors import ClientDisconnected, EgressError, classify, error_head
 from sidecar.headers import (
     body_framing,
@@ -305,14 +305,16 @@ class ForwardApp:
         watch.start()  # a no-op, unless the upstream answered before taking the whole body
         length_header = response.headers.get("content-length")
         remaining = int(length_header) if length_header is not None and length_header.isdigit() else -1
+        start: dict[str, Any] = {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": downstream_response_headers(response.headers.raw),
+        }
+        body_ready = getattr(stream, "body_ready", None)
+        if body_ready is not None and body_ready():
+            start[BODY_READY] = True  # head and first chunk in one write (cycle.py)
         try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": downstream_response_headers(response.headers.raw),
-                }
-            )
+            await send(start)
             exchange.response_started = True
             sent = 0
             finished = False

@@ -10,6 +10,7 @@ Accept-Encoding, cookies). Downstream: the upstream's headers less the hop-by-ho
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Iterable, Sequence
 
 Header = tuple[bytes, bytes]
@@ -93,9 +94,15 @@ def request_id_of(headers: Sequence[Header]) -> bytes | None:
     return None
 
 
+# Request ids need to be unique, not secret: a Mersenne Twister seeded from the OS (per
+# process, so forked copies differ) gives 128 bits without a getrandom() syscall per
+# request (~1-3 us in a VM; py-spy --native showed it at ~4 % at c256).
+_ids = random.Random(os.urandom(32))
+
+
 def new_request_id() -> bytes:
-    """32 random hex digits (as random as a uuid4, a third of its cost)."""
-    return os.urandom(16).hex().encode()
+    """32 random hex digits (128 bits, as many as a uuid4 carries)."""
+    return b"%032x" % _ids.getrandbits(128)
 
 
 def downstream_response_headers(headers: Sequence[Header]) -> list[Header]:

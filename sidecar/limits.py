@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -215,7 +215,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # uvicorn builds its RequestResponseCycle by name inside on_headers_complete; the
             # request's task has not run yet, so changing the class here is all it takes.
             cycle.__class__ = ProxyCycle
-            cast(ProxyCycle, cycle).loop = self.loop
 
     # -- refusing --------------------------------------------------------------------------
     def _cancel_head_timer(self) -> None:

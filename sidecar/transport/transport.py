@@ -404,6 +404,11 @@ class ResponseStream(httpx.AsyncByteStream):
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
+    def body_ready(self) -> bool:
+        """True if the next `__anext__` returns without waiting (bytes in, or the end reached)."""
+        conn = self._conn
+        return conn is None or bool(conn.chunks) or conn.body_done or conn.error is not None
+
     async def __anext__(self) -> bytes:
         conn = self._conn
         if conn is None:
