@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from sidecar.cycle import CYCLE_EXTENSION, ProxyCycle
+from sidecar.cycle import ProxyCycle
 from sidecar.errors import ClientDisconnected, EgressError, classify, error_head
 from sidecar.headers import (
     body_framing,
@@ -211,8 +211,8 @@ class ForwardApp:
         runtime = self.runtime
         headers = scope["headers"]
         body: RequestBody | None = None
-        scope_extensions = scope.get("extensions")
-        watch = DisconnectWatch(receive, scope_extensions.get(CYCLE_EXTENSION) if scope_extensions else None)
+        cycle = getattr(send, "__self__", None)  # see cycle.py: `send` is our cycle's own method
+        watch = DisconnectWatch(receive, cycle if isinstance(cycle, ProxyCycle) else None)
         gate: Gate | None = None
         response: httpx.Response | None = None
         try:

@@ -47,7 +47,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar.config import Limits
-from sidecar.cycle import CYCLE_EXTENSION, ProxyCycle
+from sidecar.cycle import ProxyCycle
 from sidecar.errors import ERRORS, error_head
 from sidecar.observe import Exchange, Observer
 
@@ -145,8 +145,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         cycle = self.cycle
         super().connection_lost(exc)
-        if isinstance(cycle, ProxyCycle) and not cycle.response_complete and cycle.on_disconnect is not None:
-            cycle.on_disconnect()
+        if isinstance(cycle, ProxyCycle) and cycle.on_disconnect is not None:
+            on_disconnect, cycle.on_disconnect = cycle.on_disconnect, None
+            if not cycle.response_complete:
+                on_disconnect()
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's data_received, with our answers instead of its plain 400.
@@ -213,9 +215,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # uvicorn builds its RequestResponseCycle by name inside on_headers_complete; the
             # request's task has not run yet, so changing the class here is all it takes.
             cycle.__class__ = ProxyCycle
-            proxy_cycle = cast(ProxyCycle, cycle)
-            proxy_cycle.loop = self.loop
-            self.scope["extensions"] = {CYCLE_EXTENSION: proxy_cycle}  # type: ignore[dict-item]
+            cast(ProxyCycle, cycle).loop = self.loop
 
     # -- refusing --------------------------------------------------------------------------
     def _cancel_head_timer(self) -> None:

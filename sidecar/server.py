@@ -25,6 +25,7 @@ from sidecar.config import Config
 from sidecar.forward import ForwardApp
 from sidecar.policy import exposure_warnings
 from sidecar.runtime import Runtime, build_runtime
+from sidecar.tls import TLSContexts
 
 # In-flight work still running when the drain deadline passes gets this long, then is cut.
 _FORCE_CLOSE_AFTER = 1
@@ -64,10 +65,10 @@ def _uvicorn_config(
     )
 
 
-async def serve(config: Config, runtime: Runtime | None = None) -> int:
+async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSContexts | None = None) -> int:
     log = log_module.get("egress.server")
     started = time.perf_counter()
-    runtime = runtime or build_runtime(config)
+    runtime = runtime or build_runtime(config, contexts=contexts)
     data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
                                             limits.observer_report(runtime.observer, "-"), config.listen.http))
     admin = SignalFreeServer(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config,
@@ -106,7 +107,6 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
     acceptor = _burst_acceptor(data)
     for warning in exposure_warnings(config):
         log.warning("insecure_setting", message=warning)
-    _tune_gc()
     runtime.ready = True
     log.info(
         "started",
@@ -117,6 +117,7 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
         ready_seconds=round(time.perf_counter() - started, 4),
     )
     log.info("config", config=redacted_config(runtime))  # the effective config, secrets redacted
+    _tune_gc()  # after ready: its full collection takes 10-25 ms that readiness need not wait for
 
     stop_wait = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stop_wait, data_task, admin_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -171,7 +172,7 @@ async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: An
     runtime.stopping = True
 
 
-def run(config: Config) -> int:
-    """Entry point of `egress-sidecar run`."""
+def run(config: Config, contexts: TLSContexts | None = None) -> int:
+    """Entry point of `egress-sidecar run`; `contexts`: TLS contexts already being built (sidecar.tls)."""
     log_module.configure(config.log)
-    return uvloop.run(serve(config))
+    return uvloop.run(serve(config, contexts=contexts))
