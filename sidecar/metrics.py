@@ -148,7 +148,7 @@ class _Series:
     requests: dict[tuple[str, int], list[int]] = field(default_factory=dict)
 
 
-# name, HELP of the histogram families, in exposition order, and the `_Series` field of each.
+# (`_Series` field, family name, HELP) of the histograms and the counters, in exposition order.
 _HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
     ("duration", "egress_request_duration_seconds",
      "Time from the request's arrival to the last response byte sent to the app"),
