@@ -5,27 +5,31 @@ capped at `metrics.max_upstreams` distinct values (later ones count as "other"),
 one of the standard methods or "OTHER", `code` is the status, `kind`/`reason` come from the
 error table. No path or query ever becomes a label.
 
-The hot path (`record`) only looks up pre-bound label children in dicts keyed by the label
-tuple; `.labels()` (which validates and formats) runs once per new combination. Live pool
-connections are not tracked by hand: a collector reads them from the pool at scrape time.
+The hot path (`record`) looks up one `_Series` per (route, upstream) and adds to plain ints,
+floats and bucket lists in it; a collector turns them into the metric families only when
+Prometheus scrapes. Live pool connections are not tracked by hand: a collector reads them from
+the pool at scrape time too.
 """
 
 from __future__ import annotations
 
 import platform
 import sys
+from bisect import bisect_left as _bucket
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Info, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 import sidecar
 from sidecar.breaker import STATE_VALUES
@@ -100,27 +104,143 @@ class BreakerCollector(Collector):
         yield family
 
 
+# The `le` label of each bucket, +Inf last, as prometheus_client writes them.
+_LE: tuple[str, ...] = (*(floatToGoString(bound) for bound in BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
+
+
+class _Histogram:
+    """One histogram child as plain numbers: per-bucket (not cumulative) counts and the sum.
+
+    `counts[bisect_left(BUCKETS, v)]` is the bucket of `v`: the first bound >= v, so a value
+    equal to a bound counts in that bound's bucket (`le` is "less than or equal"), and past the
+    last bound it lands in the +Inf slot. The cumulative `_bucket` and `_count` series are
+    summed at scrape time.
+    """
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_LE)
+        self.sum = 0.0
+
+    def buckets(self) -> list[tuple[str, float]]:
+        return list(zip(_LE, accumulate(self.counts), strict=True))
+
+
 @dataclass(slots=True)
 class _Series:
-    """Label children for one (route, upstream) pair, bound once."""
+    """Every per-(route, upstream) number of the hot families, made once per pair."""
 
-    upstream: str
-    duration: Histogram
-    response: Histogram
-    pool_wait: Histogram
-    connect: Histogram
-    tls: Histogram
-    opened: Counter
-    reused: Counter
-    bytes_in: Counter
-    bytes_out: Counter
+    route: str
+    upstream: str  # the label value, "other" past the cap
+    duration: _Histogram = field(default_factory=_Histogram)
+    response: _Histogram = field(default_factory=_Histogram)
+    pool_wait: _Histogram = field(default_factory=_Histogram)
+    connect: _Histogram = field(default_factory=_Histogram)
+    tls: _Histogram = field(default_factory=_Histogram)
+    opened: int = 0
+    reused: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    # (method as sent, status) -> the one-int cell of its requests_total series. Only standard
+    # methods are cached here, so the dict stays bounded; the cells are shared with
+    # `Metrics._requests`, which keeps the exposition's order.
+    requests: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+
+
+# (`_Series` field, family name, HELP) of the histograms and the counters, in exposition order.
+_HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
+    ("duration", "egress_request_duration_seconds",
+     "Time from the request's arrival to the last response byte sent to the app"),
+    ("response", "egress_upstream_response_seconds",
+     ("Time from handing the request to the pool to the upstream's response headers "
+      "(pool wait, connect and TLS included)")),
+    ("pool_wait", "egress_pool_wait_seconds",
+     ("Approximate wait for a pool connection: from handing the request to the pool "
+      "to the first connection event (connect start, or request headers on a reused "
+      "connection)")),
+    ("connect", "egress_upstream_connect_seconds", "TCP connect time of new upstream connections"),
+    ("tls", "egress_upstream_tls_handshake_seconds", "TLS handshake time of new upstream connections"),
+)
+_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("opened", "egress_upstream_connections_opened", "Upstream connections opened (TCP connected)"),
+    ("reused", "egress_requests_on_reused_connection", "Requests sent on a pooled connection that was already open"),
+    ("bytes_in", "egress_request_bytes", "Request body bytes sent upstream"),
+    ("bytes_out", "egress_response_bytes", "Response body bytes relayed to the app"),
+)
+_RL = ["route", "upstream"]
+
+
+def _counter(name: str, documentation: str, labels: list[str],
+             values: Mapping[tuple[str, str], int] | Mapping[tuple[str, str, str], int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, value in values.items():
+        family.add_metric(key, value)
+    return family
+
+
+class _Families(Collector):
+    """The request families, built from `Metrics`' plain numbers when Prometheus scrapes.
+
+    Same names, HELP, types, labels and buckets as prometheus_client's Counter/Gauge/Histogram
+    would expose (no `_created`), in the order they used to be registered.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        # The families without samples: the registry learns the names and refuses a clash.
+        return _families([], {}, None, {}, {}, {})
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        return _families(list(m._series.values()), m._requests, float(m.in_flight()), m._errors, m._denied,
+                         m._retries)
+
+
+def _families(series: list[_Series], requests: Mapping[tuple[str, str, str, str], list[int]],
+              in_flight: float | None, errors: Mapping[tuple[str, str, str], int],
+              denied: Mapping[tuple[str, str], int], retries: Mapping[tuple[str, str], int]) -> list[Metric]:
+    requests_family = CounterMetricFamily("egress_requests", "Requests answered, by status code (errors included)",
+                                          labels=[*_RL, "method", "code"])
+    for key, cell in requests.items():
+        requests_family.add_metric(key, cell[0])
+    in_flight_family = GaugeMetricFamily("egress_requests_in_flight", "Requests being handled now")
+    if in_flight is not None:
+        in_flight_family.add_metric([], in_flight)
+    families: list[Metric] = [requests_family, in_flight_family]
+    for attr, name, documentation in _HISTOGRAMS:
+        histogram = HistogramMetricFamily(name, documentation, labels=_RL)
+        for s in series:
+            child: _Histogram = getattr(s, attr)
+            histogram.add_metric([s.route, s.upstream], child.buckets(), child.sum)
+        families.append(histogram)
+    for attr, name, documentation in _COUNTERS:
+        counter = CounterMetricFamily(name, documentation, labels=_RL)
+        for s in series:
+            counter.add_metric([s.route, s.upstream], getattr(s, attr))
+        families.append(counter)
+    families.append(_counter("egress_errors", "Errors by kind (the x-egress-error values; client_disconnected "
+                             "when the app went away)", [*_RL, "kind"], errors))
+    families.append(_counter("egress_denied", "Requests the egress policy refused, by reason",
+                             ["route", "reason"], denied))
+    families.append(_counter("egress_retries", "Upstream attempts retried, by reason", ["route", "reason"], retries))
+    return families
 
 
 class Metrics:
-    """The registry and every family; one instance per process, made at start."""
+    """The registry and every family; one instance per process, made at start.
+
+    The per-request families are plain ints, floats and lists updated without locks (the data
+    path and the admin /metrics endpoint share the one event-loop thread); `_Families` turns
+    them into metric families at scrape time. prometheus_client's own objects take a lock and
+    walk the buckets in Python on every update, which cost several µs per request.
+    """
 
     def __init__(self, config: Config, in_flight: Callable[[], float], pools: PoolStats | None = None) -> None:
         self.max_upstreams = config.metrics.max_upstreams
+        self.in_flight = in_flight
         # No `_created` series: they double the series count and no dashboard of ours reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         registry = self.registry = CollectorRegistry()
@@ -129,38 +249,18 @@ class Metrics:
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
 
-        rl = ["route", "upstream"]
-        self.requests = Counter("egress_requests", "Requests answered, by status code (errors included)",
-                                [*rl, "method", "code"], registry=registry)
-        self.in_flight = Gauge("egress_requests_in_flight", "Requests being handled now", registry=registry)
-        self.in_flight.set_function(in_flight)
-        self.duration = Histogram("egress_request_duration_seconds",
-                                  "Time from the request's arrival to the last response byte sent to the app",
-                                  rl, buckets=BUCKETS, registry=registry)
-        self.response = Histogram("egress_upstream_response_seconds",
-                                  "Time from handing the request to the pool to the upstream's response headers "
-                                  "(pool wait, connect and TLS included)", rl, buckets=BUCKETS, registry=registry)
-        self.pool_wait = Histogram("egress_pool_wait_seconds",
-                                   "Approximate wait for a pool connection: from handing the request to the pool "
-                                   "to the first connection event (connect start, or request headers on a reused "
-                                   "connection)", rl, buckets=BUCKETS, registry=registry)
-        self.connect = Histogram("egress_upstream_connect_seconds", "TCP connect time of new upstream connections",
-                                 rl, buckets=BUCKETS, registry=registry)
-        self.tls = Histogram("egress_upstream_tls_handshake_seconds", "TLS handshake time of new upstream "
-                             "connections", rl, buckets=BUCKETS, registry=registry)
-        self.opened = Counter("egress_upstream_connections_opened", "Upstream connections opened (TCP connected)",
-                              rl, registry=registry)
-        self.reused = Counter("egress_requests_on_reused_connection",
-                              "Requests sent on a pooled connection that was already open", rl, registry=registry)
-        self.bytes_in = Counter("egress_request_bytes", "Request body bytes sent upstream", rl, registry=registry)
-        self.bytes_out = Counter("egress_response_bytes", "Response body bytes relayed to the app", rl,
-                                 registry=registry)
-        self.errors = Counter("egress_errors", "Errors by kind (the x-egress-error values; "
-                              "client_disconnected when the app went away)", [*rl, "kind"], registry=registry)
-        self.denied = Counter("egress_denied", "Requests the egress policy refused, by reason",
-                              ["route", "reason"], registry=registry)
-        self.retries = Counter("egress_retries", "Upstream attempts retried, by reason", ["route", "reason"],
-                               registry=registry)
+        self._upstreams: dict[str, str] = {}
+        self._series: dict[tuple[str, str], _Series] = {}
+        self._requests: dict[tuple[str, str, str, str], list[int]] = {}  # (route, upstream, method, code)
+        self._errors: dict[tuple[str, str, str], int] = {}  # (route, upstream, kind)
+        self._denied: dict[tuple[str, str], int] = {}  # (route, reason)
+        self._retries: dict[tuple[str, str], int] = {}  # (route, reason)
+        # Known label values start at 0 (Prometheus' advice), so rate() sees the first denial and
+        # the dashboard's denial panel shows 0 rather than "no data" on a quiet day.
+        for kind in sorted(DENIALS):
+            self._denied[("-", kind)] = 0
+        registry.register(_Families(self))
+
         Info("egress_build", "Build information", registry=registry).info(
             # The packages' own version attributes, not importlib.metadata: that import and its scan
             # of sys.path cost ~20 ms at start (a unit test checks they agree with the metadata).
@@ -169,17 +269,6 @@ class Metrics:
         )
         if pools is not None:
             registry.register(PoolCollector(pools, config.pool.max_connections))
-
-        self._upstreams: dict[str, str] = {}
-        self._series: dict[tuple[str, str], _Series] = {}
-        self._requests: dict[tuple[str, str, str, int], Counter] = {}
-        self._errors: dict[tuple[str, str, str], Counter] = {}
-        self._denied: dict[tuple[str, str], Counter] = {}
-        self._retries: dict[tuple[str, str], Counter] = {}
-        # Known label values start at 0 (Prometheus' advice), so rate() sees the first denial and
-        # the dashboard's denial panel shows 0 rather than "no data" on a quiet day.
-        for kind in sorted(DENIALS):
-            self._child(self._denied, self.denied, ("-", kind))  # type: ignore[arg-type]
 
     def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
         """Export the circuit breakers' states (resilience.Breakers.states) at scrape time."""
@@ -206,73 +295,79 @@ class Metrics:
                 series = self._series.get((route, OTHER))
                 if series is not None:
                     return series
-            series = _Series(
-                label,
-                self.duration.labels(route, label),
-                self.response.labels(route, label),
-                self.pool_wait.labels(route, label),
-                self.connect.labels(route, label),
-                self.tls.labels(route, label),
-                self.opened.labels(route, label),
-                self.reused.labels(route, label),
-                self.bytes_in.labels(route, label),
-                self.bytes_out.labels(route, label),
-            )
-            self._series[(route, label)] = series
+            series = self._series[(route, label)] = _Series(route, label)
         return series
 
-    @staticmethod
-    def _child(cache: dict[tuple[str, ...], Counter], family: Counter, key: tuple[str, ...]) -> Counter:
-        child = cache.get(key)
-        if child is None:
-            child = cache[key] = family.labels(*key)
-        return child
+    def _request_cell(self, series: _Series, method: str, code: int) -> list[int]:
+        """The requests_total cell of (series, method, code), made on first use."""
+        known = method in METHODS
+        key = (series.route, series.upstream, method if known else "OTHER", str(code))
+        cell = self._requests.get(key)
+        if cell is None:
+            cell = self._requests[key] = [0]
+        if known:  # any other token is looked up here each time rather than cached per series
+            series.requests[(method, code)] = cell
+        return cell
 
     # -- updates --------------------------------------------------------------------------
 
-    def request(self, route: str, upstream_label: str, method: str, code: int) -> Counter:
-        """The requests_total child; `upstream_label` is already capped (`series(...).upstream`)."""
-        key = (route, upstream_label, method if method in METHODS else "OTHER", code)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(*key[:3], str(code))
-        return child
-
     def error(self, route: str, upstream_label: str, kind: str) -> None:
-        self._child(self._errors, self.errors, (route, upstream_label, kind)).inc()  # type: ignore[arg-type]
+        key = (route, upstream_label, kind)
+        self._errors[key] = self._errors.get(key, 0) + 1
 
     def deny(self, route: str, reason: str) -> None:
-        self._child(self._denied, self.denied, (route, reason)).inc()  # type: ignore[arg-type]
+        key = (route, reason)
+        self._denied[key] = self._denied.get(key, 0) + 1
 
     def retry(self, route: str, reason: str) -> None:
-        self._child(self._retries, self.retries, (route, reason)).inc()  # type: ignore[arg-type]
+        key = (route, reason)
+        self._retries[key] = self._retries.get(key, 0) + 1
 
     def record(self, ex: Exchange) -> None:
-        """Count one finished exchange: the only per-request metrics work."""
+        """Count one finished exchange: the only per-request metrics work.
+
+        Inlined on purpose (no helper calls on the common path): this runs once per request.
+        """
         series = self._series.get((ex.route, ex.upstream)) or self.series(ex.route, ex.upstream)
-        self.request(ex.route, series.upstream, ex.method, ex.status).inc()
-        series.duration.observe(ex.end - ex.start)
+        cell = series.requests.get((ex.method, ex.status)) or self._request_cell(series, ex.method, ex.status)
+        cell[0] += 1
+        value = ex.end - ex.start
+        histogram = series.duration
+        histogram.counts[_bucket(BUCKETS, value)] += 1
+        histogram.sum += value
         sent = ex.sent
         if sent:
             if ex.headers:
-                series.response.observe(ex.headers - sent)
+                value = ex.headers - sent
+                histogram = series.response
+                histogram.counts[_bucket(BUCKETS, value)] += 1
+                histogram.sum += value
             if ex.first_event:
-                series.pool_wait.observe(ex.first_event - sent)
+                value = ex.first_event - sent
+                histogram = series.pool_wait
+                histogram.counts[_bucket(BUCKETS, value)] += 1
+                histogram.sum += value
             if ex.connect_end:
-                series.connect.observe(ex.connect_end - ex.connect_start)
+                value = ex.connect_end - ex.connect_start
+                histogram = series.connect
+                histogram.counts[_bucket(BUCKETS, value)] += 1
+                histogram.sum += value
             if ex.tls_end:
-                series.tls.observe(ex.tls_end - ex.tls_start)
+                value = ex.tls_end - ex.tls_start
+                histogram = series.tls
+                histogram.counts[_bucket(BUCKETS, value)] += 1
+                histogram.sum += value
             reused = ex.reused
             if ex.connects:
-                series.opened.inc(ex.connects)
+                series.opened += ex.connects
             elif reused is False and not ex.connect_start:  # a transport that reports reuse but traces no connects
-                series.opened.inc()
+                series.opened += 1
             if reused:
-                series.reused.inc()
+                series.reused += 1
         if ex.bytes_in:
-            series.bytes_in.inc(ex.bytes_in)
+            series.bytes_in += ex.bytes_in
         if ex.bytes_out:
-            series.bytes_out.inc(ex.bytes_out)
+            series.bytes_out += ex.bytes_out
         kind = ex.kind
         if kind is not None:
             self.error(ex.route, series.upstream, kind)

@@ -6,14 +6,20 @@ import asyncio
 import io
 import json
 import time
+from typing import Any
 
 import pytest
+from prometheus_client import Counter
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import log as log_module
 from sidecar.access_log import access_fields
 from sidecar.config import Config, Log, Metrics
 from sidecar.metrics import BUCKETS
+from sidecar.metrics import Metrics as Metrics_
 from sidecar.observe import Exchange, Observer
+from tests.prometheus import promtool_check
 
 
 def observer(max_upstreams: int = 100, pools: dict[str, tuple[int, int]] | None = None) -> Observer:
@@ -251,3 +257,157 @@ def test_a_transport_that_only_reports_reuse_still_counts_opens() -> None:
     labels = {"route": "r", "upstream": "a:443"}
     assert sample(obs, "egress_upstream_connections_opened_total", **labels) == 1
     assert sample(obs, "egress_requests_on_reused_connection_total", **labels) == 1
+
+
+# -- exposition of known exchanges -----------------------------------------------------------
+# Every timing below is a sum of powers of two, so the differences and the sums are exact and
+# a value meant to sit on a bucket bound (0.25, 0.5, 30) really does.
+
+KNOWN = {"route": "gh", "upstream": "api.example:443"}
+
+
+def known_metrics() -> Metrics_:
+    metrics = Metrics_(Config(), lambda: 3)
+    common = {"path": "/x", "route": "gh", "upstream": "api.example:443", "sent": 1.0}
+    exchanges = [
+        # reused connection: 2**-10 s pool wait, 0.25 s to headers (on a bound), 0.25 s in all
+        Exchange(start=0.0, end=0.25, method="GET", status=200, headers=1.25, first_event=1.0009765625,
+                 reused=True, bytes_out=100, **common),  # type: ignore[arg-type]
+        # new connection: connect 2**-10 s (under 0.001), TLS 2**-9 s (0.0025 bucket)
+        Exchange(start=0.0, end=0.375, method="GET", status=200, headers=1.25, first_event=1.0,
+                 connect_start=1.0, connect_end=1.0009765625, tls_start=1.0009765625, tls_end=1.0029296875,
+                 connects=1, reused=False, bytes_in=10, bytes_out=50, **common),  # type: ignore[arg-type]
+        Exchange(start=0.0, end=0.5, method="POST", status=201, headers=1.5, first_event=1.0, reused=True,
+                 bytes_in=7, **common),  # type: ignore[arg-type]
+        Exchange(start=0.0, end=30.0, method="BREW", status=200, headers=1.5, first_event=1.0, reused=True,
+                 **common),  # type: ignore[arg-type]
+        Exchange(start=0.0, end=32.0, method="GET", status=502, first_event=1.0, connect_start=1.0,
+                 kind="connect_error", **common),  # type: ignore[arg-type]
+        Exchange(start=0.0, end=0.0009765625, method="GET", status=403, kind="denied_host",
+                 path="/x", route="gh", upstream="api.example:443"),
+    ]
+    for exchange in exchanges:
+        metrics.record(exchange)
+    return metrics
+
+
+def egress_families(text: str) -> dict[str, Any]:
+    return {family.name: family for family in text_string_to_metric_families(text)
+            if family.name.startswith("egress_")}
+
+
+DURATION_TEXT = """\
+# HELP egress_request_duration_seconds Time from the request's arrival to the last response byte sent to the app
+# TYPE egress_request_duration_seconds histogram
+egress_request_duration_seconds_bucket{le="0.001",route="gh",upstream="api.example:443"} 1.0
+egress_request_duration_seconds_bucket{le="0.0025",route="gh",upstream="api.example:443"} 1.0
+egress_request_duration_seconds_bucket{le="0.005",route="gh",upstream="api.example:443"} 1.0
+egress_request_duration_seconds_bucket{le="0.01",route="gh",upstream="api.example:443"} 1.0
+egress_request_duration_seconds_bucket{le="0.025",route="gh",upstream="api.example:443"} 1.0
+egress_request_duration_seconds_bucket{le="0.05",route="gh",upstream="api.example:443"} 1.0
+egress_request_duration_seconds_bucket{le="0.1",route="gh",upstream="api.example:443"} 1.0
+egress_request_duration_seconds_bucket{le="0.25",route="gh",upstream="api.example:443"} 2.0
+egress_request_duration_seconds_bucket{le="0.5",route="gh",upstream="api.example:443"} 4.0
+egress_request_duration_seconds_bucket{le="1.0",route="gh",upstream="api.example:443"} 4.0
+egress_request_duration_seconds_bucket{le="2.5",route="gh",upstream="api.example:443"} 4.0
+egress_request_duration_seconds_bucket{le="5.0",route="gh",upstream="api.example:443"} 4.0
+egress_request_duration_seconds_bucket{le="10.0",route="gh",upstream="api.example:443"} 4.0
+egress_request_duration_seconds_bucket{le="30.0",route="gh",upstream="api.example:443"} 5.0
+egress_request_duration_seconds_bucket{le="+Inf",route="gh",upstream="api.example:443"} 6.0
+egress_request_duration_seconds_count{route="gh",upstream="api.example:443"} 6.0
+egress_request_duration_seconds_sum{route="gh",upstream="api.example:443"} 63.1259765625
+"""
+
+
+def test_a_histogram_is_exposed_with_values_on_a_bound_counted_in_that_bucket() -> None:
+    _, body = known_metrics().exposition("text/plain")
+    lines = body.decode().splitlines(keepends=True)
+    duration = "".join(line for line in lines if "egress_request_duration_seconds" in line)
+    assert duration == DURATION_TEXT
+
+
+def test_known_exchanges_give_these_counts_sums_and_counters() -> None:
+    _, body = known_metrics().exposition("text/plain")
+    families = egress_families(body.decode())
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in families.values() for s in family.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return values[(name, tuple(sorted({**KNOWN, **labels}.items())))]
+
+    def buckets(family: str) -> list[float]:
+        return [value(f"{family}_bucket", le=le) for le in ("0.001", "0.0025", "0.25", "0.5", "30.0", "+Inf")]
+
+    assert families["egress_requests"].type == "counter"
+    assert families["egress_request_duration_seconds"].type == "histogram"
+    requests = {(s.labels["method"], s.labels["code"]): s.value for s in families["egress_requests"].samples}
+    assert requests == {("GET", "200"): 2, ("POST", "201"): 1, ("OTHER", "200"): 1, ("GET", "502"): 1,
+                        ("GET", "403"): 1}
+    # headers - sent: 0.25 (on the bound) twice, 0.5 (on the bound) twice
+    assert buckets("egress_upstream_response_seconds") == [0, 0, 2, 4, 4, 4]
+    assert value("egress_upstream_response_seconds_sum") == 1.5
+    # first_event - sent: 2**-10 once, 0 four times; the denial never reached the pool
+    assert buckets("egress_pool_wait_seconds") == [5, 5, 5, 5, 5, 5]
+    assert value("egress_pool_wait_seconds_sum") == 0.0009765625
+    assert buckets("egress_upstream_connect_seconds") == [1, 1, 1, 1, 1, 1]
+    assert buckets("egress_upstream_tls_handshake_seconds") == [0, 1, 1, 1, 1, 1]
+    assert value("egress_upstream_tls_handshake_seconds_count") == 1
+    assert value("egress_upstream_tls_handshake_seconds_sum") == 0.001953125
+    assert value("egress_upstream_connections_opened_total") == 1
+    assert value("egress_requests_on_reused_connection_total") == 3
+    assert value("egress_request_bytes_total") == 17
+    assert value("egress_response_bytes_total") == 150
+    assert value("egress_errors_total", kind="connect_error") == 1
+    assert value("egress_errors_total", kind="denied_host") == 1
+    denied = {(s.labels["route"], s.labels["reason"]): s.value for s in families["egress_denied"].samples}
+    assert denied == {("-", "denied_host"): 0, ("-", "denied_ip"): 0, ("gh", "denied_host"): 1}
+    assert [s.value for s in families["egress_requests_in_flight"].samples] == [3]
+    # No `_created` series, in either format.
+    assert "_created" not in body.decode()
+    assert b"_created" not in known_metrics().exposition("application/openmetrics-text")[1]
+
+
+def test_every_design_family_is_exposed_before_any_request() -> None:
+    metrics = Metrics_(Config(), lambda: 0, lambda: {"default": (0, 0)})
+    families = egress_families(metrics.exposition("text/plain")[1].decode())
+    assert {name: family.type for name, family in families.items()} == {
+        "egress_requests": "counter", "egress_requests_in_flight": "gauge",
+        "egress_request_duration_seconds": "histogram", "egress_upstream_response_seconds": "histogram",
+        "egress_pool_wait_seconds": "histogram", "egress_upstream_connect_seconds": "histogram",
+        "egress_upstream_tls_handshake_seconds": "histogram", "egress_upstream_connections_opened": "counter",
+        "egress_requests_on_reused_connection": "counter", "egress_request_bytes": "counter",
+        "egress_response_bytes": "counter", "egress_errors": "counter", "egress_denied": "counter",
+        "egress_retries": "counter", "egress_build_info": "gauge", "egress_upstream_connections": "gauge",
+        "egress_upstream_connections_limit": "gauge",
+    }
+
+
+def test_the_openmetrics_exposition_carries_the_same_samples() -> None:
+    metrics = known_metrics()
+    metrics.retry("gh", "reset")
+    text = egress_families(metrics.exposition("text/plain")[1].decode())
+    open_metrics = {family.name: family for family in
+                    openmetrics_families(metrics.exposition("application/openmetrics-text")[1].decode())
+                    if family.name.startswith("egress_")}
+    # The info family is an `info` named egress_build in OpenMetrics, a gauge egress_build_info in text.
+    assert open_metrics.pop("egress_build").type == "info" and text.pop("egress_build_info").type == "gauge"
+    assert set(open_metrics) == set(text)
+    for name, family in text.items():
+        assert open_metrics[name].type == family.type
+        assert open_metrics[name].documentation == family.documentation
+        assert [(s.name, s.labels, s.value) for s in open_metrics[name].samples] == \
+            [(s.name, s.labels, s.value) for s in family.samples]
+
+
+def test_known_exchanges_pass_promtool() -> None:
+    metrics = known_metrics()
+    metrics.retry("gh", "503")
+    # `promtool check metrics` reads the text format only (it calls OpenMetrics' `info` unknown).
+    result = promtool_check(metrics.exposition("text/plain")[1].decode())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_registry_refuses_a_second_family_of_a_hot_name() -> None:
+    metrics = known_metrics()
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Counter("egress_requests", "again", registry=metrics.registry)
