@@ -20,7 +20,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -96,6 +96,30 @@ class BreakerCollector(Collector):
         )
         for upstream, state in sorted(self.states().items()):
             family.add_metric([upstream], STATE_VALUES[state])
+        yield family
+
+
+class AbandonedCollector(Collector):
+    """`egress_upstream_abandoned_total{pool,outcome}`: exchanges whose app went away after a
+    connection was assigned, by what became of the connection, read from the pools at scrape
+    time (monotonic counts kept by the transport)."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        self.counts = counts
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "egress_upstream_abandoned",
+            "Upstream exchanges whose app went away after a connection was assigned, by outcome: kept (the rest "
+            "of the response was read and the connection reused) or closed",
+            labels=["pool", "outcome"],
+        )
+        for pool, (kept, closed) in sorted(self.counts().items()):
+            family.add_metric([pool, "kept"], kept)
+            family.add_metric([pool, "closed"], closed)
         yield family
 
 
@@ -181,6 +205,10 @@ class Metrics:
     def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
         """Export the circuit breakers' states (resilience.Breakers.states) at scrape time."""
         self.registry.register(BreakerCollector(states))
+
+    def watch_abandoned(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        """Export what became of connections whose app went away (Upstream.abandoned_counts)."""
+        self.registry.register(AbandonedCollector(counts))
 
     # -- label handling -------------------------------------------------------------------
 

@@ -56,5 +56,6 @@ def build_runtime(config: Config, observer: Observer | None = None) -> Runtime:
     metrics = getattr(runtime.observer, "metrics", None)
     if metrics is not None:
         metrics.watch_breakers(runtime.resilience.breakers.states)
+        metrics.watch_abandoned(upstream.abandoned_counts)
     runtime.idle.set()
     return runtime

@@ -92,6 +92,9 @@ def test_apps_disconnecting_while_waiting_do_not_cost_new_upstream_handshakes(
     found = samples(scrape(sidecar.admin_url))
     assert total(found, "egress_upstream_connections_opened_total", route="up") <= POOL
     assert total(found, "egress_requests_on_reused_connection_total", route="up") >= 2 * POOL
+    # Each round, the requests on the wire were salvaged (the apps still waiting for a slot
+    # never had a connection).
+    assert total(found, "egress_upstream_abandoned_total", outcome="kept") >= ROUNDS * POOL
 
 
 @pytest.mark.parametrize("path", [f"/up/bytes?n={4 << 20}", f"/up/chunked?n={4 << 20}"])
@@ -115,3 +118,6 @@ def test_an_app_leaving_mid_download_still_gets_its_upstream_connection_closed(
     response = httpx.get(f"{sidecar.url}/up/bytes?n=100", timeout=10)
     assert response.status_code == 200 and response.content == random_bytes(100, 1)
     assert fresh_upstream.connections == 2  # the abandoned one was closed, not reused
+    found = samples(scrape(sidecar.admin_url))
+    assert total(found, "egress_upstream_abandoned_total", pool="default", outcome="closed") == 1
+    assert total(found, "egress_upstream_abandoned_total", outcome="kept") == 0
