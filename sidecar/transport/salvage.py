@@ -122,7 +122,9 @@ class Salvage:
                 self.abandoned += 1
                 self.pool.drop(conn)
 
-    def cancel_all(self) -> None:
-        """The transport is closing: abort the connections being salvaged."""
-        for task in list(self.tasks):
+    async def cancel_all(self) -> None:
+        """The transport is closing: abort the connections being salvaged (and wait for it)."""
+        tasks = list(self.tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

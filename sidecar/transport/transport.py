@@ -98,7 +98,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         """Close idle connections now, and those being salvaged; active ones close when their
         response ends."""
         self._pool.close_all()
-        self._salvage.cancel_all()
+        await self._salvage.cancel_all()
 
     # ---- the request path ----
 

@@ -174,7 +174,7 @@ def test_abandoned_connection_counts_come_from_the_pools_at_scrape_time() -> Non
     assert sample(obs, "egress_upstream_abandoned_total", pool="default", outcome="closed") == 2
     counts["default"] = (9, 2)
     assert sample(obs, "egress_upstream_abandoned_total", pool="default", outcome="kept") == 9
-    content_type, body = obs.metrics.exposition("application/openmetrics-text;version=1.0.0")
+    _, body = obs.metrics.exposition("application/openmetrics-text;version=1.0.0")
     assert b'egress_upstream_abandoned_total{outcome="kept",pool="default"} 9.0' in body
 
 
