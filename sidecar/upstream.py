@@ -162,7 +162,7 @@ class Upstream:
         counts: dict[str, tuple[int, int]] = {}
         for name, transport in (("default", self.default_transport), *self.route_transports.items()):
             if isinstance(transport, HTTP11Transport):
-                counts[name] = transport.connections_salvaged
+                counts[name] = transport.connections_abandoned
         return counts
 
     async def aclose(self) -> None:

@@ -60,15 +60,16 @@ def salvageable(conn: Connection, salvage_read: int, limit: int) -> bool:
 class Salvage:
     """The salvage tasks of one transport (a strong reference to each) and their counts."""
 
-    __slots__ = ("abandoned", "limit", "pool", "salvaged", "tasks", "timeout")
+    __slots__ = ("closed", "kept", "limit", "pool", "tasks", "timeout")
 
     def __init__(self, pool: Pool, limit: int = SALVAGE_BYTES, timeout: float = SALVAGE_TIMEOUT) -> None:
         self.pool = pool
         self.limit = limit
         self.timeout = timeout  # 0 turns salvage off
         self.tasks: set[asyncio.Task[None]] = set()
-        self.salvaged = 0  # connections read to the end of an abandoned response and kept
-        self.abandoned = 0  # connections closed because their caller went away
+        # Connections whose caller went away: read to the end of the response and kept, or closed.
+        self.kept = 0
+        self.closed = 0
 
     def take(self, conn: Connection, read_timeout: float | None) -> bool:
         """Take over `conn`, whose caller went away; False if it cannot be salvaged (the
@@ -82,7 +83,7 @@ class Salvage:
             or not conn.active
             or not salvageable(conn, 0, self.limit)
         ):
-            self.abandoned += 1
+            self.closed += 1
             return False
         conn.drop_body()  # what the caller left unread
         task = conn.loop.create_task(self._run(conn, timeout))
@@ -102,9 +103,9 @@ class Salvage:
                     finished = True
                     self.pool.finish(conn)  # released if keep-alive, closed otherwise
                     if conn.pooled:
-                        self.salvaged += 1
+                        self.kept += 1
                     else:
-                        self.abandoned += 1
+                        self.closed += 1
                     return
                 if conn.error is not None or conn.closed:
                     return
@@ -119,7 +120,7 @@ class Salvage:
             if not finished:
                 # Over a bound, failed, or cancelled (the transport is closing): close it as an
                 # abort would have at once.
-                self.abandoned += 1
+                self.closed += 1
                 self.pool.drop(conn)
 
     async def cancel_all(self) -> None:

@@ -89,10 +89,10 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         return self._pool.opened
 
     @property
-    def connections_salvaged(self) -> tuple[int, int]:
+    def connections_abandoned(self) -> tuple[int, int]:
         """(kept, closed): connections whose caller went away after the request was assigned
         one, by outcome - read to the end and kept, or closed (monotonic counters)."""
-        return self._salvage.salvaged, self._salvage.abandoned
+        return self._salvage.kept, self._salvage.closed
 
     async def aclose(self) -> None:
         """Close idle connections now, and those being salvaged; active ones close when their

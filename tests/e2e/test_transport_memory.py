@@ -130,7 +130,7 @@ def test_salvaged_and_abandoned_connections_are_freed_without_the_cyclic_gc(
                 break
             await response.aclose()  # salvage reads 64 KiB of it, then closes it
         await _settled(lambda: not transport._salvage.tasks)
-        counts = transport.connections_salvaged
+        counts = transport.connections_abandoned
         await cancelled(transport, "/stall")
         await transport.aclose()  # cancels the last salvage
         await _settled(lambda: not transport._salvage.tasks and _live_connections() <= before)

@@ -140,7 +140,7 @@ def test_cancelled_request_waiting_for_headers_frees_its_slot_when_the_salvage_g
         assert transport.pool_stats() == (1, 0)  # salvaging: the slot stays taken
         await wait_for(lambda: transport.pool_stats() == (0, 0), timeout=2, what="the salvage to give up")
         await wait_for(lambda: not server.open, what="the upstream to see the close")
-        assert transport.connections_salvaged == (0, 1)
+        assert transport.connections_abandoned == (0, 1)
         await transport.aclose()
 
     run(main())

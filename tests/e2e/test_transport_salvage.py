@@ -43,7 +43,7 @@ def test_connections_of_cancelled_requests_are_kept_and_no_new_handshake_is_need
             active, idle = transport.pool_stats()
             assert active + idle == 2 and active >= 1, (active, idle)
             await wait_for(lambda: transport.pool_stats() == (0, 2), what="the salvaged connections to go idle")
-        assert transport.connections_salvaged == (10, 0)
+        assert transport.connections_abandoned == (10, 0)
         response, body = await fetch(transport, make_request("GET", server.url("/bytes/10")))
         assert body == seeded_bytes(10) and response.extensions["egress.reused"] is True
         assert transport.connections_opened == 2
@@ -75,7 +75,7 @@ def test_a_cancelled_head_request_is_salvaged(certs: Certs, server: Upstream) ->
         await wait_for(lambda: transport.pool_stats() == (0, 1), what="the connection to go idle")
         await fetch(transport, make_request("GET", server.url("/bytes/10")))
         await transport.aclose()
-        return transport.connections_salvaged
+        return transport.connections_abandoned
 
     assert run(main()) == (1, 0)
     assert server.connections == 1
@@ -99,7 +99,7 @@ def test_a_request_cancelled_mid_upload_is_closed_at_once(certs: Certs, server: 
             await task
         # Half a request on the wire: the framing is lost, nothing to salvage.
         assert transport.pool_stats() == (0, 0)
-        assert transport.connections_salvaged == (0, 1)
+        assert transport.connections_abandoned == (0, 1)
         await wait_for(lambda: not server.open, what="the upstream to see the close")
         await transport.aclose()
 
@@ -138,7 +138,7 @@ def test_a_request_cancelled_mid_body_is_salvaged(certs: Certs, server: Upstream
             await reading
         await response.aclose()
         await wait_for(lambda: transport.pool_stats() == (0, 1), what="the connection to go idle")
-        assert transport.connections_salvaged == (1, 0)
+        assert transport.connections_abandoned == (1, 0)
         await transport.aclose()
 
     run(main())
@@ -158,7 +158,7 @@ def test_a_download_abandoned_mid_body_past_the_bound_is_closed(certs: Certs, se
         await response.aclose()
         await wait_for(lambda: transport.pool_stats() == (0, 0), what="the slot to be freed")
         await wait_for(lambda: not server.open, what="the upstream to see the close")
-        assert transport.connections_salvaged == (0, 1)
+        assert transport.connections_abandoned == (0, 1)
         response, body = await fetch(transport, make_request("GET", server.url("/bytes/10")))
         assert body == seeded_bytes(10) and response.extensions["egress.reused"] is False
         await transport.aclose()
@@ -173,7 +173,7 @@ def test_a_salvage_past_its_deadline_closes_the_connection(certs: Certs, server:
         assert transport.pool_stats() == (1, 0)
         await wait_for(lambda: transport.pool_stats() == (0, 0), timeout=0.9, what="the salvage deadline")
         await wait_for(lambda: not server.open, what="the upstream to see the close")
-        assert transport.connections_salvaged == (0, 1)
+        assert transport.connections_abandoned == (0, 1)
         await transport.aclose()
 
     run(main())
@@ -198,6 +198,6 @@ def test_closing_the_transport_ends_the_salvages(certs: Certs, server: Upstream)
         assert transport.pool_stats() == (0, 0)
         assert not transport._salvage.tasks
         await wait_for(lambda: not server.open, what="the upstream to see the closes")
-        assert transport.connections_salvaged == (0, 2)
+        assert transport.connections_abandoned == (0, 2)
 
     run(main())
