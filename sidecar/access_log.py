@@ -13,7 +13,10 @@ no connect or TLS time). `path` never carries the query string; header values ne
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from sidecar import log as log_module
 
@@ -47,19 +50,67 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
     }
 
 
+class _AccessLine(msgspec.Struct, gc=False):
+    """The `access` line as structlog renders it (access_fields, then event, level, time), in
+    that key order; msgspec encodes it in one call, with no dict and no processor chain."""
+
+    request_id: str | None
+    route: str
+    upstream: str
+    method: str
+    path: str
+    status: int
+    kind: str | None
+    duration_ms: float | None
+    headers_ms: float | None
+    pool_wait_ms: float | None
+    connect_ms: float | None
+    tls_ms: float | None
+    bytes_in: int
+    bytes_out: int
+    reused: bool | None
+    event: str
+    level: str
+    time: str
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def render_access_line(ex: Exchange, time: str) -> bytes:
+    """The JSON `access` line of `ex`, newline included (what structlog's JSON set-up writes)."""
+    request_id = ex.request_id
+    return _encode(_AccessLine(
+        request_id.decode("latin-1") if request_id is not None else None, ex.route, ex.upstream, ex.method,
+        ex.path, ex.status, ex.kind, _ms(ex.start, ex.end), _ms(ex.sent, ex.headers), _ms(ex.sent, ex.first_event),
+        _ms(ex.connect_start, ex.connect_end), _ms(ex.tls_start, ex.tls_end), ex.bytes_in, ex.bytes_out,
+        ex.reused, "access", "info", time,
+    )) + b"\n"
+
+
 class AccessLog:
-    """Writes the per-request line; the logger is looked up once, here, not per request."""
+    """Writes the per-request line; the logger is looked up once, here, not per request.
+
+    An `access` line in JSON (the sidecar's format whenever stdout is not a terminal) skips
+    structlog: rendered by `render_access_line` straight into the log output, ~1.5 us instead
+    of ~6 (bench/observe_cost.py). Errors, and console output, go through structlog.
+    """
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         # bind(): the concrete logger of the configuration in force (built after log.configure),
         # not the lazy proxy, which costs ~0.6 us more per call.
         self.log = log_module.get("egress.access").bind()
+        self.sink = log_module.json_sink(logging.INFO)
 
     def emit(self, ex: Exchange) -> None:
         if ex.kind is None:
             if self.enabled:
-                self.log.info("access", **access_fields(ex))
+                sink = self.sink
+                if sink is not None:
+                    sink.output.write_bytes(render_access_line(ex, sink.timestamp.now()))
+                else:
+                    self.log.info("access", **access_fields(ex))
             return
         fields = access_fields(ex)
         if ex.reason is not None:

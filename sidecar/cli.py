@@ -52,10 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_module.ConfigError as exc:
         print(f"egress-sidecar: {exc}", file=sys.stderr)
         return 2
+    from sidecar.tls import TLSContexts
+
+    # Load the pools' CA bundles in a thread while the server's modules import (sidecar.tls).
+    contexts = TLSContexts.start(config)
     from sidecar.server import run
 
     try:
-        return run(config)
+        return run(config, contexts)
     except config_module.ConfigError as exc:  # e.g. a route's secret file cannot be read
         print(f"egress-sidecar: {exc}", file=sys.stderr)
         return 2

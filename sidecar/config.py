@@ -12,12 +12,10 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import msgspec
-import yaml
 
 from sidecar.hostnames import canonical_host, check_patterns
 
@@ -260,6 +258,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, path in ENV_OVERRIDES.items():
         if name not in environ:
             continue
+        import yaml  # first use only (see read_yaml)
+
         value: Any = yaml.safe_load(environ[name]) if environ[name] != "" else ""
         node = raw
         for key in path[:-1]:
@@ -393,6 +393,8 @@ def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -
         text = Path(path).read_text()
     except OSError as exc:
         raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    import yaml  # imported on first use: `run` with no file and no EGRESS_* variable parses no YAML
+
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -401,6 +403,8 @@ def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -
 
 def embedded_default_text() -> str:
     """The documented default config shipped in the package (what the Helm chart mounts)."""
+    from importlib import resources  # ~8 ms of imports that only print-default-config needs
+
     return resources.files("sidecar").joinpath("default.yaml").read_text()
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from sidecar.cycle import ProxyCycle
 from sidecar.errors import ClientDisconnected, EgressError, classify, error_head
 from sidecar.headers import (
     body_framing,
@@ -89,31 +90,51 @@ class DisconnectWatch:
     Started once the request body is fully read (before that, RequestBody sees the
     disconnect itself), it covers the wait for the upstream's headers as well as the relay:
     an app that gives up on a slow upstream frees the upstream connection and its pool slot
-    then, not at the read timeout. Stopped before the sidecar's last write of a response:
-    uvicorn's receive() also returns http.disconnect once a response is complete.
+    then, not at the read timeout.
+
+    On the data listener's own protocol the cycle calls us when the connection is lost
+    (cycle.ProxyCycle.on_disconnect): no extra task per request. Under another server (h11)
+    a watcher task waits on `receive()` instead; it is stopped before the sidecar's last
+    write of a response, as uvicorn's receive() also returns http.disconnect once a response
+    is complete.
     """
 
-    __slots__ = ("_receive", "_task", "_watcher", "seen")
+    __slots__ = ("_cycle", "_receive", "_task", "_watcher", "seen")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, cycle: ProxyCycle | None) -> None:
         self._receive = receive
+        self._cycle = cycle
         self._task: asyncio.Task[Any] | None = None
         self._watcher: asyncio.Future[None] | None = None
         self.seen = False
 
     def start(self) -> None:
-        if self._watcher is None:
-            self._task = asyncio.current_task()
-            self._watcher = asyncio.ensure_future(_wait_for_disconnect(self._receive))
-            self._watcher.add_done_callback(self._on_done)
+        if self._task is not None:
+            return
+        self._task = asyncio.current_task()
+        cycle = self._cycle
+        if cycle is not None:
+            if cycle.disconnected:
+                self._disconnected()  # gone already: the next await raises CancelledError
+            else:
+                cycle.on_disconnect = self._disconnected
+            return
+        self._watcher = asyncio.ensure_future(_wait_for_disconnect(self._receive))
+        self._watcher.add_done_callback(self._on_done)
 
-    def _on_done(self, watcher: asyncio.Future[None]) -> None:
-        if not watcher.cancelled() and watcher.exception() is None and self._task is not None:
+    def _disconnected(self) -> None:
+        if self._task is not None:
             self.seen = True
             self._task.cancel()
 
+    def _on_done(self, watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled() and watcher.exception() is None:
+            self._disconnected()
+
     def stop(self) -> None:
-        if self._watcher is not None:
+        if self._cycle is not None:
+            self._cycle.on_disconnect = None
+        elif self._watcher is not None:
             self._watcher.remove_done_callback(self._on_done)
             self._watcher.cancel()
 
@@ -190,7 +211,8 @@ class ForwardApp:
         runtime = self.runtime
         headers = scope["headers"]
         body: RequestBody | None = None
-        watch = DisconnectWatch(receive)
+        cycle = getattr(send, "__self__", None)  # see cycle.py: `send` is our cycle's own method
+        watch = DisconnectWatch(receive, cycle if isinstance(cycle, ProxyCycle) else None)
         gate: Gate | None = None
         response: httpx.Response | None = None
         try:

@@ -41,12 +41,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar.config import Limits
+from sidecar.cycle import ProxyCycle
 from sidecar.errors import ERRORS, error_head
 from sidecar.observe import Exchange, Observer
 
@@ -142,7 +143,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if isinstance(cycle, ProxyCycle) and cycle.on_disconnect is not None:
+            on_disconnect, cycle.on_disconnect = cycle.on_disconnect, None
+            if not cycle.response_complete:
+                on_disconnect()
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's data_received, with our answers instead of its plain 400.
@@ -202,7 +208,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                       f"(limits {limits.max_headers} fields, {limits.max_header_bytes} bytes)")
             self._refusal = ("header_too_large", detail)
             raise _Refused
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not previous and cycle is not None:
+            # uvicorn builds its RequestResponseCycle by name inside on_headers_complete; the
+            # request's task has not run yet, so changing the class here is all it takes.
+            cycle.__class__ = ProxyCycle
+            cast(ProxyCycle, cycle).loop = self.loop
 
     # -- refusing --------------------------------------------------------------------------
     def _cancel_head_timer(self) -> None:

@@ -36,11 +36,15 @@ class BufferedOutput:
     def __init__(self, stream: IO[bytes], immediate: bool = False) -> None:
         self.stream = stream
         self.immediate = immediate
-        self._parts: list[str] = []
+        self._parts: list[bytes] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def write(self, line: str) -> None:
+        self.write_bytes(line.encode("utf-8", "replace"))
+
+    def write_bytes(self, line: bytes) -> None:
+        """Add one complete line (newline included), already encoded."""
         self._parts.append(line)
         self._size += len(line)
         if self.immediate or self._size >= _FLUSH_BYTES:
@@ -61,9 +65,8 @@ class BufferedOutput:
             return
         # Swap, not clear: a line another thread appends meanwhile lands in the new list.
         parts, self._parts, self._size = self._parts, [], 0
-        data = "".join(parts).encode("utf-8", "replace")
         try:
-            self.stream.write(data)
+            self.stream.write(b"".join(parts))
             self.stream.flush()
         except (OSError, ValueError):
             pass  # stdout closed or broken: logging must never take the proxy down
@@ -77,8 +80,12 @@ class _LineLogger:
     def __init__(self, output: BufferedOutput) -> None:
         self._output = output
 
-    def msg(self, message: str) -> None:
-        self._output.write(message + "\n")
+    def msg(self, message: str | bytes) -> None:
+        # JSON lines arrive as bytes (msgspec's), console lines as str.
+        if isinstance(message, bytes):
+            self._output.write_bytes(message + b"\n")
+        else:
+            self._output.write(message + "\n")
 
     log = debug = info = warn = warning = err = error = critical = exception = msg
 
@@ -106,43 +113,70 @@ class _Timestamp:
         self._second = -1
         self._prefix = ""
 
-    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    def now(self) -> str:
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["time"] = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["time"] = self.now()
         return event
 
 
 _encoder = msgspec.json.Encoder()
 
 
-def _dumps(event: dict[str, Any], **_: Any) -> str:
+def _dumps(event: dict[str, Any], **_: Any) -> bytes:
     try:
-        return _encoder.encode(event).decode()
+        return _encoder.encode(event)
     except TypeError:  # an object msgspec does not know (an exception in a stdlib record)
         return _encoder.encode({k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
-                                for k, v in event.items()}).decode()
+                                for k, v in event.items()})
+
+
+def _dumps_text(event: dict[str, Any], **kw: Any) -> str:
+    return _dumps(event, **kw).decode()  # stdlib records: logging's Formatter wants str
+
+
+class JsonSink:
+    """Where pre-rendered JSON lines go, for callers that render their own (access_log.py)."""
+
+    __slots__ = ("output", "timestamp")
+
+    def __init__(self, output: BufferedOutput, timestamp: _Timestamp) -> None:
+        self.output = output
+        self.timestamp = timestamp
 
 
 _output: BufferedOutput | None = None
+_json: tuple[JsonSink, int] | None = None  # the JSON output and the lowest level written; None on a console
+
+
+def json_sink(level: int) -> JsonSink | None:
+    """The JSON-lines output if lines at `level` are written and rendered as JSON, else None."""
+    if _json is not None and level >= _json[1]:
+        return _json[0]
+    return None
 
 
 def configure(settings: Log, stream: IO[bytes] | None = None) -> None:
     """Route structlog and the stdlib loggers (uvicorn's, ours) to one stream in one format."""
-    global _output
+    global _output, _json
     level = _LEVELS[settings.level]
     tty = sys.stdout.isatty()
     console = settings.format == "console" or (settings.format == "auto" and tty)
     renderer: Any = structlog.dev.ConsoleRenderer(colors=False) if console else structlog.processors.JSONRenderer(
         serializer=_dumps)
+    text_renderer: Any = renderer if console else structlog.processors.JSONRenderer(serializer=_dumps_text)
     if _output is not None:
         _output.flush()
     output = _output = BufferedOutput(stream or sys.stdout.buffer, immediate=tty)
     atexit.register(output.flush)
     timestamp = _Timestamp()
+    _json = None if console else (JsonSink(output, timestamp), level)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -157,7 +191,7 @@ def configure(settings: Log, stream: IO[bytes] | None = None) -> None:
     handler = _LineHandler(output)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, timestamp, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, timestamp, text_renderer],
             foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name],
         )
     )

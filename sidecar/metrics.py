@@ -16,9 +16,9 @@ import platform
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from typing import TYPE_CHECKING
 
+import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -27,6 +27,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+import sidecar
 from sidecar.breaker import STATE_VALUES
 from sidecar.config import Config
 
@@ -185,8 +186,10 @@ class Metrics:
         self.retries = Counter("egress_retries", "Upstream attempts retried, by reason", ["route", "reason"],
                                registry=registry)
         Info("egress_build", "Build information", registry=registry).info(
-            {"version": _dist_version("egress-sidecar"), "python": platform.python_version(),
-             "httpx": _dist_version("httpx"), "implementation": sys.implementation.name}
+            # The packages' own version attributes, not importlib.metadata: that import and its scan
+            # of sys.path cost ~20 ms at start (a unit test checks they agree with the metadata).
+            {"version": sidecar.__version__, "python": platform.python_version(),
+             "httpx": httpx.__version__, "implementation": sys.implementation.name}
         )
         if pools is not None:
             registry.register(PoolCollector(pools, config.pool.max_connections))
@@ -310,10 +313,3 @@ class Metrics:
         """(content type, body): OpenMetrics when `accept` asks for it, else the text format."""
         encoder, content_type = choose_encoder(accept)
         return content_type.encode("latin-1"), encoder(self.registry)
-
-
-def _dist_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:  # pragma: no cover
-        return "unknown"

@@ -296,9 +296,18 @@ _IfAddrs._fields_ = [
 ]
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library: the process's own symbols first (dlopen(NULL): the interpreter links libc,
+    glibc or musl), then a library search, which runs `ldconfig -p` (~5 ms at every start)."""
+    process = ctypes.CDLL(None, use_errno=True)
+    if hasattr(process, "getifaddrs") and hasattr(process, "freeifaddrs"):
+        return process
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def _interface_addresses() -> set[IPAddress]:
     """Every address of every interface, secondary ones included (libc getifaddrs)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _libc()
     head = ctypes.POINTER(_IfAddrs)()
     if libc.getifaddrs(ctypes.byref(head)) != 0:
         raise OSError(ctypes.get_errno(), "getifaddrs failed")

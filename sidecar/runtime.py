@@ -11,6 +11,7 @@ from sidecar.observe import Observer
 from sidecar.policy import EgressPolicy
 from sidecar.resilience import Resilience
 from sidecar.routing import Router, compile_route
+from sidecar.tls import TLSContexts
 from sidecar.upstream import Upstream
 
 
@@ -38,13 +39,13 @@ class Runtime:
             self.idle.set()
 
 
-def build_runtime(config: Config, observer: Observer | None = None) -> Runtime:
+def build_runtime(config: Config, observer: Observer | None = None, contexts: TLSContexts | None = None) -> Runtime:
     routes = [
         compile_route(route, config, injected_headers(route))
         for route in config.routes
     ]
     policy = EgressPolicy.from_config(config)
-    upstream = Upstream(config, routes, resolve=policy.resolve)
+    upstream = Upstream(config, routes, resolve=policy.resolve, contexts=contexts)
     runtime = Runtime(
         config=config,
         router=Router(config, routes),

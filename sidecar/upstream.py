@@ -3,7 +3,8 @@
 ONE `httpx.AsyncClient` for the process, made at start and closed at stop. It owns the
 default pool. A route whose TLS settings or HTTP version differ from the default gets its own
 pool (an `ssl.SSLContext` and the HTTP/2 switch belong to a pool in httpcore), created once at
-start and closed with the client.
+start (an HTTP/2 pool's transport at its first request: _DeferredTransport) and closed with the
+client.
 
 The hot path does not call `client.send`: it hands an `httpx.Request` to the transport's
 `handle_async_request`. That skips, by construction, what a proxy must not do: the client's
@@ -19,13 +20,13 @@ from __future__ import annotations
 import http.cookiejar
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import httpx
 
 from sidecar.config import TLS, Config
-from sidecar.guard import guard_transport
 from sidecar.routing import CompiledRoute
+from sidecar.tls import TLSContexts, default_pool, route_pool
 from sidecar.transport import HTTP11Transport, Resolve
 
 log = logging.getLogger("egress.upstream")
@@ -41,36 +42,48 @@ class _NoCookies(http.cookiejar.CookieJar):
         return None
 
 
-def ssl_context(tls: TLS, http2: bool) -> ssl.SSLContext:
-    """A client TLS context: system trust or `ca_file`, optional client certificate (mTLS)."""
-    if tls.insecure_skip_verify:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context = ssl.create_default_context(cafile=tls.ca_file) if tls.ca_file else _system_context()
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
-    return context
+class _DeferredTransport(httpx.AsyncBaseTransport):
+    """An HTTP/2 pool: httpx's stock transport, built at the pool's first request.
 
+    It needs httpcore, which brings h11, h2, hpack, hyperframe and anyio: ~25 ms of imports and
+    ~2 MiB that the sidecar does not pay before it is ready, nor at all while no request takes
+    an HTTP/2 route. Building it does no I/O and no await, so concurrent first requests cannot
+    build two. Its TLS context is made at start with the others.
+    """
 
-def _system_context() -> ssl.SSLContext:
-    try:
-        import certifi  # httpx's own default trust, when present
+    def __init__(self, build: Callable[[], httpx.AsyncBaseTransport]) -> None:
+        self._build = build
+        self._inner: httpx.AsyncBaseTransport | None = None
 
-        return ssl.create_default_context(cafile=certifi.where())
-    except ImportError:  # pragma: no cover - certifi ships with httpx
-        return ssl.create_default_context()
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        inner = self._inner
+        if inner is None:
+            inner = self._inner = self._build()
+        return await inner.handle_async_request(request)
+
+    def pool_stats(self) -> tuple[int, int]:
+        """(active, idle), read through httpcore's pool (`_pool.connections`, `is_idle()`/`is_closed()`)."""
+        if self._inner is None:
+            return 0, 0
+        connections = self._inner._pool.connections  # type: ignore[attr-defined]
+        idle = sum(1 for c in connections if c.is_idle())
+        closed = sum(1 for c in connections if c.is_closed())
+        return len(connections) - idle - closed, idle
+
+    async def aclose(self) -> None:
+        if self._inner is not None:
+            await self._inner.aclose()
 
 
 class Upstream:
     """Owns the one AsyncClient and the per-route pools; `send` is the hot path."""
 
-    def __init__(self, config: Config, routes: Sequence[CompiledRoute], resolve: Resolve | None = None) -> None:
+    def __init__(self, config: Config, routes: Sequence[CompiledRoute], resolve: Resolve | None = None,
+                 contexts: TLSContexts | None = None) -> None:
         self.config = config
         self.resolve = resolve
-        self.default_transport = self._transport(config.tls, config.pool.http2)
+        self.contexts = contexts or TLSContexts()  # contexts started early (sidecar.tls), else built here
+        self.default_transport = self._transport(*default_pool(config))
         self.client = httpx.AsyncClient(
             transport=self.default_transport,
             cookies=httpx.Cookies(_NoCookies()),
@@ -84,36 +97,41 @@ class Upstream:
             ),
         )
         self.client.headers.clear()  # no User-Agent / Accept / Accept-Encoding of httpx's own
-        self.route_transports: dict[str, httpx.AsyncBaseTransport] = {}
+        self.route_transports: dict[str, HTTP11Transport | _DeferredTransport] = {}
         for route in routes:
-            tls = route.config.tls
-            http2 = route.config.http2
-            if tls is None and (http2 is None or http2 == config.pool.http2):
+            settings = route_pool(route.config, config)
+            if settings is None:
                 continue
-            self.route_transports[route.name] = self._transport(
-                tls or config.tls, config.pool.http2 if http2 is None else http2
-            )
+            self.route_transports[route.name] = self._transport(*settings)
+            tls = route.config.tls
             if tls is not None and tls.insecure_skip_verify:
                 log.warning("route %s: TLS verification is OFF (insecure_skip_verify)", route.name)
         if config.tls.insecure_skip_verify:
             log.warning("TLS verification is OFF for forward-proxy destinations (tls.insecure_skip_verify)")
 
-    def _transport(self, tls: TLS, http2: bool) -> httpx.AsyncBaseTransport:
+    def _transport(self, tls: TLS, http2: bool) -> HTTP11Transport | _DeferredTransport:
         pool = self.config.pool
         if not http2:
             # HTTP/1.1 pools use our own transport (sidecar/transport/): same httpx API, a
             # fraction of httpcore's CPU per request. It also dials through `resolve`.
             return HTTP11Transport(
-                ssl_context(tls, http2),
+                self.contexts.get(tls, http2),
                 max_connections=pool.max_connections,
                 max_idle=pool.max_keepalive_connections,
                 keepalive_expiry=float(pool.keepalive_expiry),
                 resolve=self.resolve,
             )
+        context = self.contexts.get(tls, http2)  # at start, like every pool's: a bad CA file stops start-up
+        return _DeferredTransport(lambda: self._stock_transport(context))
+
+    def _stock_transport(self, context: ssl.SSLContext) -> httpx.AsyncBaseTransport:
+        from sidecar.guard import guard_transport  # imports httpcore (see _DeferredTransport)
+
+        pool = self.config.pool
         transport = httpx.AsyncHTTPTransport(
-            verify=ssl_context(tls, http2),
+            verify=context,
             http1=True,
-            http2=http2,
+            http2=True,
             limits=httpx.Limits(
                 max_connections=pool.max_connections,
                 max_keepalive_connections=pool.max_keepalive_connections,
@@ -138,21 +156,10 @@ class Upstream:
         return [self.default_transport, *self.route_transports.values()]
 
     def pool_stats(self) -> dict[str, tuple[int, int]]:
-        """(active, idle) connections per pool ("default" or the route's name), read from the pools now.
-
-        A transport with its own `pool_stats()` answers for itself; httpx's stock transport is
-        read through httpcore's pool (`_pool.connections`, each `is_idle()`/`is_closed()`).
-        """
+        """(active, idle) connections per pool ("default" or the route's name), read from the pools now."""
         stats: dict[str, tuple[int, int]] = {}
         for name, transport in (("default", self.default_transport), *self.route_transports.items()):
-            own = getattr(transport, "pool_stats", None)
-            if own is not None:
-                stats[name] = own()
-                continue
-            connections = transport._pool.connections  # type: ignore[attr-defined]
-            idle = sum(1 for c in connections if c.is_idle())
-            closed = sum(1 for c in connections if c.is_closed())
-            stats[name] = (len(connections) - idle - closed, idle)
+            stats[name] = transport.pool_stats()
         return stats
 
     def abandoned_counts(self) -> dict[str, tuple[int, int]]:

@@ -225,6 +225,12 @@ class _Handler:
             await asyncio.sleep(0.05)
             self.reset()
             return False
+        elif path == "/head-then-stall":
+            # The response head alone, then nothing until the peer closes (an SSE stream or a
+            # long poll between events): the head must reach the app without waiting for a body.
+            await self.send(h11.Response(status_code=200, headers=[("content-length", "100")]))
+            await self.wait_for_close(seen)
+            return False
         elif path == "/stall-mid":
             # Headers and the first KiB of 100,000 bytes, then nothing until the peer closes.
             await self.send(h11.Response(status_code=200, headers=[("content-length", "100000")]))

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import Sidecar
-from tests.upstream import GZIP_PAYLOAD, Upstream, random_bytes
+from tests.upstream import GZIP_PAYLOAD, Upstream, random_bytes, wait_until
 
 
 def raw_request(port: int, request: bytes, timeout: float = 10.0) -> bytes:
@@ -229,3 +229,14 @@ def test_x_forwarded_headers_from_the_app_pass_through_untouched(sidecar: Sideca
     headers = [tuple(h) for h in seen["headers"]]
     assert ("x-forwarded-for", "203.0.113.9") in headers
     assert ("x-forwarded-proto", "https") in headers
+
+
+def test_a_response_head_reaches_the_app_before_its_body_starts(sidecar: Sidecar, upstream: Upstream) -> None:
+    # The sidecar writes a head together with a body that is already there; a head whose
+    # body has not started (an event stream between events) must still go out at once.
+    with httpx.Client(timeout=httpx.Timeout(5.0)) as client, client.stream(
+            "GET", f"{sidecar.url}/up/head-then-stall") as response:
+        assert response.status_code == 200 and response.headers["content-length"] == "100"
+        seen = next(s for s in reversed(upstream.requests) if s.target == "/head-then-stall")
+        assert not seen.peer_closed  # the upstream is still holding the body back
+    wait_until(lambda: seen.peer_closed, timeout=5, message="the sidecar closes the abandoned upstream request")
