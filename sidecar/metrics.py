@@ -104,6 +104,30 @@ class BreakerCollector(Collector):
         yield family
 
 
+class AbandonedCollector(Collector):
+    """`egress_upstream_abandoned_total{pool,outcome}`: exchanges whose app went away after a
+    connection was assigned, by what became of the connection, read from the pools at scrape
+    time (monotonic counts kept by the transport)."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        self.counts = counts
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "egress_upstream_abandoned",
+            "Upstream exchanges whose app went away after a connection was assigned, by outcome: kept (the rest "
+            "of the response was read and the connection reused) or closed",
+            labels=["pool", "outcome"],
+        )
+        for pool, (kept, closed) in sorted(self.counts().items()):
+            family.add_metric([pool, "kept"], kept)
+            family.add_metric([pool, "closed"], closed)
+        yield family
+
+
 # The `le` label of each bucket, +Inf last, as prometheus_client writes them.
 _LE: tuple[str, ...] = (*(floatToGoString(bound) for bound in BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
 
@@ -273,6 +297,10 @@ class Metrics:
     def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
         """Export the circuit breakers' states (resilience.Breakers.states) at scrape time."""
         self.registry.register(BreakerCollector(states))
+
+    def watch_abandoned(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        """Export what became of connections whose app went away (Upstream.abandoned_counts)."""
+        self.registry.register(AbandonedCollector(counts))
 
     # -- label handling -------------------------------------------------------------------
 

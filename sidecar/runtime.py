@@ -57,5 +57,6 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
     metrics = getattr(runtime.observer, "metrics", None)
     if metrics is not None:
         metrics.watch_breakers(runtime.resilience.breakers.states)
+        metrics.watch_abandoned(upstream.abandoned_counts)
     runtime.idle.set()
     return runtime

@@ -162,6 +162,16 @@ class Upstream:
             stats[name] = transport.pool_stats()
         return stats
 
+    def abandoned_counts(self) -> dict[str, tuple[int, int]]:
+        """(kept, closed) per pool of our own transport: connections whose app went away after
+        the request was given one, read to the end and kept (salvaged) or closed. httpx's
+        stock transport (HTTP/2 routes) keeps no such count and is left out."""
+        counts: dict[str, tuple[int, int]] = {}
+        for name, transport in (("default", self.default_transport), *self.route_transports.items()):
+            if isinstance(transport, HTTP11Transport):
+                counts[name] = transport.connections_abandoned
+        return counts
+
     async def aclose(self) -> None:
         for transport in self.route_transports.values():
             await transport.aclose()

@@ -11,6 +11,7 @@ shares nothing with it but the loopback network. The path picks the behaviour:
   /cookies              three Set-Cookie headers in order
   /status/C             status C (204/304 without body)
   /delay/MS             answers after MS milliseconds
+  /trickle/MS           a 2000-byte body: the head and 1000 bytes, the rest after MS milliseconds
   /close                answers with Connection: close and closes
   /http10               an HTTP/1.0 answer delimited by connection close
   /until-close          an HTTP/1.1 answer with no length, delimited by close
@@ -254,6 +255,12 @@ class _ServerConnection(asyncio.Protocol):
         elif name == "delay":
             await asyncio.sleep(int(parts[1]) / 1000)
             self.send(200, [(b"Content-Length", b"2")], b"ok")
+        elif name == "trickle":
+            body = seeded_bytes(2000)
+            transport.write(self.write_head(200, [(b"Content-Length", b"2000")]) + body[:1000])
+            await asyncio.sleep(int(parts[1]) / 1000)
+            if not self.closed:
+                transport.write(body[1000:])
         elif name == "close":
             self.send(200, [(b"Content-Length", b"2"), (b"Connection", b"close")], b"ok")
             transport.close()

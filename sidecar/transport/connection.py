@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from sidecar.transport.wire import response_keep_alive
+
 if TYPE_CHECKING:
     from sidecar.transport.pool import Origin
 
@@ -226,6 +228,14 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
         return data
 
+    def drop_body(self) -> None:
+        """Throw the buffered body bytes away (nobody will read them); resumes reading."""
+        self.chunks.clear()
+        self.buffered = 0
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
     async def wait(self, timeout: float | None) -> bool:
         """Wait until the protocol side has news; False if `timeout` passed first.
 
@@ -410,7 +420,7 @@ class Connection(asyncio.Protocol):
             # Responses to HEAD carry no body whatever their Content-Length says (RFC 9110
             # section 9.3.2); httptools cannot be told so, so the exchange ends here.
             self.body_done = True
-            self.keep_alive = _head_keep_alive(self.http_version, self.headers)
+            self.keep_alive = response_keep_alive(self.http_version, self.headers)
             self.new_parser_needed = True
         self._wake()
 
@@ -445,14 +455,3 @@ def _delimited_by_close(headers: list[tuple[bytes, bytes]]) -> bool:
         if lowered == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked"):
             return False
     return True
-
-
-def _head_keep_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
-    """Keep-alive for a response whose message llhttp never finishes (HEAD)."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    if version == "1.1":
-        return b"close" not in tokens
-    return b"keep-alive" in tokens

@@ -168,6 +168,23 @@ class Pool:
         if conn.expiry_handle is None and self.keepalive_expiry is not None:
             conn.expiry_handle = loop.call_at(now + self.keepalive_expiry, self._check_expiry, conn)
 
+    def finish(self, conn: Connection) -> None:
+        """The whole response of `conn`'s exchange came off the wire: reuse it if it may."""
+        conn.active = False
+        conn.drop_body()  # bytes nobody will read; resumes reading if it was paused
+        if conn.keep_alive and conn.request_sent:
+            self.release(conn)
+        else:
+            conn.close()
+            self.discard(conn)
+
+    def drop(self, conn: Connection) -> None:
+        """`conn`'s exchange did not end cleanly: abort the connection and free its slot."""
+        conn.abort()
+        conn.forget_error()  # see Connection.forget_error
+        conn.chunks.clear()
+        self.discard(conn)
+
     def discard(self, conn: Connection) -> None:
         """`conn` is gone (closed, failed, aborted): free its slot. Safe to call twice."""
         if conn.idle:

@@ -30,6 +30,7 @@ from sidecar.transport import wire
 from sidecar.transport.connect import Resolve, Trace, open_connection
 from sidecar.transport.connection import DISCONNECTED, Connection, ServerDisconnected
 from sidecar.transport.pool import Origin, OriginKey, Pool, PoolClosed, PoolWaitTimeout
+from sidecar.transport.salvage import SALVAGE_BYTES, SALVAGE_TIMEOUT, Salvage
 
 _DEFAULT_PORTS = {b"https": 443, b"http": 80}
 _NO_TIMEOUTS: dict[str, float | None] = {}
@@ -51,6 +52,8 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
     dialled at (already checked by the egress policy); SNI and certificate checks still use
     the host name. `max_idle` defaults to `max_connections`. `retry_stale=False` turns off
     the one silent retry of the keep-alive race (see the module docstring).
+    `salvage_bytes` and `salvage_timeout` bound the reading of a response whose caller went
+    away, to keep its connection (see salvage.py); `salvage_timeout=0` turns that off.
     """
 
     def __init__(
@@ -62,6 +65,8 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         keepalive_expiry: float | None = 60.0,
         resolve: Resolve | None = None,
         retry_stale: bool = True,
+        salvage_bytes: int = SALVAGE_BYTES,
+        salvage_timeout: float = SALVAGE_TIMEOUT,
     ) -> None:
         if ssl_context is None:
             ssl_context = ssl.create_default_context()
@@ -70,6 +75,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         self._resolve = resolve
         self._retry_stale = retry_stale
         self._pool = Pool(max_connections, max_connections if max_idle is None else max_idle, keepalive_expiry)
+        self._salvage = Salvage(self._pool, salvage_bytes, salvage_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- introspection ----
@@ -83,9 +89,17 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         """Connections opened since start (a monotonic counter)."""
         return self._pool.opened
 
+    @property
+    def connections_abandoned(self) -> tuple[int, int]:
+        """(kept, closed): connections whose caller went away after the request was assigned
+        one, by outcome - read to the end and kept, or closed (monotonic counters)."""
+        return self._salvage.kept, self._salvage.closed
+
     async def aclose(self) -> None:
-        """Close idle connections now; active ones close when their response ends."""
+        """Close idle connections now, and those being salvaged; active ones close when their
+        response ends."""
         self._pool.close_all()
+        await self._salvage.cancel_all()
 
     # ---- the request path ----
 
@@ -192,17 +206,21 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
                     "http11.receive_response_headers.complete",
                     {"return_value": (version, conn.status, conn.reason, conn.headers)},
                 )
+        except asyncio.CancelledError:
+            # The caller went away (the app disconnected): once the whole request is out, the
+            # connection may be worth keeping (salvage.py). The cancellation goes on at once.
+            if not self._salvage.take(conn, timeouts.get("read")):
+                self._pool.drop(conn)
+            raise
         except BaseException as exc:
-            conn.abort()
-            conn.forget_error()  # `exc` may be it: see Connection.forget_error
-            self._pool.discard(conn)
+            self._pool.drop(conn)  # `exc` may be its error: see Connection.forget_error
             if reused and not conn.got_bytes and isinstance(exc, ServerDisconnected):
                 raise _Stale(exc) from exc
             raise
         return build_response(
             conn.status,
             conn.headers,
-            ResponseStream(conn, self._pool, timeouts.get("read")),
+            ResponseStream(conn, self._salvage, timeouts.get("read")),
             {
                 "http_version": version,
                 "reason_phrase": conn.reason,
@@ -390,15 +408,16 @@ class ResponseStream(httpx.AsyncByteStream):
     """The response body as it arrives: de-chunked, never decompressed.
 
     At the end of the body the connection goes back to the pool (if the response allows
-    keep-alive); `aclose` before the end closes it, so an abandoned download never leaves a
-    connection half-read in the pool.
+    keep-alive). A caller that stops before the end (`aclose`, or cancelled while waiting for
+    bytes) hands the connection to the salvage, which reads a small rest and keeps it, or
+    closes it: an abandoned download never leaves a connection half-read in the pool.
     """
 
-    __slots__ = ("_conn", "_pool", "_read_timeout")
+    __slots__ = ("_conn", "_read_timeout", "_salvage")
 
-    def __init__(self, conn: Connection, pool: Pool, read_timeout: float | None) -> None:
+    def __init__(self, conn: Connection, salvage: Salvage, read_timeout: float | None) -> None:
         self._conn: Connection | None = conn
-        self._pool = pool
+        self._salvage = salvage
         self._read_timeout = read_timeout
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -417,7 +436,8 @@ class ResponseStream(httpx.AsyncByteStream):
             if conn.chunks:
                 return conn.take_body()
             if conn.body_done:
-                self._finish(conn)
+                self._conn = None
+                self._salvage.pool.finish(conn)
                 raise StopAsyncIteration
             if conn.error is not None:
                 error = conn.error
@@ -430,6 +450,9 @@ class ResponseStream(httpx.AsyncByteStream):
                     del error
             try:
                 ok = await conn.wait(self._read_timeout)
+            except asyncio.CancelledError:
+                self._leave(conn)
+                raise
             except BaseException:
                 self._drop(conn)
                 raise
@@ -441,32 +464,23 @@ class ResponseStream(httpx.AsyncByteStream):
         conn = self._conn
         if conn is None:
             return
+        self._conn = None
         if conn.body_done:
             # The whole response came off the wire: the connection is clean, whether or not
             # the caller read every buffered byte.
-            conn.chunks.clear()
-            self._finish(conn)
+            self._salvage.pool.finish(conn)
         else:
-            self._drop(conn)
+            self._leave(conn)
 
-    def _finish(self, conn: Connection) -> None:
+    def _leave(self, conn: Connection) -> None:
+        """The caller stops reading before the end: salvage the connection, or abort it."""
         self._conn = None
-        conn.active = False
-        if conn.reading_paused and not conn.closed:
-            conn.reading_paused = False
-            conn.transport.resume_reading()  # type: ignore[union-attr]
-        if conn.keep_alive and conn.request_sent:
-            self._pool.release(conn)
-        else:
-            conn.close()
-            self._pool.discard(conn)
+        if not self._salvage.take(conn, self._read_timeout):
+            self._salvage.pool.drop(conn)
 
     def _drop(self, conn: Connection) -> None:
         self._conn = None
-        conn.abort()
-        conn.forget_error()  # see Connection.forget_error
-        conn.chunks.clear()
-        self._pool.discard(conn)
+        self._salvage.pool.drop(conn)
 
     def __del__(self) -> None:
         # Safety net: a response dropped without being read to the end or closed would

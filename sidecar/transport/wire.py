@@ -128,3 +128,67 @@ def may_retry_on_fresh(
         and not already_retried
         and method in IDEMPOTENT_METHODS
     )
+
+
+def response_keep_alive(version: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a response head lets the connection carry another request (RFC 9112 section 9.3):
+    HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with `Connection: keep-alive`."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    if version == "1.1":
+        return b"close" not in tokens
+    return b"keep-alive" in tokens
+
+
+def may_salvage(
+    request_sent: bool,
+    head_request: bool,
+    status: int | None,
+    version: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    body_received: int,
+    salvage_read: int,
+    limit: int,
+) -> bool:
+    """Whether a connection whose caller went away may still be read to the end and reused.
+
+    Reading the rest of an unwanted response costs a little time and bandwidth; closing the
+    connection costs a new TCP and TLS handshake for a later request. Worth it only when the
+    connection is sure to be clean and the rest is small:
+    - the whole request went out (`request_sent`): a request cut short leaves the server
+      waiting for body bytes that never come, so the framing is lost;
+    - `status` None: the head has not come yet, so nothing is known against it (the caller
+      asks again once it is there);
+    - the response must keep the connection alive (`response_keep_alive`), and have no body
+      (HEAD, 1xx, 204, 304) or one that ends within `limit` more bytes: by Content-Length
+      (`body_received` of it already in), or, chunked, while `salvage_read` (body bytes read
+      since the caller left) stays within `limit`. A body delimited by the connection's close
+      can never be reused. 101 switches protocols: never.
+    """
+    if not request_sent:
+        return False
+    if status is None:
+        return True
+    if status == 101 or not response_keep_alive(version, headers):
+        return False
+    if head_request or status < 200 or status in (204, 304):
+        return True
+    length = -1
+    chunked = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            if not value.strip().isdigit() or (length >= 0 and int(value) != length):
+                return False
+            length = int(value)
+        elif lowered == b"transfer-encoding":
+            chunked = value.lower().rstrip().endswith(b"chunked")
+            if not chunked:
+                return False  # another coding last: the body ends at the close
+    if chunked:
+        return salvage_read <= limit
+    if length >= 0:
+        return length - body_received <= limit
+    return False

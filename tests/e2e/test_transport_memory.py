@@ -99,3 +99,44 @@ def test_failed_connections_are_freed_without_the_cyclic_gc(
     # TLS transport (whose own SSLProtocol cycle uvloop breaks in connection_lost). The TLS
     # objects are not counted here: the test upstream, in this process, runs on uvloop too.
     assert connections == 0, f"{connections} Connection objects only the cyclic gc could free"
+
+
+def test_salvaged_and_abandoned_connections_are_freed_without_the_cyclic_gc(
+    certs: Certs, server: Upstream, no_cyclic_gc: None
+) -> None:
+    """Salvage (salvage.py) runs a task per connection whose caller went away: whether it keeps
+    the connection, gives up at a bound, or is cancelled with the transport, nothing of it may
+    be left for the cyclic gc."""
+
+    async def cancelled(transport: HTTP11Transport, path: str) -> None:
+        before = server.requests
+        task = asyncio.create_task(transport.handle_async_request(make_request("GET", server.url(path))))
+        await _settled(lambda: server.requests > before)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def main() -> tuple[int, tuple[int, int], tuple[int, int]]:
+        transport = transport_for(certs, max_connections=4, salvage_timeout=0.05)
+        before = _live_connections()
+        for index in range(ROUNDS // 4):
+            await cancelled(transport, "/delay/5")  # salvaged, kept
+            if index % 4 == 0:
+                await cancelled(transport, "/stall")  # salvaged until the deadline, then closed
+            response = await transport.handle_async_request(
+                make_request("GET", server.url(f"/bytes/{1 << 22}?chunked=1"))
+            )
+            async for _ in response.aiter_raw():
+                break
+            await response.aclose()  # salvage reads 64 KiB of it, then closes it
+        await _settled(lambda: not transport._salvage.tasks)
+        counts = transport.connections_abandoned
+        await cancelled(transport, "/stall")
+        await transport.aclose()  # cancels the last salvage
+        await _settled(lambda: not transport._salvage.tasks and _live_connections() <= before)
+        return _live_connections() - before, transport.pool_stats(), counts
+
+    connections, stats, (kept, closed) = run(main())
+    assert stats == (0, 0)
+    assert kept >= ROUNDS // 4 * 3 // 4 and closed >= ROUNDS // 4, (kept, closed)
+    assert connections == 0, f"{connections} Connection objects only the cyclic gc could free"

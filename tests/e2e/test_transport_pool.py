@@ -43,15 +43,17 @@ def test_pool_limit_holds_under_64_concurrent_requests(certs: Certs, server: Ups
 
 def test_pool_timeout_when_every_slot_stays_busy(certs: Certs, server: Upstream) -> None:
     async def main() -> None:
-        transport = transport_for(certs, max_connections=1)
+        transport = transport_for(certs, max_connections=1, salvage_timeout=0.3)
         holder = asyncio.create_task(transport.handle_async_request(make_request("GET", server.url("/stall"))))
-        await wait_for(lambda: transport.pool_stats() == (1, 0), what="the slot to be taken")
+        await wait_for(lambda: server.requests == 1, what="the request to reach the upstream")
         with pytest.raises(httpx.PoolTimeout):
             await transport.handle_async_request(make_request("GET", server.url("/"), timeouts={"pool": 0.2}))
         holder.cancel()
         with pytest.raises(asyncio.CancelledError):
             await holder
-        assert transport.pool_stats() == (0, 0)  # cancelling the holder freed its slot
+        # The request was sent: the salvage keeps the slot until it gives up on the stalled
+        # upstream (salvage_timeout), then frees it.
+        await wait_for(lambda: transport.pool_stats() == (0, 0), timeout=2, what="the salvage to give up")
         _, body = await fetch(transport, make_request("GET", server.url("/bytes/10"), timeouts={"pool": 0.5}))
         assert body == seeded_bytes(10)
         await transport.aclose()
@@ -125,15 +127,20 @@ def test_response_dropped_without_close_gives_its_slot_back(certs: Certs, server
     run(main())
 
 
-def test_cancelled_request_waiting_for_headers_frees_its_slot(certs: Certs, server: Upstream) -> None:
+def test_cancelled_request_waiting_for_headers_frees_its_slot_when_the_salvage_gives_up(
+    certs: Certs, server: Upstream
+) -> None:
     async def main() -> None:
-        transport = transport_for(certs, max_connections=1)
+        transport = transport_for(certs, max_connections=1, salvage_timeout=0.3)
         task = asyncio.create_task(transport.handle_async_request(make_request("GET", server.url("/stall"))))
         await wait_for(lambda: server.requests == 1, what="the request to reach the upstream")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert transport.pool_stats() == (0, 0)
+        assert transport.pool_stats() == (1, 0)  # salvaging: the slot stays taken
+        await wait_for(lambda: transport.pool_stats() == (0, 0), timeout=2, what="the salvage to give up")
+        await wait_for(lambda: not server.open, what="the upstream to see the close")
+        assert transport.connections_abandoned == (0, 1)
         await transport.aclose()
 
     run(main())
@@ -251,6 +258,8 @@ def test_slot_accounting_survives_a_mix_of_aborts_cancels_failures_and_origins(
 
         jobs = [one(rng.choice(kinds), rng.choice(["127.0.0.1", "localhost"])) for _ in range(300)]
         await asyncio.gather(*jobs)
+        # Cancelled requests on /stall are salvaged until the salvage's deadline (1 s).
+        await wait_for(lambda: transport.pool_stats()[0] == 0, timeout=3, what="salvages to end")
         active, idle = transport.pool_stats()
         assert active == 0 and idle <= 6
         pool = transport._pool

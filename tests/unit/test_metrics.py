@@ -171,6 +171,19 @@ def test_pool_gauges_come_from_the_pool_at_scrape_time() -> None:
     assert sample(obs, "egress_upstream_connections_limit", pool="default") == 100
 
 
+def test_abandoned_connection_counts_come_from_the_pools_at_scrape_time() -> None:
+    counts = {"default": (7, 2)}
+    obs = observer()
+    assert obs.metrics is not None
+    obs.metrics.watch_abandoned(lambda: counts)
+    assert sample(obs, "egress_upstream_abandoned_total", pool="default", outcome="kept") == 7
+    assert sample(obs, "egress_upstream_abandoned_total", pool="default", outcome="closed") == 2
+    counts["default"] = (9, 2)
+    assert sample(obs, "egress_upstream_abandoned_total", pool="default", outcome="kept") == 9
+    _, body = obs.metrics.exposition("application/openmetrics-text;version=1.0.0")
+    assert b'egress_upstream_abandoned_total{outcome="kept",pool="default"} 9.0' in body
+
+
 def test_exposition_speaks_openmetrics_only_when_asked() -> None:
     obs = observer()
     assert obs.metrics is not None

@@ -97,6 +97,93 @@ def test_retry_only_for_the_keep_alive_race_and_only_when_safe(
     assert wire.may_retry_on_fresh(method, reused, got_bytes, clean, replayable, retried) is expected
 
 
+# ---- salvage: may a connection whose caller left be read to the end and kept? ----
+
+LIMIT = 65536
+CL = [(b"Content-Length", b"100")]
+
+
+def salvage(
+    *, sent: bool = True, head: bool = False, status: int | None = 200, version: str = "1.1",
+    headers: list[tuple[bytes, bytes]] | None = None, received: int = 0, read: int = 0,
+) -> bool:
+    return wire.may_salvage(sent, head, status, version, CL if headers is None else headers, received, read, LIMIT)
+
+
+def test_salvage_needs_the_whole_request_sent() -> None:
+    assert salvage() is True
+    assert salvage(sent=False) is False
+    assert salvage(sent=False, status=None) is False
+
+
+def test_salvage_waits_for_the_head_when_none_came_yet() -> None:
+    assert salvage(status=None, headers=[]) is True
+
+
+@pytest.mark.parametrize(
+    ("version", "connection", "expected"),
+    [
+        ("1.1", None, True),
+        ("1.1", b"close", False),
+        ("1.1", b"Keep-Alive, CLOSE", False),
+        ("1.0", None, False),
+        ("1.0", b"keep-alive", True),
+    ],
+)
+def test_salvage_only_keep_alive_responses(version: str, connection: bytes | None, expected: bool) -> None:
+    headers = [*CL, *([(b"Connection", connection)] if connection is not None else [])]
+    assert salvage(version=version, headers=headers) is expected
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_salvage_bodyless_statuses_whatever_their_headers(status: int) -> None:
+    assert salvage(status=status, headers=[(b"Content-Length", b"999999999")]) is True
+
+
+def test_salvage_head_response_has_no_body() -> None:
+    assert salvage(head=True, headers=[(b"Content-Length", b"999999999")]) is True
+
+
+def test_salvage_never_a_protocol_switch() -> None:
+    assert salvage(status=101, headers=[]) is False
+
+
+def test_salvage_content_length_within_the_limit_counting_what_came() -> None:
+    assert salvage(headers=[(b"Content-Length", str(LIMIT).encode())]) is True
+    assert salvage(headers=[(b"Content-Length", str(LIMIT + 1).encode())]) is False
+    assert salvage(headers=[(b"Content-Length", str(LIMIT + 1000).encode())], received=1000) is True
+    assert salvage(headers=[(b"content-length", b"4194304")], received=10) is False
+
+
+@pytest.mark.parametrize("value", [b"abc", b"-1", b""])
+def test_salvage_refuses_a_bad_content_length(value: bytes) -> None:
+    assert salvage(headers=[(b"Content-Length", value)]) is False
+
+
+def test_salvage_refuses_conflicting_content_lengths() -> None:
+    assert salvage(headers=[(b"Content-Length", b"5"), (b"Content-Length", b"6")]) is False
+    assert salvage(headers=[(b"Content-Length", b"5"), (b"Content-Length", b"5")]) is True
+
+
+def test_salvage_chunked_while_the_bytes_read_stay_within_the_limit() -> None:
+    chunked = [(b"Transfer-Encoding", b"chunked")]
+    assert salvage(headers=chunked, read=0) is True
+    assert salvage(headers=chunked, read=LIMIT) is True
+    assert salvage(headers=chunked, read=LIMIT + 1) is False
+    assert salvage(headers=[(b"transfer-encoding", b"gzip, Chunked ")], read=10) is True
+
+
+def test_salvage_never_a_body_delimited_by_the_close() -> None:
+    assert salvage(headers=[]) is False
+    assert salvage(headers=[(b"Transfer-Encoding", b"gzip")]) is False
+
+
+def test_response_keep_alive_reads_every_connection_header() -> None:
+    assert wire.response_keep_alive("1.1", [(b"Connection", b"upgrade"), (b"connection", b"close")]) is False
+    assert wire.response_keep_alive("1.0", [(b"CONNECTION", b" Keep-Alive ")]) is True
+    assert wire.response_keep_alive("1.1", []) is True
+
+
 def test_fast_response_equals_httpx_response() -> None:
     import httpx
 

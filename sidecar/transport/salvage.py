@@ -1,0 +1,131 @@
+"""Salvage: keep a connection whose caller went away, by reading the rest of its response.
+
+When the app disconnects, the forward path cancels its request (while it waits for the
+response head) or closes the response stream (mid-body). Aborting the upstream connection
+then is safe but costs a new TCP and TLS handshake for a later request; under load that stops
+with requests in flight (wrk at c256 closing its connections at the end of a run, a client
+with a short timeout), up to one connection per abandoned request is thrown away, and the
+pool pays as many handshakes again. So once the whole request has gone out, the connection
+is handed to a background task that reads the rest of the response and, if it ends cleanly,
+gives the connection back to the pool (to the longest waiter at once, else idle).
+
+Bounds, so salvage never costs more than the handshake it saves:
+- `SALVAGE_BYTES` (64 KiB) of body left to read: by Content-Length, or read from a chunked
+  body before giving up. A TLS handshake costs a round trip and ~1-3 ms of CPU here; reading
+  and decrypting 64 KiB on loopback or a LAN costs less, while reading a download the app
+  abandoned (megabytes) would cost far more, and would keep the slot busy meanwhile. The
+  resilience layer's discard of retried responses uses the same 64 KiB.
+- `SALVAGE_TIMEOUT` (1 s), or the route's read timeout if shorter, for the head and the body
+  together: the connection keeps its pool slot while it is salvaged, so requests waiting for
+  a slot wait at most this much longer for it than with an abort. An upstream slower than
+  that (a long poll, a stalled server) is not worth a slot; the typical response that was in
+  flight when its app left comes back in milliseconds.
+
+A request cut short (cancelled mid-upload, or a body the server refused) leaves the framing
+unknown: such connections are aborted as before, as are responses that close the connection
+or whose body ends at the close, and any salvage that meets an error or a bound. The caller
+never waits on a salvage: its cancellation propagates at once. Failures are not the app's
+error (the app is gone): logged at debug level only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sidecar.transport.connection import Connection
+from sidecar.transport.pool import Pool
+from sidecar.transport.wire import may_salvage
+
+log = logging.getLogger("egress.transport")
+
+SALVAGE_BYTES = 64 * 1024
+SALVAGE_TIMEOUT = 1.0
+
+
+def salvageable(conn: Connection, salvage_read: int, limit: int) -> bool:
+    """`wire.may_salvage` for the exchange in flight on `conn`."""
+    return may_salvage(
+        conn.request_sent,
+        conn.head_request,
+        conn.status if conn.head_done else None,
+        conn.http_version,
+        conn.headers,
+        conn.body_bytes,
+        salvage_read,
+        limit,
+    )
+
+
+class Salvage:
+    """The salvage tasks of one transport (a strong reference to each) and their counts."""
+
+    __slots__ = ("closed", "kept", "limit", "pool", "tasks", "timeout")
+
+    def __init__(self, pool: Pool, limit: int = SALVAGE_BYTES, timeout: float = SALVAGE_TIMEOUT) -> None:
+        self.pool = pool
+        self.limit = limit
+        self.timeout = timeout  # 0 turns salvage off
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Connections whose caller went away: read to the end of the response and kept, or closed.
+        self.kept = 0
+        self.closed = 0
+
+    def take(self, conn: Connection, read_timeout: float | None) -> bool:
+        """Take over `conn`, whose caller went away; False if it cannot be salvaged (the
+        caller then aborts it). The caller has stopped using `conn` either way."""
+        timeout = self.timeout if read_timeout is None else min(self.timeout, read_timeout)
+        if (
+            timeout <= 0
+            or self.pool.closed
+            or conn.closed
+            or conn.error is not None
+            or not conn.active
+            or not salvageable(conn, 0, self.limit)
+        ):
+            self.closed += 1
+            return False
+        conn.drop_body()  # what the caller left unread
+        task = conn.loop.create_task(self._run(conn, timeout))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def _run(self, conn: Connection, timeout: float) -> None:
+        loop = conn.loop
+        deadline = loop.time() + timeout
+        start = conn.body_bytes if conn.head_done else 0
+        finished = False
+        try:
+            while True:
+                conn.drop_body()
+                if conn.body_done and conn.error is None:
+                    finished = True
+                    self.pool.finish(conn)  # released if keep-alive, closed otherwise
+                    if conn.pooled:
+                        self.kept += 1
+                    else:
+                        self.closed += 1
+                    return
+                if conn.error is not None or conn.closed:
+                    return
+                if not salvageable(conn, conn.body_bytes - start, self.limit):
+                    return
+                left = deadline - loop.time()
+                if left <= 0 or not await conn.wait(left):
+                    return
+        except Exception as exc:  # noqa: BLE001 - nobody waits on a salvage: never the app's error
+            log.debug("salvage of an upstream connection failed: %r", exc)
+        finally:
+            if not finished:
+                # Over a bound, failed, or cancelled (the transport is closing): close it as an
+                # abort would have at once.
+                self.closed += 1
+                self.pool.drop(conn)
+
+    async def cancel_all(self) -> None:
+        """The transport is closing: abort the connections being salvaged (and wait for it)."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
