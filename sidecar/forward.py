@@ -2,7 +2,9 @@
 
 Streaming both ways: the request body goes upstream as it arrives, the response body comes
 back as raw bytes (no decompression, no re-chunking of content). When the app goes away the
-upstream response is closed at once, which gives its pool slot back. Every error before the
+request is cancelled at once: the transport then reads the small rest of an upstream
+response that was already asked for and keeps the connection (transport/salvage.py, at most
+64 KiB and 1 s), else closes it; either way its pool slot comes back. Every error before the
 response head goes out becomes an error response (errors.py); a failure after it aborts the
 response, so the app sees a truncated body, never a silently short one.
 """
@@ -85,12 +87,12 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 class DisconnectWatch:
-    """Cancels the request's task when the app goes away, so the upstream side is closed at once.
+    """Cancels the request's task when the app goes away, so the upstream side is let go at once.
 
     Started once the request body is fully read (before that, RequestBody sees the
     disconnect itself), it covers the wait for the upstream's headers as well as the relay:
     an app that gives up on a slow upstream frees the upstream connection and its pool slot
-    then, not at the read timeout.
+    then (after the salvage's bound at most), not at the read timeout.
 
     On the data listener's own protocol the cycle calls us when the connection is lost
     (cycle.ProxyCycle.on_disconnect): no extra task per request. Under another server (h11)
