@@ -17,10 +17,12 @@ so nothing changes if someone does call it.
 
 from __future__ import annotations
 
+import asyncio
 import http.cookiejar
 import logging
 import ssl
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import httpx
 
@@ -54,12 +56,34 @@ class _DeferredTransport(httpx.AsyncBaseTransport):
     def __init__(self, build: Callable[[], httpx.AsyncBaseTransport]) -> None:
         self._build = build
         self._inner: httpx.AsyncBaseTransport | None = None
+        self._abandoned: set[asyncio.Future[Any]] = set()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         inner = self._inner
         if inner is None:
             inner = self._inner = self._build()
-        return await inner.handle_async_request(request)
+        # Never cancel httpcore's HTTP/2 exchange half-way: httpcore and h2 each count a
+        # connection's open streams, and a request cancelled while httpcore waits for its write
+        # lock is released by the one and still counted by the other (encode/httpcore#1022).
+        # After enough apps went away mid-request, every request on that connection failed with
+        # "Max outbound streams is 128, 128 open" (186 such 502s in one c256 bench run). So the
+        # exchange runs in its own task; a caller that is cancelled leaves it to finish (bounded
+        # by the request's own timeouts) and its response is closed as soon as it comes.
+        exchange = asyncio.ensure_future(inner.handle_async_request(request))
+        try:
+            return await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            self._abandoned.add(exchange)
+            exchange.add_done_callback(self._close_abandoned)
+            raise
+
+    def _close_abandoned(self, exchange: asyncio.Future[httpx.Response]) -> None:
+        self._abandoned.discard(exchange)
+        if exchange.cancelled() or exchange.exception() is not None:
+            return  # nobody to tell: the app is gone (retrieving the error keeps asyncio quiet)
+        closing = asyncio.ensure_future(exchange.result().aclose())
+        self._abandoned.add(closing)
+        closing.add_done_callback(self._abandoned.discard)
 
     def pool_stats(self) -> tuple[int, int]:
         """(active, idle), read through httpcore's pool (`_pool.connections`, `is_idle()`/`is_closed()`)."""
@@ -71,6 +95,8 @@ class _DeferredTransport(httpx.AsyncBaseTransport):
         return len(connections) - idle - closed, idle
 
     async def aclose(self) -> None:
+        for pending in list(self._abandoned):
+            pending.cancel()
         if self._inner is not None:
             await self._inner.aclose()
 
