@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -193,3 +194,15 @@ def sidecar(make_sidecar: Callable[..., Sidecar], upstream: Upstream) -> Sidecar
 
 def monotonic_deadline(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    """The cyclic gc off for the test: whatever is still alive afterwards was only freeable by it."""
+    gc.collect()  # start from a clean heap: earlier tests' garbage is not ours
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator
 
 import httpx
-import pytest
 import uvloop
 
 from sidecar import config as cfg
@@ -32,17 +30,6 @@ from tests.upstream import Upstream
 REQUESTS = 60
 # The sidecar's per-request objects (the test's client is raw sockets: it makes none of these).
 PER_REQUEST = (ProxyCycle, Exchange, DisconnectWatch, RequestBody, ResponseStream, httpx.Request, httpx.Response)
-
-
-@pytest.fixture
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-        gc.collect()
 
 
 def alive() -> dict[str, int]:

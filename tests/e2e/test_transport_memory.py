@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -31,17 +31,6 @@ ROUNDS = 200  # enough that a per-connection leak stands far above the pool's fe
 
 def _live_connections() -> int:
     return sum(1 for o in gc.get_objects() if type(o) is Connection)
-
-
-@pytest.fixture
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()  # start from a clean heap: earlier tests' garbage is not ours
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-        gc.collect()
 
 
 async def _settled(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
