@@ -17,19 +17,24 @@ original descriptor too; whichever gets to a connection first takes it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections.abc import Callable
 
 # Connections taken per wake-up: enough to empty a burst in a few loop turns.
 _BATCH = 256
+# Out of descriptors or memory: stop accepting for this long (asyncio's own choice, 1 s).
+_RETRY_DELAY = 1.0
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 class BurstAcceptor:
     """Drains the accept queue of some listening sockets into `protocol_factory` connections."""
 
-    def __init__(self, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, protocol_factory: Callable[[], asyncio.Protocol], retry_delay: float = _RETRY_DELAY) -> None:
         self._factory = protocol_factory
+        self._retry_delay = retry_delay
         self._loop = asyncio.get_running_loop()
         self._listeners: list[socket.socket] = []
         self._opening: set[asyncio.Task[None]] = set()
@@ -47,9 +52,13 @@ class BurstAcceptor:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return  # the backlog is empty (or libuv took the last one)
-            except OSError:
-                # Out of descriptors or buffers, or a connection reset while queued: libuv's
-                # own watcher handles these (it sheds load on EMFILE); try again next wake.
+            except ConnectionAbortedError:
+                continue  # reset by the client while it was queued
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # The listener stays readable, so retrying at once would spin the loop.
+                    # Step back for a while; libuv's own watcher still sheds load meanwhile.
+                    self._pause(listener)
                 return
             conn.setblocking(False)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
@@ -57,6 +66,14 @@ class BurstAcceptor:
             task = self._loop.create_task(self._open(conn))
             self._opening.add(task)
             task.add_done_callback(self._opening.discard)
+
+    def _pause(self, listener: socket.socket) -> None:
+        self._loop.remove_reader(listener.fileno())
+        self._loop.call_later(self._retry_delay, self._resume, listener)
+
+    def _resume(self, listener: socket.socket) -> None:
+        if listener in self._listeners:  # not closed meanwhile
+            self._loop.add_reader(listener.fileno(), self._accept_all, listener)
 
     async def _open(self, conn: socket.socket) -> None:
         try:

@@ -90,3 +90,53 @@ def test_a_closed_acceptor_takes_nothing_more_and_leaves_the_listener_open(
     listener.setblocking(False)
     conn, _ = listener.accept()  # the server's own descriptor still works
     conn.close()
+
+
+_OUT_OF_DESCRIPTORS = """
+import asyncio, os, resource, socket, sys
+import uvloop
+from sidecar.accept import BurstAcceptor
+
+class Made(asyncio.Protocol):
+    count = 0
+    def connection_made(self, transport):
+        Made.count += 1
+        transport.close()
+
+async def main():
+    listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(64)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(8)]
+    acceptor = BurstAcceptor(Made, retry_delay=0.3)
+    wakes = 0
+    accept_all = acceptor._accept_all
+    def counted(sock):
+        nonlocal wakes
+        wakes += 1
+        accept_all(sock)
+    acceptor._accept_all = counted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    acceptor.watch(listener)  # its descriptor duplicated before the limit is lowered
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
+    for _ in range(300):  # loop turns while every accept fails with EMFILE
+        await asyncio.sleep(0)
+    wakes_while_out = wakes
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    loop = asyncio.get_running_loop(); deadline = loop.time() + 5
+    while Made.count < 8 and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    acceptor.close()
+    print(wakes_while_out, Made.count)
+
+uvloop.run(main())
+"""
+
+
+def test_out_of_descriptors_pauses_accepting_instead_of_spinning() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _OUT_OF_DESCRIPTORS], capture_output=True, text=True,
+                          timeout=30, check=True)
+    wakes_while_out, made = map(int, done.stdout.split())
+    assert wakes_while_out <= 2  # one failed wake, then a pause (not one wake per loop turn)
+    assert made == 8  # and every connection is accepted once descriptors are back
