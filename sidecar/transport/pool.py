@@ -129,6 +129,10 @@ class Pool:
             raise PoolWaitTimeout()
         return result  # type: ignore[return-value]
 
+    def has_waiters(self) -> bool:
+        """Whether a request is queued for a slot (cancelled waiters left in the queue do not count)."""
+        return any(not waiter.done() for waiter, _ in self._waiters)
+
     # ---- giving a connection back ----
 
     def release(self, conn: Connection) -> None:

@@ -30,7 +30,7 @@ from sidecar.transport import wire
 from sidecar.transport.connect import Resolve, Trace, open_connection
 from sidecar.transport.connection import DISCONNECTED, Connection, ServerDisconnected
 from sidecar.transport.pool import Origin, OriginKey, Pool, PoolClosed, PoolWaitTimeout
-from sidecar.transport.salvage import SALVAGE_BYTES, SALVAGE_TIMEOUT, Salvage
+from sidecar.transport.salvage import SALVAGE_BYTES, SALVAGE_CONTENDED, SALVAGE_TIMEOUT, Salvage
 
 _DEFAULT_PORTS = {b"https": 443, b"http": 80}
 _NO_TIMEOUTS: dict[str, float | None] = {}
@@ -52,8 +52,9 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
     dialled at (already checked by the egress policy); SNI and certificate checks still use
     the host name. `max_idle` defaults to `max_connections`. `retry_stale=False` turns off
     the one silent retry of the keep-alive race (see the module docstring).
-    `salvage_bytes` and `salvage_timeout` bound the reading of a response whose caller went
-    away, to keep its connection (see salvage.py); `salvage_timeout=0` turns that off.
+    `salvage_bytes`, `salvage_timeout` and `salvage_contended` bound the reading of a response
+    whose caller went away, to keep its connection (see salvage.py); `salvage_timeout=0` turns
+    that off.
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         retry_stale: bool = True,
         salvage_bytes: int = SALVAGE_BYTES,
         salvage_timeout: float = SALVAGE_TIMEOUT,
+        salvage_contended: float = SALVAGE_CONTENDED,
     ) -> None:
         if ssl_context is None:
             ssl_context = ssl.create_default_context()
@@ -75,7 +77,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         self._resolve = resolve
         self._retry_stale = retry_stale
         self._pool = Pool(max_connections, max_connections if max_idle is None else max_idle, keepalive_expiry)
-        self._salvage = Salvage(self._pool, salvage_bytes, salvage_timeout)
+        self._salvage = Salvage(self._pool, salvage_bytes, salvage_timeout, salvage_contended)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- introspection ----

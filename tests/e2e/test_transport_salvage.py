@@ -54,8 +54,10 @@ def test_connections_of_cancelled_requests_are_kept_and_no_new_handshake_is_need
 
 
 def test_a_salvaged_connection_goes_to_the_waiting_request_at_once(certs: Certs, server: Upstream) -> None:
+    # The waiter queued below lets the salvage run its course (salvage_contended: 2 s, past the
+    # 150 ms the rest takes), so the connection is handed over when the rest is in.
     async def main() -> httpx.Response:
-        transport = transport_for(certs, max_connections=1)
+        transport = transport_for(certs, max_connections=1, salvage_contended=2.0)
         await _cancel_waiting_requests(transport, server, "/delay/150", count=1, on_the_wire=1)
         assert transport.pool_stats() == (1, 0)
         response, body = await fetch(transport, make_request("GET", server.url("/bytes/10")))
@@ -201,3 +203,18 @@ def test_closing_the_transport_ends_the_salvages(certs: Certs, server: Upstream)
         assert transport.connections_abandoned == (0, 2)
 
     run(main())
+
+
+def test_a_salvage_gives_its_slot_up_to_a_waiting_request(certs: Certs, server: Upstream) -> None:
+    # A request queued for the slot would rather pay a new handshake than wait out a slow
+    # rest (here 600 ms): the salvage gives up after SALVAGE_CONTENDED, not at its deadline.
+    async def main() -> tuple[bool, int, tuple[int, int]]:
+        transport = transport_for(certs, max_connections=1)
+        await _cancel_waiting_requests(transport, server, "/delay/600", count=1, on_the_wire=1)
+        response, body = await fetch(transport, make_request("GET", server.url("/bytes/10")))
+        assert body == seeded_bytes(10)
+        await transport.aclose()
+        return response.extensions["egress.reused"], transport.connections_opened, transport.connections_abandoned
+
+    reused, opened, abandoned = run(main())
+    assert (reused, opened, abandoned) == (False, 2, (0, 1))

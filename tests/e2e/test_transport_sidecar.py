@@ -56,7 +56,9 @@ def test_apps_disconnecting_while_waiting_do_not_cost_new_upstream_handshakes(
 ) -> None:
     """As wrk stopping with requests in flight: each round, 3x the pool of apps send a request
     to a slow upstream (0.3 s to the head) and disconnect while the first ones wait for it (the
-    rest wait for a slot). The sidecar reads the abandoned responses and keeps the connections."""
+    rest wait for a slot). The sidecar reads the abandoned responses and keeps the connections.
+    (Rounds do not overlap: with requests queued for a slot, a salvage gives the slot up after
+    SALVAGE_CONTENDED instead, tests/e2e/test_transport_salvage.py.)"""
     sidecar = make_sidecar(
         routes=[{"name": "up", "prefix": "/up", "upstream": f"https://localhost:{fresh_upstream.port}"}],
         pool={"max_connections": POOL, "max_keepalive_connections": POOL},
@@ -75,6 +77,7 @@ def test_apps_disconnecting_while_waiting_do_not_cost_new_upstream_handshakes(
         finally:
             for app in apps:
                 app.close()
+        wait_until(lambda: _active_connections(sidecar) == 0, timeout=5, message="the round's salvages done")
     # Each app that left is still logged as a 499 client_disconnected, as before.
     wait_until(lambda: sum(1 for e in sidecar.logs() if e.get("kind") == "client_disconnected"
                            and e.get("status") == 499) >= ROUNDS * 3 * POOL,
