@@ -212,9 +212,10 @@ class _Handler:
         elif path == "/head":
             await self.respond(200, [("content-length", "12345")])
         elif path == "/slow":
-            # n chunks of 1 KiB every `interval` seconds, content-length framed.
+            # n chunks of 1 KiB every `interval` seconds, content-length framed (chunked=1: chunked).
             n, interval = int(query.get("n", "10")), float(query.get("interval", "0.1"))
-            await self.send(h11.Response(status_code=200, headers=[("content-length", str(n * 1024))]))
+            framing = ("transfer-encoding", "chunked") if query.get("chunked") else ("content-length", str(n * 1024))
+            await self.send(h11.Response(status_code=200, headers=[framing]))
             for index in range(n):
                 await self.send(h11.Data(data=random_bytes(1024, index)))
                 await asyncio.sleep(interval)
