@@ -329,65 +329,64 @@ class UpstreamServer:
         self.thread.join(10)
 
 
-class SilentTLSServer:
-    """Accepts TCP connections and never answers (a TLS handshake that stalls)."""
+class _AcceptingServer:
+    """A bare TCP listener on 127.0.0.1 whose thread hands each accepted socket to `accepted_one`."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
         self._stop = False
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
+
+    def accepted_one(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def _accept(self) -> None:
         self.sock.settimeout(0.1)
         while not self._stop:
             try:
                 conn, _ = self.sock.accept()
-                self.accepted.append(conn)
             except OSError:
                 continue
+            self.accepted_one(conn)
 
     def stop(self) -> None:
         self._stop = True
         self.thread.join(5)
-        for conn in self.accepted:
-            conn.close()
         self.sock.close()
 
 
-class ResettingServer:
+class SilentTLSServer(_AcceptingServer):
+    """Accepts TCP connections and never answers (a TLS handshake that stalls)."""
+
+    def __init__(self) -> None:
+        self.accepted: list[socket.socket] = []
+        super().__init__()
+
+    def accepted_one(self, conn: socket.socket) -> None:
+        self.accepted.append(conn)
+
+    def stop(self) -> None:
+        super().stop()
+        for conn in self.accepted:
+            conn.close()
+
+
+class ResettingServer(_AcceptingServer):
     """Accepts TCP connections and resets each at once, before any TLS byte: a connect failure
     that, unlike a refused port, can be counted (`accepted`)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.accepted = 0
-        self._stop = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop = True
-        self.thread.join(5)
-        self.sock.close()
+    def accepted_one(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:

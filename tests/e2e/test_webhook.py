@@ -23,6 +23,7 @@ import trustme
 
 from sidecar.inject.review import pod_create_review
 from tests.e2e.k8s_support import REPO, Injector, documents, injector_settings, render, run_injector, validate
+from tests.unit import inject_data
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +58,8 @@ def fallback_injector(tmp_path_factory: pytest.TempPathFactory, tls: Any) -> Ite
 
 
 def pod(labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"generateName": "web-7d9f-", "namespace": "shop"}
-    if labels is not None:
-        metadata["labels"] = labels
-    if annotations is not None:
-        metadata["annotations"] = annotations
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": {
-            "containers": [{"name": "app", "image": "shop/web:1.4", "ports": [{"containerPort": 8080}]}]
-        },
-    }
+    return inject_data.pod(labels, annotations, metadata={"generateName": "web-7d9f-", "namespace": "shop"},
+                           containers=[{"name": "app", "image": "shop/web:1.4", "ports": [{"containerPort": 8080}]}])
 
 
 def review(obj: dict[str, Any], uid: str = "0f9c2a6e-1") -> dict[str, Any]:

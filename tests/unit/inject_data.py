@@ -55,3 +55,21 @@ def admission_review(
         "spec": {"containers": [{"name": "app", "image": "app:1"}]},
     }
     return pod_create_review(pod, uid, "shop")
+
+
+def pod(
+    labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None, *,
+    metadata: dict[str, Any] | None = None, containers: list[dict[str, Any]] | None = None, **spec: Any,
+) -> dict[str, Any]:
+    """A Pod as the API server hands it to the webhook: `metadata` adds fields (namespace...)."""
+    meta: dict[str, Any] = {"generateName": "web-", **(metadata or {})}
+    if labels is not None:
+        meta["labels"] = labels
+    if annotations is not None:
+        meta["annotations"] = annotations
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta,
+        "spec": {"containers": containers or [{"name": "app", "image": "app:1"}], **spec},
+    }

@@ -11,26 +11,10 @@ import pytest
 from sidecar.inject import settings as settings_module
 from sidecar.inject.overrides import InjectError
 from sidecar.inject.patch import pod_patch, pointer, proxy_env
-from tests.unit.inject_data import CONTAINER, make_settings
+from tests.unit.inject_data import CONTAINER, make_settings, pod
 from tests.unit.inject_data import RAW_SETTINGS as RAW
 
 NATIVE = make_settings()
-
-
-def pod(
-    labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None, **spec: Any
-) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"generateName": "web-"}
-    if labels is not None:
-        metadata["labels"] = labels
-    if annotations is not None:
-        metadata["annotations"] = annotations
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": {"containers": [{"name": "app", "image": "app:1"}], **spec},
-    }
 
 
 OPTED_IN = {"egress-sidecar.io/inject": "true"}
