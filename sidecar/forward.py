@@ -246,7 +246,8 @@ class ForwardApp:
                 request_id=added_id,
             )
             extensions: dict[str, Any] = {
-                "timeout": route.timeouts if route is not None else runtime.router.default_timeouts
+                "timeout": route.timeouts if route is not None else runtime.router.default_timeouts,
+                "egress.route": exchange.route,  # for counts the transport keeps (HTTP/2 replays)
             }
             trace = runtime.observer.trace_for(exchange)
             if trace is not None:

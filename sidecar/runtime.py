@@ -54,6 +54,7 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
         observer=observer or Observer(config, upstream.pool_stats),
         resilience=Resilience(config, routes),
     )
+    upstream.on_retry = runtime.observer.retried
     metrics = getattr(runtime.observer, "metrics", None)
     if metrics is not None:
         metrics.watch_breakers(runtime.resilience.breakers.states)

@@ -2,9 +2,8 @@
 
 ONE `httpx.AsyncClient` for the process, made at start and closed at stop. It owns the
 default pool. A route whose TLS settings or HTTP version differ from the default gets its own
-pool (an `ssl.SSLContext` and the HTTP/2 switch belong to a pool in httpcore), created once at
-start (an HTTP/2 pool's transport at its first request: _DeferredTransport) and closed with the
-client.
+pool (its own `ssl.SSLContext`, HTTP/1.1 or HTTP/2 transport), created once at start and closed
+with the client. Both transports are ours (sidecar/transport/).
 
 The hot path does not call `client.send`: it hands an `httpx.Request` to the transport's
 `handle_async_request`. That skips, by construction, what a proxy must not do: the client's
@@ -17,19 +16,16 @@ so nothing changes if someone does call it.
 
 from __future__ import annotations
 
-import asyncio
 import http.cookiejar
 import logging
-import ssl
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import httpx
 
-from sidecar.config import TLS, Config
+from sidecar.config import TLS, Config, Retries
 from sidecar.routing import CompiledRoute
 from sidecar.tls import TLSContexts, default_pool, route_pool
-from sidecar.transport import HTTP11Transport, Resolve
+from sidecar.transport import H2Transport, HTTP11Transport, Resolve
 
 log = logging.getLogger("egress.upstream")
 
@@ -44,63 +40,6 @@ class _NoCookies(http.cookiejar.CookieJar):
         return None
 
 
-class _DeferredTransport(httpx.AsyncBaseTransport):
-    """An HTTP/2 pool: httpx's stock transport, built at the pool's first request.
-
-    It needs httpcore, which brings h11, h2, hpack, hyperframe and anyio: ~25 ms of imports and
-    ~2 MiB that the sidecar does not pay before it is ready, nor at all while no request takes
-    an HTTP/2 route. Building it does no I/O and no await, so concurrent first requests cannot
-    build two. Its TLS context is made at start with the others.
-    """
-
-    def __init__(self, build: Callable[[], httpx.AsyncBaseTransport]) -> None:
-        self._build = build
-        self._inner: httpx.AsyncBaseTransport | None = None
-        self._abandoned: set[asyncio.Future[Any]] = set()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        inner = self._inner
-        if inner is None:
-            inner = self._inner = self._build()
-        # Never cancel httpcore's HTTP/2 exchange half-way: httpcore and h2 each count a
-        # connection's open streams, and a request cancelled while httpcore waits for its write
-        # lock is released by the one and still counted by the other (encode/httpcore#1022).
-        # After enough apps went away mid-request, every request on that connection failed with
-        # "Max outbound streams is 128, 128 open" (186 such 502s in one c256 bench run). So the
-        # exchange runs in its own task; a caller that is cancelled leaves it to finish (bounded
-        # by the request's own timeouts) and its response is closed as soon as it comes.
-        exchange = asyncio.ensure_future(inner.handle_async_request(request))
-        try:
-            return await asyncio.shield(exchange)
-        except asyncio.CancelledError:
-            self._abandoned.add(exchange)
-            exchange.add_done_callback(self._close_abandoned)
-            raise
-
-    def _close_abandoned(self, exchange: asyncio.Future[httpx.Response]) -> None:
-        self._abandoned.discard(exchange)
-        if exchange.cancelled() or exchange.exception() is not None:
-            return  # nobody to tell: the app is gone (retrieving the error keeps asyncio quiet)
-        closing = asyncio.ensure_future(exchange.result().aclose())
-        self._abandoned.add(closing)
-        closing.add_done_callback(self._abandoned.discard)
-
-    def pool_stats(self) -> tuple[int, int]:
-        """(active, idle), read through httpcore's pool (`_pool.connections`, `is_idle()`/`is_closed()`)."""
-        if self._inner is None:
-            return 0, 0
-        connections = self._inner._pool.connections  # type: ignore[attr-defined]
-        idle = sum(1 for c in connections if c.is_idle())
-        closed = sum(1 for c in connections if c.is_closed())
-        return len(connections) - idle - closed, idle
-
-    async def aclose(self) -> None:
-        for pending in list(self._abandoned):
-            pending.cancel()
-        if self._inner is not None:
-            await self._inner.aclose()
-
-
 class Upstream:
     """Owns the one AsyncClient and the per-route pools; `send` is the hot path."""
 
@@ -108,6 +47,9 @@ class Upstream:
                  contexts: TLSContexts | None = None) -> None:
         self.config = config
         self.resolve = resolve
+        # Called as (route, reason) when a transport sends a request again by itself (HTTP/2
+        # streams refused by GOAWAY or REFUSED_STREAM); the runtime points it at the observer.
+        self.on_retry: Callable[[str, str], None] | None = None
         self.contexts = contexts or TLSContexts()  # contexts started early (sidecar.tls), else built here
         self.default_transport = self._transport(*default_pool(config))
         self.client = httpx.AsyncClient(
@@ -123,51 +65,46 @@ class Upstream:
             ),
         )
         self.client.headers.clear()  # no User-Agent / Accept / Accept-Encoding of httpx's own
-        self.route_transports: dict[str, HTTP11Transport | _DeferredTransport] = {}
+        self.route_transports: dict[str, HTTP11Transport | H2Transport] = {}
         for route in routes:
             settings = route_pool(route.config, config)
             if settings is None:
                 continue
-            self.route_transports[route.name] = self._transport(*settings)
+            self.route_transports[route.name] = self._transport(*settings, retries=route.config.retries)
             tls = route.config.tls
             if tls is not None and tls.insecure_skip_verify:
                 log.warning("route %s: TLS verification is OFF (insecure_skip_verify)", route.name)
         if config.tls.insecure_skip_verify:
             log.warning("TLS verification is OFF for forward-proxy destinations (tls.insecure_skip_verify)")
 
-    def _transport(self, tls: TLS, http2: bool) -> HTTP11Transport | _DeferredTransport:
+    def _transport(self, tls: TLS, http2: bool, retries: Retries | None = None) -> HTTP11Transport | H2Transport:
         pool = self.config.pool
-        if not http2:
-            # HTTP/1.1 pools use our own transport (sidecar/transport/): same httpx API, a
-            # fraction of httpcore's CPU per request. It also dials through `resolve`.
-            return HTTP11Transport(
-                self.contexts.get(tls, http2),
-                max_connections=pool.max_connections,
-                max_idle=pool.max_keepalive_connections,
-                keepalive_expiry=float(pool.keepalive_expiry),
-                resolve=self.resolve,
-            )
-        context = self.contexts.get(tls, http2)  # at start, like every pool's: a bad CA file stops start-up
-        return _DeferredTransport(lambda: self._stock_transport(context))
-
-    def _stock_transport(self, context: ssl.SSLContext) -> httpx.AsyncBaseTransport:
-        from sidecar.guard import guard_transport  # imports httpcore (see _DeferredTransport)
-
-        pool = self.config.pool
-        transport = httpx.AsyncHTTPTransport(
-            verify=context,
-            http1=True,
-            http2=True,
-            limits=httpx.Limits(
-                max_connections=pool.max_connections,
-                max_keepalive_connections=pool.max_keepalive_connections,
-                keepalive_expiry=float(pool.keepalive_expiry),
-            ),
-            trust_env=False,
-            retries=0,
+        # A context per pool, made at start: a bad CA file stops start-up.
+        context = self.contexts.get(tls, http2)
+        http11 = HTTP11Transport(
+            context,
+            max_connections=pool.max_connections,
+            max_idle=pool.max_keepalive_connections,
+            keepalive_expiry=float(pool.keepalive_expiry),
+            resolve=self.resolve,
         )
-        # The connect guard: every new connection dials only addresses the policy checked.
-        return guard_transport(transport, self.resolve) if self.resolve is not None else transport
+        if not http2:
+            return http11
+        # HTTP/2 pools: the same connect path and limits; `http11` serves origins whose server
+        # selects http/1.1 by ALPN (the context offers both).
+        return H2Transport(
+            context,
+            http11,
+            max_connections=pool.max_connections,
+            keepalive_expiry=float(pool.keepalive_expiry),
+            resolve=self.resolve,
+            replay_body_bytes=(retries or Retries()).max_body_bytes,
+            on_replay=self._replayed,
+        )
+
+    def _replayed(self, request: httpx.Request, reason: str) -> None:
+        if self.on_retry is not None:
+            self.on_retry(request.extensions.get("egress.route", "-"), reason)
 
     def transport_for(self, route: CompiledRoute | None) -> httpx.AsyncBaseTransport:
         if route is not None:
@@ -189,13 +126,12 @@ class Upstream:
         return stats
 
     def abandoned_counts(self) -> dict[str, tuple[int, int]]:
-        """(kept, closed) per pool of our own transport: connections whose app went away after
-        the request was given one, read to the end and kept (salvaged) or closed. httpx's
-        stock transport (HTTP/2 routes) keeps no such count and is left out."""
+        """(kept, closed) per pool: connections whose app went away after the request was given
+        one, read to the end and kept (salvaged) or closed. On HTTP/2 only the stream is reset:
+        its connection counts as kept."""
         counts: dict[str, tuple[int, int]] = {}
         for name, transport in (("default", self.default_transport), *self.route_transports.items()):
-            if isinstance(transport, HTTP11Transport):
-                counts[name] = transport.connections_abandoned
+            counts[name] = transport.connections_abandoned
         return counts
 
     async def aclose(self) -> None:

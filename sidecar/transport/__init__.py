@@ -1,12 +1,15 @@
-"""Our HTTP/1.1 upstream transport (httpx API, uvloop protocols, httptools parser).
+"""Our upstream transports (httpx API, uvloop protocols): HTTP/1.1 and HTTP/2.
 
-HTTP/2 routes keep httpx's stock `AsyncHTTPTransport(http2=True)`; everything else goes
-through `HTTP11Transport`. Modules: `wire` (pure request encoding and retry rule),
-`connection` (the asyncio.Protocol), `pool` (slots, idle stacks, wait queue), `connect`
-(resolve, TCP, TLS) and `transport` (the httpx.AsyncBaseTransport tying them together).
+HTTP/1.1: `wire` (pure request encoding and retry rule), `connection` (the asyncio.Protocol,
+httptools parser), `pool` (slots, idle stacks, wait queue), `salvage`, and `transport` (the
+httpx.AsyncBaseTransport tying them together). HTTP/2: `h2_request` (pure header block and
+replay rule), `h2_connection` (the asyncio.Protocol around the `h2` state machine, imported
+with the first HTTP/2 connection), `h2_pool` (streams per connection, FIFO waiters) and
+`h2_transport`. Both dial through `connect` (resolve through the policy, TCP, TLS).
 """
 
 from sidecar.transport.connect import Resolve
+from sidecar.transport.h2_transport import H2Transport
 from sidecar.transport.transport import HTTP11Transport, ResponseStream
 
-__all__ = ["HTTP11Transport", "Resolve", "ResponseStream"]
+__all__ = ["H2Transport", "HTTP11Transport", "Resolve", "ResponseStream"]

@@ -11,16 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Protocol
 
 import httpx
 
-from sidecar.transport.connection import Connection
-from sidecar.transport.pool import Origin
-
 Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+_HTTP11_ONLY = frozenset({None, "http/1.1"})
+
+
+class Dialable(Protocol):
+    """The protocol object being connected (HTTP/1.1 `Connection` or HTTP/2 `H2Connection`)."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: Any
+
+
+class Endpoint(Protocol):
+    """Where to connect (the pools' origins)."""
+
+    host: str
+    port: int
+    tls: bool
+    server_hostname: str
+
 
 # asyncio's own default when no handshake timeout is given; a None connect timeout still
 # should not let a silent peer hold a slot forever.
@@ -28,14 +44,17 @@ _DEFAULT_HANDSHAKE_TIMEOUT = 60.0
 
 
 async def open_connection(
-    conn: Connection,
-    origin: Origin,
+    conn: Dialable,
+    origin: Endpoint,
     ssl_context: ssl.SSLContext | None,
     resolve: Resolve | None,
     timeout: float | None,
     trace: Trace | None,
+    alpn: Collection[str | None] = _HTTP11_ONLY,
 ) -> None:
-    """Connect `conn` to `origin`; on failure the socket is closed and an httpx error raised."""
+    """Connect `conn` to `origin`; on failure the socket is closed and an httpx error raised.
+    `alpn`: the protocols the caller can speak on it (what the server selected is then read
+    from the transport's `ssl_object`)."""
     await _traced(
         trace, "connection.connect_tcp",
         {"host": origin.host, "port": origin.port, "local_address": None, "timeout": timeout,
@@ -48,12 +67,12 @@ async def open_connection(
     await _traced(
         trace, "connection.start_tls",
         {"ssl_context": ssl_context, "server_hostname": origin.server_hostname, "timeout": timeout},
-        _start_tls(conn, origin, ssl_context, timeout), conn,
+        _start_tls(conn, origin, ssl_context, timeout, alpn), conn,
     )
 
 
 async def _traced(
-    trace: Trace | None, event: str, info: dict[str, Any], step: Awaitable[None], conn: Connection
+    trace: Trace | None, event: str, info: dict[str, Any], step: Awaitable[None], conn: Dialable
 ) -> None:
     """Run one connect step between httpcore's `.started` and `.complete`/`.failed` trace events."""
     if trace is None:
@@ -68,7 +87,7 @@ async def _traced(
     await trace(f"{event}.complete", {"return_value": conn.transport})
 
 
-async def _connect_tcp(conn: Connection, origin: Origin, resolve: Resolve | None, timeout: float | None) -> None:
+async def _connect_tcp(conn: Dialable, origin: Endpoint, resolve: Resolve | None, timeout: float | None) -> None:
     loop = conn.loop
     deadline = None if timeout is None else loop.time() + timeout
     where = f"{origin.host}:{origin.port}"
@@ -109,7 +128,9 @@ async def _connect_tcp(conn: Connection, origin: Origin, resolve: Resolve | None
     raise httpx.ConnectError(f"{where}: {last}") from last
 
 
-async def _start_tls(conn: Connection, origin: Origin, context: ssl.SSLContext, timeout: float | None) -> None:
+async def _start_tls(
+    conn: Dialable, origin: Endpoint, context: ssl.SSLContext, timeout: float | None, alpn: Collection[str | None]
+) -> None:
     raw = conn.transport
     assert raw is not None
     try:
@@ -141,8 +162,8 @@ async def _start_tls(conn: Connection, origin: Origin, context: ssl.SSLContext, 
         raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: connection closed")
     ssl_object = tls.get_extra_info("ssl_object")
     protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-    if protocol not in (None, "http/1.1"):
-        # Only if the context offered more than http/1.1: this transport speaks nothing else.
+    if protocol not in alpn:
+        # Only if the context offered more than the caller speaks.
         tls.abort()
         raise httpx.ConnectError(f"{origin.host}:{origin.port} negotiated {protocol!r}, not http/1.1")
     conn.transport = tls
