@@ -141,3 +141,21 @@ def test_upstream_offering_only_http11_is_served_over_http11_and_said_once(
     sidecar.wait_log(lambda e: "offers no HTTP/2" in str(e.get("event")))
     notes = [e for e in sidecar.logs() if "offers no HTTP/2" in str(e.get("event"))]
     assert [e["level"] for e in notes] == ["warning"]
+
+
+def test_http2_connections_dial_only_what_the_policy_allows(
+    make_sidecar: Callable[..., Sidecar], nginx: Callable[..., NginxUpstream]
+) -> None:
+    # svc.test resolves (static `resolve`) to loopback, which this policy denies: the connect
+    # guard refuses the address before any connection is made.
+    server = nginx()
+    sidecar = make_sidecar(
+        policy={"allow_cidrs": []},
+        resolve={"svc.test": "127.0.0.1"},
+        routes=[{"name": "h2", "prefix": "/h2", "upstream": f"https://svc.test:{server.port}", "http2": True}],
+    )
+    response = httpx.get(f"{sidecar.url}/h2/hello", trust_env=False, timeout=15)
+    assert (response.status_code, response.headers["x-egress-error"]) == (403, "denied_ip")
+    found = samples(scrape(sidecar.admin_url))
+    assert total(found, "egress_upstream_connections_opened_total") == 0
+    assert server.logged() == []
