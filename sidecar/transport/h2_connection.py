@@ -1,21 +1,20 @@
-"""One upstream HTTP/2 connection: an asyncio.Protocol around the `h2` state machine.
+"""One upstream HTTP/2 connection: an asyncio.Protocol doing the client side of RFC 9113.
 
 The protocol side only turns frames into stream state (head, body chunks, end, error) and wakes
-the one coroutine waiting on that stream; the request side (h2_transport) takes every
-decision. Writes are batched: what h2 queues while coroutines open streams in one loop turn
-leaves in one TLS write (`_schedule_flush`), and what answering frames queue goes out at the
-end of `data_received`.
+the one coroutine waiting on that stream; the request side (h2_transport) takes every decision.
+Framing and the HPACK encoder are h2_frames' (pure); response header blocks are decoded by
+`hpack`, whose dynamic table follows the server's. Writes are batched: the frames queued while
+coroutines open streams in one loop turn leave in one TLS write (`_schedule_flush`), and those
+answering received frames at the end of `data_received`.
 
-Flow control (RFC 9113 section 5.2): the connection window is raised to CONNECTION_WINDOW and
-each stream's to STREAM_WINDOW, and received bytes are acknowledged only as the consumer takes
-them (`take_body`), so a slow reader stalls its own stream at STREAM_WINDOW bytes buffered,
-and a connection holds at most CONNECTION_WINDOW unread bytes in all.
+Flow control (section 5.2): our connection window is CONNECTION_WINDOW and each stream's
+STREAM_WINDOW; received bytes are handed back (WINDOW_UPDATE) only as the consumer takes them
+(`take_body`), in steps of a quarter window, so a slow reader stalls its own stream at
+STREAM_WINDOW bytes buffered and the connection holds at most CONNECTION_WINDOW unread bytes.
 
-h2's internals touched (bounded by `h2>=4,<5` through httpx[http2]; checked by
-tests/unit/test_h2_connection.py, re-read `H2Connection._receive_goaway_frame` on an upgrade):
-on GOAWAY h2 closes its whole state machine and drops its unsent bytes, so the responses of
-the streams the server still finishes (nginx sends GOAWAY before the last response) would be
-rejected as a protocol error (python-hyper/h2#1181). `_ClientH2` keeps it open and keeps them.
+GOAWAY (section 6.8): streams above its last stream id were never processed and fail as
+`Refused` (the transport sends them again elsewhere); the others go on - nginx sends GOAWAY
+*before* the last response it gives on a connection.
 """
 
 from __future__ import annotations
@@ -25,76 +24,66 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
+import hpack
 import httpx
 
+from sidecar.transport import h2_frames as f
 from sidecar.transport.h2_request import Refused, StreamReset
 
-# Our receive windows. 64 KiB (the protocol default) caps one stream at 64 KiB per round trip;
-# these let a 1 MiB body arrive in one round trip while bounding what a stalled reader pins.
+# Our receive windows: 64 KiB (the protocol default) caps one stream at 64 KiB per round trip.
 CONNECTION_WINDOW = 16 * 1024 * 1024
 STREAM_WINDOW = 2 * 1024 * 1024
-# Streams one connection may carry even if the server allows more (h2's default is unbounded).
+# Streams one connection may carry even if the server allows more (or sets no limit).
 MAX_STREAMS = 256
 # Past this stream id the connection takes no new streams (ids are 31 bits, never reused).
 _LAST_STREAM_ID = 2**31 - 1024
 
 _TIMED_OUT = object()
 _WOKEN = None
+_HEAD = f.HEAD
+_STREAM_STEP = STREAM_WINDOW // 4
+_CONNECTION_STEP = CONNECTION_WINDOW // 4
 
 DISCONNECTED = "Server disconnected without sending a response."
-_CONFIG = h2.config.H2Configuration(
-    client_side=True,
-    header_encoding=None,
-    # Headers come from the app through our own header rules, already lower-cased and free of
-    # hop-by-hop fields (sidecar.headers); h2's per-header checks would repeat that work.
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-)
 
 
-class _ClientH2(h2.connection.H2Connection):
-    """h2's client connection, but a received GOAWAY does not end it (see the module docstring)."""
+class _ConnectionError(Exception):
+    """The server broke the protocol: the connection ends with GOAWAY(code)."""
 
-    def _receive_goaway_frame(self, frame: Any) -> Any:
-        pending = self._data_to_send
-        result = super()._receive_goaway_frame(frame)
-        self._data_to_send = pending  # frames of streams <= last id must still go out
-        self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
-        return result
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Stream:
     """One request/response exchange on a connection."""
 
-    __slots__ = ("chunks", "ended", "error", "headers", "id", "status", "unacked", "waiter")
+    __slots__ = ("chunks", "ended", "error", "headers", "id", "local_closed", "pending_ack", "recv_window",
+                 "reset", "send_window", "status", "unacked", "waiter")
 
-    def __init__(self, stream_id: int) -> None:
+    def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.chunks: deque[bytes] = deque()
-        self.unacked = 0  # flow-controlled bytes received and not yet taken by the consumer
-        self.ended = False
+        self.unacked = 0  # body bytes buffered, not yet taken by the consumer
+        self.pending_ack = 0  # bytes taken, not yet handed back to the server
+        self.send_window = send_window
+        self.recv_window = STREAM_WINDOW
+        self.local_closed = False  # we sent END_STREAM
+        self.ended = False  # the server sent END_STREAM
+        self.reset = False  # RST_STREAM either way
         self.error: Exception | None = None
         self.waiter: asyncio.Future[object] | None = None
 
 
 class H2Connection(asyncio.Protocol):
-    """Socket and h2 state of one connection and its open streams."""
+    """Socket and HTTP/2 state of one connection and its open streams."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, origin: Any, on_change: Callable[[H2Connection], None]) -> None:
         self.loop = loop
         self.origin = origin
         self.transport: asyncio.Transport | None = None
-        self.h2 = _ClientH2(config=_CONFIG)
         self.streams: dict[int, Stream] = {}
         self.capacity = 0  # streams the server allows at once; 0 until its SETTINGS came
         self.closing = False  # GOAWAY received or sent: no new stream
@@ -104,6 +93,17 @@ class H2Connection(asyncio.Protocol):
         self.ping_handle: asyncio.TimerHandle | None = None
         self.ping_pending = False
         self.writing_paused = False
+        self._next_id = 1
+        self._decoder = hpack.Decoder()
+        self._first_block = True
+        self._send_window = f.DEFAULT_WINDOW  # connection-level, what we may still send
+        self._peer_initial_window = f.DEFAULT_WINDOW
+        self._peer_max_frame = f.DEFAULT_FRAME_SIZE
+        self._recv_window = CONNECTION_WINDOW
+        self._pending_ack = 0
+        self._buffer = b""
+        self._continuation: tuple[int, int, list[bytes]] | None = None
+        self._out: list[bytes] = []
         self._flush_scheduled = False
         self._ready: asyncio.Future[object] | None = None
         self._window_waiters: list[asyncio.Future[object]] = []
@@ -113,17 +113,18 @@ class H2Connection(asyncio.Protocol):
 
     # ---- starting ----
 
-    async def start(self, timeout: float | None) -> None:
-        """Send our preface and settings; return once the server's SETTINGS arrived."""
-        h2c = self.h2
-        h2c.initiate_connection()
-        h2c.update_settings({
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,  # the server opens no stream to us
-        })
-        h2c.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+    def begin(self) -> None:
+        """Send our preface, settings and connection window."""
+        self._out += [
+            f.PREFACE,
+            f.settings({f.ENABLE_PUSH: 0, f.MAX_CONCURRENT_STREAMS: 0, f.INITIAL_WINDOW_SIZE: STREAM_WINDOW}),
+            f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW),
+        ]
         self._flush()
+
+    async def start(self, timeout: float | None) -> None:
+        """`begin`, then wait until the server's SETTINGS arrived (its stream limit with them)."""
+        self.begin()
         if self.capacity or self.closed:
             return
         self._ready = self.loop.create_future()
@@ -149,42 +150,50 @@ class H2Connection(asyncio.Protocol):
         return self.capacity - len(self.streams) - self.reserved
 
     def open_stream(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> Stream:
-        h2c = self.h2
-        stream_id = h2c.get_next_available_stream_id()
-        stream = Stream(stream_id)
-        self.streams[stream_id] = stream
-        h2c.send_headers(stream_id, headers, end_stream=end_stream)
+        stream_id = self._next_id
+        self._next_id = stream_id + 2
         if stream_id >= _LAST_STREAM_ID:
             self.closing = True
+        stream = Stream(stream_id, self._peer_initial_window)
+        stream.local_closed = end_stream
+        self.streams[stream_id] = stream
+        block = f.encode_headers(headers)
+        if self._first_block:
+            self._first_block = False
+            block = f.TABLE_SIZE_ZERO + block
+        self._out.append(f.headers_frames(stream_id, block, end_stream, self._peer_max_frame))
         self._schedule_flush()
         return stream
 
     async def send_data(self, stream: Stream, data: bytes, end_stream: bool, timeout: float | None) -> None:
-        """Send `data` on `stream` as its flow-control windows allow; raises if the stream ended."""
-        h2c = self.h2
+        """Send `data` on `stream` as the flow-control windows allow; raises if the stream failed."""
         view = memoryview(data)
         while True:
             if stream.error is not None:
                 raise stream.error
-            if stream.ended and stream.headers is not None:
-                return  # the server answered in full already: the rest is not wanted
+            if stream.ended or stream.reset:
+                return  # the server answered in full (or reset with a response): stop sending
             if self.closed:
                 raise StreamReset("connection closed while sending the request body")
-            if not view:
-                break
-            size = min(len(view), h2c.local_flow_control_window(stream.id), h2c.max_outbound_frame_size)
-            if size <= 0:
+            left = len(view)
+            size = min(left, self._send_window, stream.send_window, self._peer_max_frame)
+            if size <= 0 and left:
                 if not await self._wait_window(timeout):
                     raise httpx.WriteTimeout("timed out waiting for the HTTP/2 flow-control window")
                 continue
-            h2c.send_data(stream.id, view[:size].tobytes())
+            last = size == left
+            flags = f.END_STREAM if last and end_stream else 0
+            self._out += [f.frame_head(f.DATA, flags, stream.id, size), view[:size].tobytes()] if size else [
+                f.frame_head(f.DATA, flags, stream.id, 0)]
+            self._send_window -= size
+            stream.send_window -= size
             view = view[size:]
             self._schedule_flush()
+            if last:
+                stream.local_closed = end_stream
+                return
             if self.writing_paused and not await self._drain(timeout):
                 raise httpx.WriteTimeout("timed out sending the request body")
-        if end_stream:
-            h2c.end_stream(stream.id)
-            self._schedule_flush()
 
     async def wait(self, stream: Stream, timeout: float | None) -> bool:
         """Wait until `stream` has news; False if `timeout` passed first."""
@@ -204,10 +213,16 @@ class H2Connection(asyncio.Protocol):
         chunks = stream.chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        if stream.unacked and not self.closed:
-            self.h2.acknowledge_received_data(stream.unacked, stream.id)
-            stream.unacked = 0
-            self._schedule_flush()
+        size = len(data)
+        stream.unacked -= size
+        if not stream.ended:
+            stream.pending_ack += size
+            if stream.pending_ack >= _STREAM_STEP:
+                self._out.append(f.window_update(stream.id, stream.pending_ack))
+                stream.recv_window += stream.pending_ack
+                stream.pending_ack = 0
+                self._schedule_flush()
+        self._ack_connection(size)
         return data
 
     def finish(self, stream: Stream) -> None:
@@ -216,19 +231,13 @@ class H2Connection(asyncio.Protocol):
         if self.streams.pop(stream.id, None) is None:
             return
         if not self.closed:
-            state = self.h2.streams.get(stream.id)
-            if state is not None and not state.closed:
-                # Still open on our side (response or request body unfinished): h2 would keep
-                # counting it against the server's stream limit.
-                try:
-                    self.h2.reset_stream(stream.id, h2.errors.ErrorCodes.CANCEL)
-                except h2.exceptions.H2Error:
-                    pass
+            if not stream.reset and not (stream.ended and stream.local_closed):
+                stream.reset = True
+                self._out.append(f.rst_stream(stream.id, f.CANCEL))
+                self._schedule_flush()
             if stream.unacked:
-                # Bytes nobody will read still count against the connection's window.
-                self.h2.acknowledge_received_data(stream.unacked, stream.id)
+                self._ack_connection(stream.unacked)  # bytes nobody will read
                 stream.unacked = 0
-            self._schedule_flush()
         stream.chunks.clear()
         if not self.streams:
             self.idle_since = self.loop.time()
@@ -241,30 +250,34 @@ class H2Connection(asyncio.Protocol):
         if self.closed:
             return
         self.ping_pending = True
-        self.h2.ping(b"egress\x00\x00")
+        self._out.append(f.frame(f.PING, 0, 0, b"egress\x00\x00"))
         self._flush()
 
     def close(self) -> None:
         """Close gracefully (GOAWAY, then TLS close_notify): for idle connections."""
         if self.closed:
             return
-        self.closing = True
-        try:
-            self.h2.close_connection()
-            self._flush()
-        except h2.exceptions.H2Error:
-            pass
+        self._out.append(f.goaway(0, f.NO_ERROR))
+        self._flush()
         self._end(None)
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
-        self.closing = True
         self._end(None)
         if self.transport is not None:
             self.transport.abort()
 
     # ---- writing ----
+
+    def _ack_connection(self, size: int) -> None:
+        pending = self._pending_ack + size
+        if pending >= _CONNECTION_STEP and not self.closed:
+            self._out.append(f.window_update(0, pending))
+            self._recv_window += pending
+            pending = 0
+            self._schedule_flush()
+        self._pending_ack = pending
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -273,9 +286,11 @@ class H2Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+        out = self._out
+        if out:
+            self._out = []
+            if self.transport is not None and not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def _wait_window(self, timeout: float | None) -> bool:
         waiter: asyncio.Future[object] = self.loop.create_future()
@@ -315,71 +330,161 @@ class H2Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        buffer = self._buffer + data if self._buffer else data
+        end = len(buffer)
+        pos = 0
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self._flush()  # h2 queued a GOAWAY naming the error
-            self._fail_all(httpx.RemoteProtocolError(f"HTTP/2 protocol error from upstream: {exc}"))
-            self.abort()
+            while end - pos >= 9:
+                high, low, kind, flags, stream_id = _HEAD.unpack_from(buffer, pos)
+                size = (high << 8) | low
+                start = pos + 9
+                if end - start < size:
+                    break
+                pos = start + size
+                self._frame(kind, flags, stream_id & 0x7FFFFFFF, buffer[start:pos])
+        except _ConnectionError as exc:
+            self._fail(exc.code, httpx.RemoteProtocolError(f"HTTP/2 protocol error from upstream: {exc}"))
             return
-        streams = self.streams
-        for event in events:
-            kind = type(event)
-            if kind is h2.events.DataReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    if event.data:
-                        stream.chunks.append(event.data)
-                    stream.unacked += event.flow_controlled_length
-                    _wake(stream)
-                elif event.flow_controlled_length:
-                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif kind is h2.events.ResponseReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    _head(stream, event.headers)
-            elif kind is h2.events.StreamEnded:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream.ended = True
-                    _wake(stream)
-            elif kind is h2.events.StreamReset:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    code = event.error_code
-                    if code == h2.errors.ErrorCodes.REFUSED_STREAM:
-                        stream.error = Refused("the server refused the stream (REFUSED_STREAM)")
-                    elif not stream.ended:
-                        name = getattr(code, "name", code)
-                        stream.error = StreamReset(f"the server reset the stream ({name})")
-                    _wake(stream)
-            elif kind is h2.events.WindowUpdated:
-                self._wake_writers()
-            elif kind is h2.events.RemoteSettingsChanged:
-                self._settings_changed()
-            elif kind is h2.events.ConnectionTerminated:
-                self._goaway(event.last_stream_id, event.error_code)
-            elif kind is h2.events.PingAckReceived:
-                self.ping_pending = False
-            elif kind is h2.events.TrailersReceived:
-                pass  # trailers are not relayed (the app side speaks HTTP/1.1 without them)
+        self._buffer = buffer[pos:] if pos < end else b""
         self._flush()
 
-    def _settings_changed(self) -> None:
-        ready = not self.capacity
-        self.capacity = min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
-        self._wake_writers()  # INITIAL_WINDOW_SIZE may have grown the stream windows
-        if ready and self._ready is not None and not self._ready.done():
-            self._ready.set_result(_WOKEN)
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._continuation is not None and kind != f.CONTINUATION:
+            raise _ConnectionError(f.PROTOCOL_ERROR, "header block interrupted")
+        if kind == f.DATA:
+            self._data(flags, stream_id, payload)
+        elif kind == f.HEADERS:
+            block = _unpad(flags, payload)
+            if flags & f.END_HEADERS:
+                self._headers(stream_id, flags, block)
+            else:
+                self._continuation = (stream_id, flags, [block])
+        elif kind == f.WINDOW_UPDATE:
+            increment = f.u32(payload) & 0x7FFFFFFF
+            if stream_id == 0:
+                self._send_window += increment
+            else:
+                stream = self.streams.get(stream_id)
+                if stream is not None:
+                    stream.send_window += increment
+            self._wake_writers()
+        elif kind == f.SETTINGS:
+            if not flags & f.ACK:
+                self._settings(payload)
+        elif kind == f.RST_STREAM:
+            self._rst_stream(stream_id, f.u32(payload))
+        elif kind == f.PING:
+            if flags & f.ACK:
+                self.ping_pending = False
+            else:
+                self._out.append(f.frame(f.PING, f.ACK, 0, payload))
+        elif kind == f.GOAWAY:
+            last_stream_id, code = f.u32x2(payload)
+            self._goaway(last_stream_id & 0x7FFFFFFF, code)
+        elif kind == f.CONTINUATION:
+            pending = self._continuation
+            if pending is None or pending[0] != stream_id:
+                raise _ConnectionError(f.PROTOCOL_ERROR, "unexpected CONTINUATION")
+            pending[2].append(payload)
+            if flags & f.END_HEADERS:
+                self._continuation = None
+                self._headers(stream_id, pending[1], b"".join(pending[2]))
+        elif kind == f.PUSH_PROMISE:
+            raise _ConnectionError(f.PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
+        # PRIORITY and unknown frame types are ignored (section 5.5).
+
+    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        size = len(payload)
+        self._recv_window -= size
+        if self._recv_window < 0:
+            raise _ConnectionError(f.FLOW_CONTROL_ERROR, "the server overran the connection window")
+        data = _unpad(flags, payload) if flags & f.PADDED else payload
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.reset:
+            self._ack_connection(size)  # a stream we already left: its bytes go back at once
+            return
+        stream.recv_window -= size
+        if stream.recv_window < 0:
+            raise _ConnectionError(f.FLOW_CONTROL_ERROR, "the server overran a stream window")
+        if len(data) != size:
+            self._ack_connection(size - len(data))  # padding is nobody's to read
+        if data:
+            stream.chunks.append(data)
+            stream.unacked += len(data)
+        if flags & f.END_STREAM:
+            stream.ended = True
+        _wake(stream)
+
+    def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
+        try:
+            # Decoded even for a stream we left: the decoder's table must follow the server's.
+            headers = self._decoder.decode(block, raw=True)
+        except hpack.HPACKError as exc:
+            raise _ConnectionError(f.COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.reset:
+            return
+        if stream.headers is None:
+            status = 0
+            kept: list[tuple[bytes, bytes]] = []
+            for name, value in headers:
+                if name[:1] == b":":
+                    if name == b":status":
+                        status = int(value)
+                else:
+                    kept.append((name, value))
+            if 100 <= status < 200:
+                return  # informational (103 Early Hints...): the final head follows
+            stream.status = status
+            stream.headers = kept
+        # else: trailers, not relayed (the app side speaks HTTP/1.1 without them)
+        if flags & f.END_STREAM:
+            stream.ended = True
+        _wake(stream)
+
+    def _settings(self, payload: bytes) -> None:
+        for key, value in f.parse_settings(payload):
+            if key == f.INITIAL_WINDOW_SIZE:
+                if value > f.MAX_WINDOW:
+                    raise _ConnectionError(f.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+            elif key == f.MAX_FRAME_SIZE:
+                self._peer_max_frame = value
+            elif key == f.MAX_CONCURRENT_STREAMS:
+                self.capacity = min(value, MAX_STREAMS)
+        self._out.append(f.frame(f.SETTINGS, f.ACK, 0))
+        if not self.capacity:
+            self.capacity = MAX_STREAMS  # no limit announced
+        self._wake_writers()
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_result(_WOKEN)
         self._on_change(self)
 
-    def _goaway(self, last_stream_id: int, error_code: Any) -> None:
-        """RFC 9113 section 6.8: streams above `last_stream_id` were never processed (replayable);
-        those at or below it go on; no new stream starts here."""
+    def _rst_stream(self, stream_id: int, code: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.reset:
+            return
+        stream.reset = True
+        if code == f.REFUSED_STREAM:
+            stream.error = Refused("the server refused the stream (REFUSED_STREAM)")
+        elif not stream.ended:
+            stream.error = StreamReset(f"the server reset the stream ({f.ERROR_NAMES.get(code, code)})")
+        _wake(stream)
+
+    def _goaway(self, last_stream_id: int, code: int) -> None:
+        """Streams above `last_stream_id` were never processed (replayable); those at or below it
+        go on; no new stream starts here."""
         self.closing = True
         for stream_id, stream in self.streams.items():
-            if stream_id > last_stream_id and stream.error is None:
-                stream.error = Refused(f"the server is closing the connection (GOAWAY, last stream {last_stream_id})")
+            if stream_id > last_stream_id and stream.error is None and not stream.ended:
+                stream.reset = True
+                stream.error = Refused(
+                    f"the server is closing the connection (GOAWAY {f.ERROR_NAMES.get(code, code)}, "
+                    f"last stream {last_stream_id})")
                 _wake(stream)
         self._on_change(self)
 
@@ -398,11 +503,21 @@ class H2Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end(exc)
 
+    def _fail(self, code: int, error: Exception) -> None:
+        """A connection error (section 5.4.1): GOAWAY with its code, every open stream fails."""
+        for stream in self.streams.values():
+            if stream.error is None and not stream.ended:
+                stream.error = error
+        self._out.append(f.goaway(0, code))
+        self._flush()
+        self.abort()
+
     def _end(self, exc: Exception | None) -> None:
         if self.closed:
             return
         self.closed = True
         self.closing = True
+        self._out = []
         for stream in self.streams.values():
             if stream.error is None and not stream.ended:
                 if exc is not None:
@@ -424,26 +539,12 @@ class H2Connection(asyncio.Protocol):
             self.ping_handle = None
         self._on_change(self)
 
-    def _fail_all(self, error: Exception) -> None:
-        for stream in self.streams.values():
-            if stream.error is None:
-                stream.error = error
-            _wake(stream)
 
-
-def _head(stream: Stream, headers: list[tuple[bytes, bytes]]) -> None:
-    """Take the response head: `:status` out, the rest kept in order."""
-    status = 0
-    kept: list[tuple[bytes, bytes]] = []
-    for name, value in headers:
-        if name[:1] == b":":
-            if name == b":status":
-                status = int(value)
-        else:
-            kept.append((name, value))
-    stream.status = status
-    stream.headers = kept
-    _wake(stream)
+def _unpad(flags: int, payload: bytes) -> bytes:
+    try:
+        return f.strip_padding(flags, payload)
+    except ValueError as exc:
+        raise _ConnectionError(f.PROTOCOL_ERROR, str(exc)) from None
 
 
 def _wake(stream: Stream) -> None:
