@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import httpx
+
+if TYPE_CHECKING:
+    from sidecar.transport.connection import Connection
+    from sidecar.transport.h2_connection import H2Connection
 
 Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -22,11 +26,8 @@ Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 _HTTP11_ONLY = frozenset({None, "http/1.1"})
 
 
-class Dialable(Protocol):
-    """The protocol object being connected (HTTP/1.1 `Connection` or HTTP/2 `H2Connection`)."""
-
-    loop: asyncio.AbstractEventLoop
-    transport: Any
+# The protocol object being connected.
+Dialable = Union["Connection", "H2Connection"]
 
 
 class Endpoint(Protocol):

@@ -169,8 +169,13 @@ class H2Connection(asyncio.Protocol):
         """Send `data` on `stream` as the flow-control windows allow; raises if the stream failed."""
         view = memoryview(data)
         while True:
-            if stream.error is not None:
-                raise stream.error
+            error = stream.error
+            if error is not None:
+                stream.error = None
+                try:
+                    raise error
+                finally:
+                    del error  # no frame -> error -> traceback -> frame cycle (gc is frozen)
             if stream.ended or stream.reset:
                 return  # the server answered in full (or reset with a response): stop sending
             if self.closed:

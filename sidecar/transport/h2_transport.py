@@ -205,10 +205,12 @@ class H2Transport(httpx.AsyncBaseTransport):
         timeout = timeouts.get("connect")
         try:
             await open_connection(conn, origin, self._ssl_context, self._resolve, timeout, trace, _ALPN)
-            ssl_object = conn.transport.get_extra_info("ssl_object")
+            tls = conn.transport
+            assert tls is not None
+            ssl_object = tls.get_extra_info("ssl_object")
             if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
                 self._fall_back(origin)
-                conn.transport.close()
+                tls.close()
                 raise _UseHTTP11()
             await conn.start(timeout)
         except BaseException:
@@ -242,7 +244,10 @@ class H2Transport(httpx.AsyncBaseTransport):
                 error = stream.error
                 if error is not None:
                     stream.error = None  # the raised error's traceback would hold the stream
-                    raise error
+                    try:
+                        raise error
+                    finally:
+                        del error  # see ResponseStream.__anext__: no frame -> error -> frame cycle
                 if not await conn.wait(stream, read_timeout):
                     raise httpx.ReadTimeout("timed out waiting for the response headers")
             if trace is not None:

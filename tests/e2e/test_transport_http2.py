@@ -159,3 +159,76 @@ def test_http2_connections_dial_only_what_the_policy_allows(
     found = samples(scrape(sidecar.admin_url))
     assert total(found, "egress_upstream_connections_opened_total") == 0
     assert server.logged() == []
+
+
+def test_http2_requests_leave_no_cyclic_garbage(no_cyclic_gc: None, ca_file: str, ca: trustme.CA,
+                                                tmp_path: Path) -> None:
+    # As tests/e2e/test_request_memory.py, through an HTTP/2 route (GETs, POSTs, a reset stream).
+    import asyncio
+
+    import uvloop
+
+    from sidecar import config as cfg
+    from sidecar import limits
+    from sidecar.forward import ForwardApp
+    from sidecar.runtime import build_runtime
+    from sidecar.server import SignalFreeServer, _uvicorn_config
+    from sidecar.transport.h2_connection import Stream
+    from sidecar.transport.h2_transport import H2ResponseStream
+    from tests.conftest import base_config
+
+    server = NginxUpstream(ca, tmp_path / "nginx").start()
+    try:
+        config = cfg.from_mapping(base_config(ca_file, routes=h2_route(server)))
+        runtime = build_runtime(config)
+        listener = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), "127.0.0.1", config.listen.port, config,
+                                                    limits.observer_report(runtime.observer, "-")))
+        kinds = (Stream, H2ResponseStream, httpx.Request, httpx.Response)
+
+        def alive() -> dict[str, int]:
+            import gc
+            return {kind.__name__: sum(1 for obj in gc.get_objects() if isinstance(obj, kind)) for kind in kinds}
+
+        async def main() -> tuple[dict[str, int], dict[str, int]]:
+            serving = asyncio.create_task(listener.serve())
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not listener.started:
+                assert loop.time() < deadline and not serving.done(), "the data listener did not start"
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", config.listen.port)
+            host = f"host: 127.0.0.1:{config.listen.port}".encode()
+
+            async def call(request: bytes) -> bytes:
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                return head
+
+            await call(b"GET /h2/hello HTTP/1.1\r\n" + host + b"\r\n\r\n")  # the connection is up
+            before = alive()
+            for index in range(30):
+                if index % 3 == 2:
+                    head = await call(b"POST /h2/post HTTP/1.1\r\n" + host + b"\r\ncontent-length: 5000\r\n\r\n"
+                                      + b"x" * 5000)
+                elif index % 5 == 4:
+                    head = await call(b"GET /h2/rst HTTP/1.1\r\n" + host + b"\r\n\r\n")  # 502 upstream_reset
+                else:
+                    head = await call(b"GET /h2/hello HTTP/1.1\r\n" + host + b"\r\n\r\n")
+                assert head.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 502 ")), head
+            writer.close()
+            await writer.wait_closed()
+            for _ in range(20):
+                await asyncio.sleep(0)
+            after = alive()
+            listener.should_exit = True
+            await serving
+            await runtime.upstream.aclose()
+            return before, after
+
+        before, after = uvloop.run(main())
+    finally:
+        server.stop()
+    assert after == before, f"objects of finished requests still alive without the gc: {after} (before {before})"
