@@ -232,3 +232,29 @@ def test_http2_requests_leave_no_cyclic_garbage(no_cyclic_gc: None, ca_file: str
     finally:
         server.stop()
     assert after == before, f"objects of finished requests still alive without the gc: {after} (before {before})"
+
+
+def test_refused_streams_with_bodies_past_the_replay_limit_fail_cleanly_before_any_response(
+    make_sidecar: Callable[..., Sidecar], nginx: Callable[..., NginxUpstream]
+) -> None:
+    # One stream per connection (keepalive_requests 1): concurrent streamed uploads are refused by
+    # GOAWAY. One whose body is past `max_body_bytes` once refused cannot be sent again: the app
+    # gets 502 upstream_reset (never a truncated or doubled upload); the others are replayed.
+    server = nginx(keepalive_requests=1)
+    sidecar = make_sidecar(routes=h2_route(server, retries={"max_body_bytes": 1024}))
+    body = os.urandom(256 * 1024)
+
+    def call(_: int) -> tuple[int, str | None]:
+        def chunks() -> Iterator[bytes]:
+            for start in range(0, len(body), 16384):
+                yield body[start:start + 16384]
+
+        response = httpx.post(f"{sidecar.url}/h2/post", content=chunks(), trust_env=False, timeout=30)
+        return response.status_code, response.headers.get("x-egress-error")
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(call, range(16)))
+    assert set(outcomes) <= {(200, None), (502, "upstream_reset")}, outcomes
+    stored = [Path(e.body_file).read_bytes() for e in logged(server, outcomes.count((200, None)))
+              if e.method == "POST" and e.status == 200]
+    assert stored == [body] * outcomes.count((200, None))  # each success stored once, whole

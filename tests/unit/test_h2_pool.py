@@ -104,3 +104,45 @@ def test_waiting_past_the_pool_timeout_fails(loop: asyncio.AbstractEventLoop) ->
     with pytest.raises(PoolWaitTimeout):
         loop.run_until_complete(pool.wait(where, loop, loop.time() + 0.01))
     assert not where.waiters
+
+
+class Pinged(Conn):
+    def __init__(self, loop: asyncio.AbstractEventLoop, where: H2Origin) -> None:
+        super().__init__(loop, where, 4)
+        self.pings = 0
+        self.aborted = False
+
+    def ping(self) -> None:
+        self.pings += 1
+        self.ping_pending = True
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+
+def test_an_idle_connection_is_pinged_and_dropped_when_the_ping_goes_unanswered(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    pool, where = H2Pool(10, None, 15.0), origin()
+    assert pool.reserve_connect(where)
+    conn = Pinged(loop, where)
+    pool.connected(where, conn)  # type: ignore[arg-type]
+    pool.changed(conn)  # type: ignore[arg-type]  # idle: the timer is armed
+    assert conn.ping_handle is not None
+    pool._check_idle(conn)  # type: ignore[arg-type]  # one interval later
+    assert conn.pings == 1 and not conn.aborted
+    conn.ping_pending = False  # answered
+    pool._check_idle(conn)  # type: ignore[arg-type]
+    assert conn.pings == 2 and not conn.aborted
+    pool._check_idle(conn)  # type: ignore[arg-type]  # this one was not answered
+    assert conn.aborted and conn.ping_handle is None
+
+
+def test_an_idle_connection_closes_after_keepalive_expiry(loop: asyncio.AbstractEventLoop) -> None:
+    pool, where = H2Pool(10, 5.0, 15.0), origin()
+    assert pool.reserve_connect(where)
+    conn = Pinged(loop, where)
+    pool.connected(where, conn)  # type: ignore[arg-type]
+    conn.idle_since = loop.time() - 6.0
+    pool._check_idle(conn)  # type: ignore[arg-type]
+    assert conn.closed and conn.pings == 0
