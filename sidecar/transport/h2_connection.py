@@ -3,7 +3,8 @@
 The protocol side only turns frames into stream state (head, body chunks, end, error) and wakes
 the one coroutine waiting on that stream; the request side (h2_transport) takes every decision.
 Framing and the HPACK encoder are h2_frames' (pure); response header blocks are decoded by
-`hpack`, whose dynamic table follows the server's. Writes are batched: the frames queued while
+`hpack`, whose dynamic table follows the server's (`Decoder.header_table.dynamic_entries` is
+read to know when a block may be cached: `hpack>=4,<5`, tests/unit/test_h2_connection.py). Writes are batched: the frames queued while
 coroutines open streams in one loop turn leave in one TLS write (`_schedule_flush`), and those
 answering received frames at the end of `data_received`.
 
@@ -45,6 +46,11 @@ _STREAM_STEP = STREAM_WINDOW // 4
 _CONNECTION_STEP = CONNECTION_WINDOW // 4
 
 DISCONNECTED = "Server disconnected without sending a response."
+
+# Response heads by header block, for blocks that use no dynamic table (see `_decode`). Callers
+# only read the field lists (build_response copies them).
+_HEADS: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
+_MAX_HEADS = 256
 
 
 class _ConnectionError(Exception):
@@ -421,23 +427,12 @@ class H2Connection(asyncio.Protocol):
         _wake(stream)
 
     def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
-        try:
-            # Decoded even for a stream we left: the decoder's table must follow the server's.
-            headers = self._decoder.decode(block, raw=True)
-        except hpack.HPACKError as exc:
-            raise _ConnectionError(f.COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        head = self._decode(block)  # even for a stream we left: the table must follow the server's
         stream = self.streams.get(stream_id)
         if stream is None or stream.reset:
             return
         if stream.headers is None:
-            status = 0
-            kept: list[tuple[bytes, bytes]] = []
-            for name, value in headers:
-                if name[:1] == b":":
-                    if name == b":status":
-                        status = int(value)
-                else:
-                    kept.append((name, value))
+            status, kept = head
             if 100 <= status < 200:
                 return  # informational (103 Early Hints...): the final head follows
             stream.status = status
@@ -446,6 +441,38 @@ class H2Connection(asyncio.Protocol):
         if flags & f.END_STREAM:
             stream.ended = True
         _wake(stream)
+
+    def _decode(self, block: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """(status, fields without pseudo-headers) of a header block.
+
+        A block decoded while the decoder's dynamic table is empty, and leaving it empty, can
+        refer to the static table only: the same bytes always mean the same head, so it is kept
+        (nginx never indexes its response fields: after the first response of each second -
+        `date` changes - a head costs a dict lookup instead of a Huffman decode, ~25 us).
+        """
+        table = self._decoder.header_table.dynamic_entries
+        if not table:
+            head = _HEADS.get(block)
+            if head is not None:
+                return head
+        try:
+            fields = self._decoder.decode(block, raw=True)
+        except hpack.HPACKError as exc:
+            raise _ConnectionError(f.COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        status = 0
+        kept: list[tuple[bytes, bytes]] = []
+        for name, value in fields:
+            if name[:1] == b":":
+                if name == b":status":
+                    status = int(value)
+            else:
+                kept.append((name, value))
+        head = (status, kept)
+        if not table and not self._decoder.header_table.dynamic_entries:
+            if len(_HEADS) >= _MAX_HEADS:
+                _HEADS.clear()
+            _HEADS[block] = head
+        return head
 
     def _settings(self, payload: bytes) -> None:
         for key, value in f.parse_settings(payload):

@@ -13,6 +13,7 @@ import h2.events
 import h2.settings
 import pytest
 
+from sidecar.transport import h2_frames as f
 from sidecar.transport.h2_connection import STREAM_WINDOW, H2Connection, Stream
 from sidecar.transport.h2_request import Refused, StreamReset
 
@@ -154,3 +155,22 @@ def test_large_response_heads_arrive_through_continuation_frames(loop: asyncio.A
     pair.to_client()
     assert stream.status == 200 and stream.ended
     assert stream.headers == [(b"x-big", b"z" * 40000)]
+
+
+def test_heads_decode_right_whether_the_server_indexes_fields_or_not(loop: asyncio.AbstractEventLoop) -> None:
+    pair = Pair(loop)
+    streams = [pair.client.open_stream(GET, end_stream=True) for _ in range(4)]
+    pair.to_server()
+    # The h2 library's server indexes fields: later blocks refer to its dynamic table.
+    for index, stream in enumerate(streams[:2]):
+        pair.server.send_headers(stream.id, [(b":status", b"200"), (b"x-n", str(index).encode())], end_stream=True)
+    pair.to_client()
+    assert [s.headers for s in streams[:2]] == [[(b"x-n", b"0")], [(b"x-n", b"1")]]
+    # nginx's way: no indexing, the same bytes for the same head (kept after the first decode).
+    fresh = Pair(loop)
+    more = [fresh.client.open_stream(GET, end_stream=True) for _ in range(3)]
+    fresh.to_server()
+    heads = [[(b":status", b"200"), (b"date", b"Thu, 03 Dec 2026 09:00:0%d GMT" % (i // 2))] for i in range(3)]
+    fresh.client.data_received(b"".join(
+        f.headers_frames(stream.id, f.encode_headers(head), True, 16384) for stream, head in zip(more, heads)))
+    assert [(s.status, s.headers, s.ended) for s in more] == [(200, head[1:], True) for head in heads]
