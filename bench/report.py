@@ -98,6 +98,32 @@ def goals(results: Sequence[Result], pool_size: int) -> list[tuple[str, bool | N
     return out
 
 
+H2 = "sidecar-h2"
+
+
+def h2_goals(results: Sequence[Result]) -> list[tuple[str, bool | None, str]]:
+    """Issue 18's goals: the HTTP/2 route against the HTTP/1.1 route measured in the same run."""
+    by_name = {result["name"]: result for result in results}
+    h1, h2 = by_name.get(OURS), by_name.get(H2)
+    if h1 is None or h2 is None:
+        return []
+    out: list[tuple[str, bool | None, str]] = []
+    for level in (32, 256):
+        a, b = _stat(h2, level, "cpu_us_per_req"), _stat(h1, level, "cpu_us_per_req")
+        r = a / b if a and b else None
+        out.append((f"CPU per request <= 1.3x HTTP/1.1 at c{level}", None if r is None else r <= 1.3,
+                    f"{r:.2f}x ({_num(a)} vs {_num(b)} µs)" if r else "not measured"))
+    for level in (32, 256):
+        a, b = _stat(h2, level, "rps"), _stat(h1, level, "rps")
+        r = a / b if a and b else None
+        out.append((f"req/s >= 0.8x HTTP/1.1 at c{level}", None if r is None else r >= 0.8,
+                    f"{r:.2f}x ({_num(a)} vs {_num(b)})" if r else "not measured"))
+    conns = (h2.get("upstream") or {}).get("connections")
+    out.append(("upstream TLS connections <= 2 for the whole run", None if conns is None else conns <= 2,
+                f"{conns}" if conns is not None else "not measured"))
+    return out
+
+
 def markdown(doc: Mapping[str, Any]) -> str:
     """The whole report: machine, settings, three tables and the goals."""
     results: Sequence[Result] = doc["candidates"]
@@ -167,6 +193,11 @@ def markdown(doc: Mapping[str, Any]) -> str:
     if doc.get("goals"):
         lines += ["", "## Issue 3 goals (ours)", "", _row(["goal", "met", "measured"]), _row(["---"] * 3)]
         for goal, met, shown in doc["goals"]:
+            lines.append(_row([goal, {True: "yes", False: "NO", None: "–"}[met], shown]))
+    if doc.get("h2_goals"):
+        lines += ["", "## Issue 18 goals (HTTP/2 route `sidecar-h2` vs HTTP/1.1 route `sidecar`, this run)", "",
+                  _row(["goal", "met", "measured"]), _row(["---"] * 3)]
+        for goal, met, shown in doc["h2_goals"]:
             lines.append(_row([goal, {True: "yes", False: "NO", None: "–"}[met], shown]))
     profiled = [(result["name"], level, data) for result in results
                 for level, data in (result.get("profiles") or {}).items()]

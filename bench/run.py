@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["added_p50_ms"] = p50 - direct["load"]["1"]["p50_ms"]
     doc["ratios"] = report.ratios(doc["candidates"], args.levels)
     doc["goals"] = report.goals(doc["candidates"], doc["settings"]["pool_size"])
+    doc["h2_goals"] = report.h2_goals(doc["candidates"])
     doc["machine"]["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     doc["elapsed_s"] = time.monotonic() - began
     doc["finished_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
