@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 
 import httpx
@@ -81,25 +82,28 @@ class Upstream:
         pool = self.config.pool
         # A context per pool, made at start: a bad CA file stops start-up.
         context = self.contexts.get(tls, http2)
-        http11 = HTTP11Transport(
-            context,
-            max_connections=pool.max_connections,
-            max_idle=pool.max_keepalive_connections,
-            keepalive_expiry=float(pool.keepalive_expiry),
-            resolve=self.resolve,
-        )
         if not http2:
-            return http11
-        # HTTP/2 pools: the same connect path and limits; `http11` serves origins whose server
-        # selects http/1.1 by ALPN (the context offers both).
+            return self._http11(context)
+        # HTTP/2 pools: the same connect path and limits. Origins whose server selects
+        # http/1.1 (ALPN) get an HTTP/1.1 transport of the pool's own, built at the first one.
         return H2Transport(
             context,
-            http11,
+            lambda: self._http11(self.contexts.get(tls, False)),
             max_connections=pool.max_connections,
             keepalive_expiry=float(pool.keepalive_expiry),
             resolve=self.resolve,
             replay_body_bytes=(retries or Retries()).max_body_bytes,
             on_replay=self._replayed,
+        )
+
+    def _http11(self, context: ssl.SSLContext) -> HTTP11Transport:
+        pool = self.config.pool
+        return HTTP11Transport(
+            context,
+            max_connections=pool.max_connections,
+            max_idle=pool.max_keepalive_connections,
+            keepalive_expiry=float(pool.keepalive_expiry),
+            resolve=self.resolve,
         )
 
     def _replayed(self, request: httpx.Request, reason: str) -> None:

@@ -54,14 +54,16 @@ class _UseHTTP11(Exception):
 class H2Transport(httpx.AsyncBaseTransport):
     """HTTP/2 over TLS with multiplexed, pooled connections (see the module docstring).
 
-    `ssl_context` must offer h2 (and http/1.1, to fall back); `fallback` serves origins whose
-    server selects http/1.1, and plain-http origins.
+    `ssl_context` must offer h2 (and http/1.1, to fall back); `fallback` builds, at its first
+    use, the transport for origins whose server selects http/1.1 and for plain-http origins
+    (its own context offering http/1.1 only, so an upstream that later gains HTTP/2 still
+    works through it).
     """
 
     def __init__(
         self,
         ssl_context: ssl.SSLContext,
-        fallback: httpx.AsyncBaseTransport,
+        fallback: Callable[[], httpx.AsyncBaseTransport],
         *,
         max_connections: int = 100,
         keepalive_expiry: float | None = 60.0,
@@ -71,7 +73,8 @@ class H2Transport(httpx.AsyncBaseTransport):
         ping_interval: float = PING_INTERVAL,
     ) -> None:
         self._ssl_context = ssl_context
-        self._fallback = fallback
+        self._build_fallback = fallback
+        self._fallback: httpx.AsyncBaseTransport | None = None
         self._resolve = resolve
         self._replay_body_bytes = replay_body_bytes
         self._on_replay = on_replay
@@ -101,14 +104,21 @@ class H2Transport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._pool.close_all()
-        await self._fallback.aclose()
+        if self._fallback is not None:
+            await self._fallback.aclose()
+
+    def _http11(self) -> httpx.AsyncBaseTransport:
+        fallback = self._fallback
+        if fallback is None:
+            fallback = self._fallback = self._build_fallback()
+        return fallback
 
     # ---- the request path ----
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         origin = self._origin(request)
         if origin.http1:
-            return await self._fallback.handle_async_request(request)
+            return await self._http11().handle_async_request(request)
         extensions = request.extensions
         timeouts = extensions.get("timeout") or _NO_TIMEOUTS
         trace: Trace | None = extensions.get("trace")
@@ -122,7 +132,7 @@ class H2Transport(httpx.AsyncBaseTransport):
             try:
                 conn, reused, waited = await self._acquire(origin, timeouts, trace)
             except _UseHTTP11:
-                return await self._fallback.handle_async_request(request)
+                return await self._http11().handle_async_request(request)
             stream = conn.open_stream(headers, end_stream=body.empty)
             try:
                 return await self._exchange(conn, stream, request, body, timeouts, trace, reused, waited)
