@@ -64,8 +64,8 @@ class _ConnectionError(Exception):
 class Stream:
     """One request/response exchange on a connection."""
 
-    __slots__ = ("chunks", "ended", "error", "headers", "id", "local_closed", "pending_ack", "recv_window",
-                 "reset", "send_window", "status", "unacked", "waiter")
+    __slots__ = ("chunks", "deadline", "ended", "error", "headers", "id", "local_closed", "pending_ack",
+                 "recv_window", "reset", "send_window", "status", "unacked", "waiter")
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
@@ -81,6 +81,7 @@ class Stream:
         self.reset = False  # RST_STREAM either way
         self.error: Exception | None = None
         self.waiter: asyncio.Future[object] | None = None
+        self.deadline: float | None = None  # when the current wait times out
 
 
 class H2Connection(asyncio.Protocol):
@@ -113,6 +114,8 @@ class H2Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._ready: asyncio.Future[object] | None = None
         self._window_waiters: list[asyncio.Future[object]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._drain_waiter: asyncio.Future[object] | None = None
         # Called when streams free up, capacity changes or the connection ends (the pool's hook).
         self._on_change = on_change
@@ -208,17 +211,49 @@ class H2Connection(asyncio.Protocol):
                 raise httpx.WriteTimeout("timed out sending the request body")
 
     async def wait(self, stream: Stream, timeout: float | None) -> bool:
-        """Wait until `stream` has news; False if `timeout` passed first."""
+        """Wait until `stream` has news; False if `timeout` passed first.
+
+        One timer per connection, re-armed lazily (as the HTTP/1.1 Connection.wait): a wait only
+        sets its stream's deadline and moves the timer earlier if it must. A uvloop timer made
+        and cancelled per wait costs a closing libuv handle, an extra turn of the loop.
+        """
         waiter: asyncio.Future[object] = self.loop.create_future()
         stream.waiter = waiter
-        handle = None if timeout is None else self.loop.call_later(timeout, _time_out, waiter)
+        if timeout is not None:
+            deadline = self.loop.time() + timeout
+            stream.deadline = deadline
+            timer = self._timer
+            if timer is None or self._timer_at > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = self.loop.call_at(deadline, self._on_timer)
+                self._timer_at = deadline
         try:
             result = await waiter
         finally:
             stream.waiter = None
-            if handle is not None:
-                handle.cancel()
+            stream.deadline = None
         return result is not _TIMED_OUT
+
+    def _on_timer(self) -> None:
+        """Time out the waits whose deadline passed; re-arm for the earliest one left."""
+        self._timer = None
+        now = self.loop.time() + 0.001  # uvloop timers have millisecond resolution
+        earliest: float | None = None
+        for stream in self.streams.values():
+            deadline = stream.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                stream.deadline = None
+                waiter = stream.waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(_TIMED_OUT)
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if earliest is not None and not self.closed:
+            self._timer = self.loop.call_at(earliest, self._on_timer)
+            self._timer_at = earliest
 
     def take_body(self, stream: Stream) -> bytes:
         """All buffered body bytes of `stream` as one chunk; hands their window back."""
@@ -571,6 +606,9 @@ class H2Connection(asyncio.Protocol):
         if self.ping_handle is not None:
             self.ping_handle.cancel()
             self.ping_handle = None
+        if self._timer is not None:
+            self._timer.cancel()  # its callback holds this connection
+            self._timer = None
         self._on_change(self)
 
 

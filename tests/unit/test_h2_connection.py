@@ -174,3 +174,21 @@ def test_heads_decode_right_whether_the_server_indexes_fields_or_not(loop: async
     fresh.client.data_received(b"".join(
         f.headers_frames(stream.id, f.encode_headers(head), True, 16384) for stream, head in zip(more, heads)))
     assert [(s.status, s.headers, s.ended) for s in more] == [(200, head[1:], True) for head in heads]
+
+
+def test_waits_time_out_on_one_connection_timer_each_at_its_own_deadline(loop: asyncio.AbstractEventLoop) -> None:
+    pair = Pair(loop)
+    slow, fast, answered = (pair.client.open_stream(GET, end_stream=True) for _ in range(3))
+
+    async def main() -> list[bool]:
+        waits = [asyncio.ensure_future(pair.client.wait(stream, timeout))
+                 for stream, timeout in ((slow, 0.3), (fast, 0.05), (answered, 0.05))]
+        await asyncio.sleep(0)
+        pair.to_server()
+        respond(pair.server, answered)
+        pair.to_client()
+        return list(await asyncio.gather(*waits))
+
+    started = loop.time()
+    assert loop.run_until_complete(main()) == [False, False, True]
+    assert 0.3 <= loop.time() - started < 2
