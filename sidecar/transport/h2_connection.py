@@ -4,9 +4,9 @@ The protocol side only turns frames into stream state (head, body chunks, end, e
 the one coroutine waiting on that stream; the request side (h2_transport) takes every decision.
 Framing and the HPACK encoder are h2_frames' (pure); response header blocks are decoded by
 `hpack`, whose dynamic table follows the server's (`Decoder.header_table.dynamic_entries` is
-read to know when a block may be cached: `hpack>=4,<5`, tests/unit/test_h2_connection.py). Writes are batched: the frames queued while
-coroutines open streams in one loop turn leave in one TLS write (`_schedule_flush`), and those
-answering received frames at the end of `data_received`.
+read to know when a block may be cached: `hpack>=4,<5`, tests/unit/test_h2_connection.py). A request's frames are written as it
+queues them (HEADERS with an in-memory body in one write); frames answering received ones go
+out at the end of `data_received`, window updates and resets at the end of the loop turn.
 
 Flow control (section 5.2): our connection window is CONNECTION_WINDOW and each stream's
 STREAM_WINDOW; received bytes are handed back (WINDOW_UPDATE) only as the consumer takes them
@@ -159,7 +159,14 @@ class H2Connection(asyncio.Protocol):
             return 0
         return self.capacity - len(self.streams) - self.reserved
 
-    def open_stream(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> Stream:
+    def open_stream(self, headers: list[tuple[bytes, bytes]], end_stream: bool, hold: bool = False) -> Stream:
+        """Start a stream: its HEADERS go out now, or with the first DATA frame when `hold` (a body
+        in memory follows at once: one write for both).
+
+        Written at once rather than at the end of the loop turn: a `call_soon` flush cost ~1 ms
+        of latency per request at concurrency 1 (measured through the sidecar, p50 1-2 ms vs
+        0.4 ms), more than batching streams of one turn saved at c32-c256.
+        """
         stream_id = self._next_id
         self._next_id = stream_id + 2
         if stream_id >= _LAST_STREAM_ID:
@@ -172,7 +179,8 @@ class H2Connection(asyncio.Protocol):
             self._first_block = False
             block = f.TABLE_SIZE_ZERO + block
         self._out.append(f.headers_frames(stream_id, block, end_stream, self._peer_max_frame))
-        self._schedule_flush()
+        if not hold:
+            self._flush()
         return stream
 
     async def send_data(self, stream: Stream, data: bytes, end_stream: bool, timeout: float | None) -> None:
@@ -193,6 +201,7 @@ class H2Connection(asyncio.Protocol):
             left = len(view)
             size = min(left, self._send_window, stream.send_window, self._peer_max_frame)
             if size <= 0 and left:
+                self._flush()  # the HEADERS frame, at least
                 if not await self._wait_window(timeout):
                     raise httpx.WriteTimeout("timed out waiting for the HTTP/2 flow-control window")
                 continue
@@ -203,7 +212,7 @@ class H2Connection(asyncio.Protocol):
             self._send_window -= size
             stream.send_window -= size
             view = view[size:]
-            self._schedule_flush()
+            self._flush()
             if last:
                 stream.local_closed = end_stream
                 return

@@ -133,7 +133,7 @@ class H2Transport(httpx.AsyncBaseTransport):
                 conn, reused, waited = await self._acquire(origin, timeouts, trace)
             except _UseHTTP11:
                 return await self._http11().handle_async_request(request)
-            stream = conn.open_stream(headers, end_stream=body.empty)
+            stream = conn.open_stream(headers, body.empty, hold=body.data is not None and not body.empty)
             try:
                 return await self._exchange(conn, stream, request, body, timeouts, trace, reused, waited)
             except Refused as refused:
