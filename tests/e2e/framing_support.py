@@ -23,6 +23,7 @@ class Exchange:
     answers: list[Answer]
     closed: bool  # the sidecar closed the connection (EOF) rather than us timing out
     reset: bool  # the connection was reset (an answer may have been destroyed)
+    raw: bytes  # every byte received
 
 
 class _Responses:
@@ -47,6 +48,7 @@ def exchange(port: int, payload: bytes, timeout: float = 10.0) -> Exchange:
     """Send `payload` in one write; read answers until the sidecar closes (or `timeout`)."""
     responses = _Responses()
     closed = reset = False
+    raw = bytearray()
     deadline = time.monotonic() + timeout
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(payload)
@@ -61,5 +63,6 @@ def exchange(port: int, payload: bytes, timeout: float = 10.0) -> Exchange:
             if not data:
                 closed = True
                 break
+            raw += data
             responses.parser.feed_data(data)
-    return Exchange(responses.answers, closed, reset)
+    return Exchange(responses.answers, closed, reset, bytes(raw))
