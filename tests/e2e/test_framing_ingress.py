@@ -110,6 +110,19 @@ def test_content_length_with_transfer_encoding_is_refused_and_nothing_after_it_f
     assert _seen(catcher, tag) == []
 
 
+@pytest.mark.parametrize("parser", PARSERS)
+def test_transfer_encoding_in_http10_is_refused(sidecars: dict[str, Sidecar], catcher: Upstream, parser: str) -> None:
+    # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+    sidecar = sidecars[parser]
+    tag = _tag()
+    request = (f"POST /up/echo/{tag}/first HTTP/1.0\r\nHost: 127.0.0.1:{sidecar.port}\r\n"
+               f"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /up/echo/{tag}/smuggled HTTP/1.1\r\n"
+               "Host: x\r\n\r\n").encode()
+    _assert_refused(exchange(sidecar.port, request), "bad_request")
+    assert _seen(catcher, tag) == []
+    _next_request_is_served(sidecar, catcher)
+
+
 # ---- unknown transfer codings -------------------------------------------------------------------
 
 CODINGS = [b"xchunked", b"gzip, chunked", b"chunked, identity", b"identity", b"chunked\r\nTransfer-Encoding: chunked"]
@@ -183,6 +196,18 @@ def test_unparsable_requests_get_the_sidecars_error_format_on_both_parsers(
                             and e.get("detail") not in seen_details)
     assert line["status"] == 400
     assert len(catcher.requests) == requests_before
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_an_oversized_head_gets_431_in_the_sidecars_format_on_both_parsers(
+    sidecars: dict[str, Sidecar], parser: str
+) -> None:
+    sidecar = sidecars[parser]
+    request = f"GET /up/x HTTP/1.1\r\nHost: 127.0.0.1:{sidecar.port}\r\nX-Big: {'b' * (300 << 10)}\r\n\r\n"
+    done = exchange(sidecar.port, request.encode())
+    assert [answer.status for answer in done.answers] == [431]
+    assert done.answers[0].headers[b"x-egress-error"] == b"header_too_large"
+    assert done.closed
 
 
 # ---- the collections' vectors, both parsers ------------------------------------------------------
