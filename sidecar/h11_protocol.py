@@ -28,6 +28,7 @@ tests/e2e/test_framing_ingress.py fails if either changes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, ClassVar
 
 import h11
@@ -41,6 +42,14 @@ from sidecar.limits import _LINGER_SECONDS, Report, render_error
 _KINDS = {400: "bad_request", 431: "header_too_large", 501: "unsupported"}
 _REFUSALS = ("bad_request", "header_too_large", "unsupported")
 _LOGGED_TARGET = 256
+# What uvicorn's handle_events logs before calling send_400_response: our report says it
+# better (kind, method, target, detail), once.
+_UVICORN_PARSE_WARNING = "Invalid HTTP request received."
+
+
+class _DropParseWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _UVICORN_PARSE_WARNING
 
 
 class StrictH11Connection(h11.Connection):
@@ -130,6 +139,9 @@ class StrictH11Protocol(H11Protocol):
 def protocol_class(report: Report) -> type[StrictH11Protocol]:
     """A protocol class for `uvicorn.Config(http=...)` bound to this reporter (h11 gets its
     head bound as `h11_max_incomplete_event_size`, server.py)."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DropParseWarning) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_DropParseWarning())
     return type(
         "StrictH11Protocol",
         (StrictH11Protocol,),

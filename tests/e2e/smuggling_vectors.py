@@ -13,13 +13,21 @@ as the next request and forward it.
   the chunk-size line, right before it.
 - CL: Content-Length spellings alone; the smuggled request starts where a misread length
   (0, the other of two values) would end the body.
+- TE: chunked alone, with chunk lines spelled oddly ("funky chunks": a bare LF ending a
+  chunk-size or extension line, a sign, a 0x prefix); the smuggled request sits inside a
+  chunk, so only a parser that loses the chunk boundaries could see it as a request.
+
+Outcomes: refused with an answer (a head-level refusal: 400/501 and the connection closed),
+refused mid-body (`CLOSED`: the request was already on its way, so the connection is closed
+without an answer and the upstream sees a cut body, never a second request), or forwarded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-CLTE, TECL, CL = "CL.TE", "TE.CL", "CL"
+CLTE, TECL, CL, TE = "CL.TE", "TE.CL", "CL", "TE"
+CLOSED = "closed"  # refused mid-body: closed without an answer (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class Vector:
     # The h11 listener's answer where it differs: with Content-Length beside a transfer coding
     # other than `chunked`, h11 meets the coding first (501), llhttp the pair (400). Both refuse.
     refused_h11: str | None = "same"
+    body: bytes = b""  # style TE: the chunked body; `{s}` becomes a chunk holding the smuggled request
 
     @property
     def id(self) -> str:
@@ -101,6 +110,20 @@ VECTORS = [
     Vector("leading-zeros", b"Content-Length: 000{n}", CL, None),
     Vector("obs-fold", b"Content-Length:\r\n {n}", CL, "bad_request"),
     Vector("space-before-colon", b"Content-Length : {n}", CL, "bad_request"),
+    # Chunk lines (TE alone).
+    Vector("size-bare-lf", b"Transfer-Encoding: chunked", TE, CLOSED, body=b"2\nxx\r\n{s}0\r\n\r\n"),
+    Vector("ext-bare-lf", b"Transfer-Encoding: chunked", TE, CLOSED, body=b"2;a\nxx\r\n{s}0\r\n\r\n"),
+    Vector("data-bare-lf", b"Transfer-Encoding: chunked", TE, CLOSED, body=b"2\r\nxx\n{s}0\r\n\r\n"),
+    Vector("size-0x", b"Transfer-Encoding: chunked", TE, CLOSED, body=b"0x2\r\nxx\r\n{s}0\r\n\r\n"),
+    Vector("size-sign", b"Transfer-Encoding: chunked", TE, CLOSED, body=b"+2\r\nxx\r\n{s}0\r\n\r\n"),
+    # h11 reads whitespace before a chunk-size line's CRLF as the BWS of an empty extension
+    # (RFC 9112 7.1.1): the same size, the same boundaries, so it forwards; llhttp refuses.
+    Vector("size-space", b"Transfer-Encoding: chunked", TE, CLOSED, refused_h11=None,
+           body=b"2 \r\nxx\r\n{s}0\r\n\r\n"),
+    Vector("ext-quoted-crlf", b"Transfer-Encoding: chunked", TE, CLOSED,
+           body=b'2;a="\r\nxx\r\n"\r\nxx\r\n{s}0\r\n\r\n'),
+    Vector("size-leading-zeros", b"Transfer-Encoding: chunked", TE, None, body=b"0002\r\nxx\r\n{s}0\r\n\r\n"),
+    Vector("ext-plain", b"Transfer-Encoding: chunked", TE, None, body=b"2;name=value\r\nxx\r\n{s}0\r\n\r\n"),
 ]
 
 
@@ -115,6 +138,10 @@ def payload(vector: Vector, tag: str, host: str) -> tuple[bytes, int]:
         size_line = b"%x\r\n" % len(smuggled)
         body = size_line + smuggled + b"\r\n0\r\n\r\n"
         length = len(size_line)
+    elif vector.style == TE:
+        chunk = b"%x\r\n" % len(smuggled) + smuggled + b"\r\n"
+        body = vector.body.replace(b"{s}", chunk)
+        length = 2 + len(smuggled)  # "xx" and the smuggled bytes, de-chunked
     else:
         body = smuggled
         length = len(body)
