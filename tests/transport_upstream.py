@@ -33,6 +33,8 @@ shares nothing with it but the loopback network. The path picks the behaviour:
   /extra-after-chunked  a chunked body, then a second response, in one write
   /switching            101 Switching Protocols followed by raw bytes
   /extra-after-head     a response whose head is followed by bytes (to a HEAD request)
+  /length-and-chunked   Content-Length and Transfer-Encoding: chunked together
+  /two-lengths          two Content-Length fields that differ
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ HOSTILE = {
     "extra-after-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nHELLO\r\n0\r\n\r\n" + POISON,
     "switching": b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\nPOISONED",
     "extra-after-head": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHELLO" + POISON,
+    "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"8\r\nPOISONED\r\n0\r\n\r\n",
+    "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 8\r\n\r\nPOISONED",
 }
 
 

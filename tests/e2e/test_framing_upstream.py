@@ -116,11 +116,12 @@ def test_app_gets_exactly_the_first_response_and_the_next_request_is_unharmed(
     assert hostile.connections == connections + 1
 
 
-def test_a_101_from_the_upstream_is_a_502_protocol_error_with_no_body_relayed(
-    make_sidecar: Callable[..., Sidecar], hostile: Upstream
+@pytest.mark.parametrize("path", ["switching", "length-and-chunked", "two-lengths"])
+def test_a_101_or_ambiguous_response_framing_is_a_502_protocol_error_with_nothing_relayed(
+    make_sidecar: Callable[..., Sidecar], hostile: Upstream, path: str
 ) -> None:
     sidecar = make_sidecar(routes=[{"name": "up", "prefix": "/up", "upstream": f"https://localhost:{hostile.port}"}])
-    done = exchange(sidecar.port, f"GET /up/switching HTTP/1.1\r\nHost: 127.0.0.1:{sidecar.port}\r\n"
+    done = exchange(sidecar.port, f"GET /up/{path} HTTP/1.1\r\nHost: 127.0.0.1:{sidecar.port}\r\n"
                                   "Connection: close\r\n\r\n".encode())
     assert b"POISON" not in done.raw and b"101" not in done.raw.split(b"\r\n", 1)[0]
     assert [answer.status for answer in done.answers] == [502]
