@@ -131,3 +131,22 @@ def test_a_101_or_ambiguous_response_framing_is_a_502_protocol_error_with_nothin
         response = client.get(f"{sidecar.url}/up/bytes/10")
     assert (response.status_code, response.content) == (200, seeded_bytes(10))
 
+
+
+@pytest.mark.parametrize("path", sorted(SURPLUS))
+def test_on_an_http2_route_falling_back_to_http11_surplus_bytes_never_answer_the_next_request(
+    make_sidecar: Callable[..., Sidecar], hostile: Upstream, path: str
+) -> None:
+    """httpcore speaks HTTP/1.1 when the upstream's ALPN picks it (sidecar/httpcore_surplus.py):
+    without the rule, the bytes after the first response answered the next request."""
+    sidecar = make_sidecar(routes=[{"name": "up", "prefix": "/up", "http2": True,
+                                    "upstream": f"https://localhost:{hostile.port}"}])
+    method, status, _, body = SURPLUS[path]
+    with httpx.Client(timeout=10) as client:
+        first = client.request(method, f"{sidecar.url}/up/{path}")
+        assert (first.status_code, first.content) == (status, body)
+        connections = hostile.connections
+        for _ in range(2):
+            response = client.get(f"{sidecar.url}/up/bytes/10")
+            assert (response.status_code, response.content) == (200, seeded_bytes(10))
+    assert hostile.connections == connections + 1  # the poisoned connection was not reused
