@@ -69,7 +69,7 @@ def request_framing(headers: Iterable[Header], http_version: str) -> tuple[bool,
     return length is not None and length != b"0", False, length
 
 
-def head_problem(buffered: bytes) -> str | None:
+def head_problem(buffered: bytes | bytearray) -> str | None:
     """Why the request head at the start of `buffered` is refused; None if it is fine or not
     complete yet.
 

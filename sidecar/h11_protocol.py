@@ -20,9 +20,10 @@ What h11 does not have here that the httptools listener does: the 414 for a long
 the head deadline (limits.py); h11's `max_incomplete_event_size` bounds the head in bytes.
 
 Imported only when `listen.http` is h11: the run path does not load h11 otherwise.
-Contract: uvicorn 0.x `H11Protocol.__init__` builds `self.conn`, `handle_events` catches
-`h11.RemoteProtocolError` from `conn.next_event()` and calls `send_400_response(msg)`;
-tests/e2e/test_framing_ingress.py fails if either changes.
+Contract (tests/unit/test_framing.py fails if it moves): uvicorn's `H11Protocol.__init__`
+builds `self.conn`, its `handle_events` catches `h11.RemoteProtocolError` from
+`conn.next_event()` and calls `send_400_response(msg)`; h11 0.16 keeps unparsed bytes in
+`Connection._receive_buffer._data`, a bytearray.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ class StrictH11Connection(h11.Connection):
     def next_event(self) -> Any:
         if self._unchecked and self.their_state is h11.IDLE:
             self._unchecked = False
-            problem = head_problem(self.trailing_data[0])
+            # h11's own buffer, not a copy (`trailing_data` copies it all): a read full of
+            # tiny pipelined requests would be copied once per request.
+            problem = head_problem(self._receive_buffer._data)
             if problem is not None:
                 self._refuse("bad_request", "-", "-", problem)
         try:

@@ -165,3 +165,10 @@ def test_uvicorn_h11_seams_are_where_h11_protocol_expects_them() -> None:
     assert "except h11.RemoteProtocolError" in source
     assert "self.send_400_response(" in source
     assert "self.conn = h11.Connection(" in inspect.getsource(H11Protocol.__init__)
+
+
+def test_h11_keeps_unparsed_bytes_where_the_head_check_reads_them() -> None:
+    conn = StrictH11Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\n")
+    assert isinstance(conn._receive_buffer._data, bytearray)
+    assert bytes(conn._receive_buffer._data) == conn.trailing_data[0]
