@@ -50,14 +50,13 @@ def _uvicorn_config(
     else:
         from sidecar import h11_protocol  # only when asked for: the run path does not load h11
 
-        protocol = h11_protocol.protocol_class(report)
+        protocol = h11_protocol.protocol_class(config.limits, report)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="none",
-        # httptools gets our head limits and deadline (limits.py); h11 its size guard and the
-        # same framing rules (h11_protocol.py).
+        # The same head limits, deadline and framing rules on both (limits.py, h11_protocol.py).
         http=protocol,
         h11_max_incomplete_event_size=limits.HeadLimits.from_config(config.limits).max_head_bytes,
         ws="none",

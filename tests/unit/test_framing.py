@@ -11,11 +11,14 @@ import httptools
 import pytest
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sidecar.config import Limits
 from sidecar.errors import EgressError
 from sidecar.framing import head_problem, parse_error_kind, request_framing
 from sidecar.h11_protocol import StrictH11Connection
+from sidecar.limits import HeadLimits
 
 CL, TE = b"content-length", b"transfer-encoding"
+_LIMITS = HeadLimits.from_config(Limits())
 
 
 @pytest.mark.parametrize(
@@ -113,7 +116,7 @@ def test_llhttp_messages_map_to_our_kinds(framing: bytes, kind: str) -> None:
 
 def _h11_refusal(data: bytes) -> tuple[str, str] | None:
     """Feed a strict h11 connection; (kind, detail) of its refusal, None if it took the request."""
-    conn = StrictH11Connection(h11.SERVER)
+    conn = StrictH11Connection(_LIMITS)
     conn.receive_data(data)
     try:
         while conn.next_event() not in (h11.NEED_DATA, h11.PAUSED):
@@ -133,6 +136,9 @@ def _h11_refusal(data: bytes) -> tuple[str, str] | None:
         (b"GET / HTTP/1.1\nHost: a\n\n", "bad_request"),
         (b"GET / HTTP/1.1\r\nHost: a\r\n Transfer-Encoding: chunked\r\n\r\n", "bad_request"),
         (b"GET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n", "bad_request"),
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", "uri_too_long"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"x-%d: v\r\n" % i for i in range(200)) + b"\r\n",
+         "header_too_large"),
     ],
 )
 def test_strict_h11_connection_refuses_what_llhttp_refuses(data: bytes, kind: str) -> None:
@@ -144,7 +150,7 @@ def test_strict_h11_connection_takes_plain_requests_and_checks_pipelined_heads()
     assert _h11_refusal(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello") is None
     assert _h11_refusal(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n") is None
     # A second head that came in the same read as the first is checked when its turn comes.
-    conn = StrictH11Connection(h11.SERVER)
+    conn = StrictH11Connection(_LIMITS)
     conn.receive_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\nHost: a\n\n")
     assert isinstance(conn.next_event(), h11.Request)
     assert isinstance(conn.next_event(), h11.EndOfMessage)
@@ -168,7 +174,7 @@ def test_uvicorn_h11_seams_are_where_h11_protocol_expects_them() -> None:
 
 
 def test_h11_keeps_unparsed_bytes_where_the_head_check_reads_them() -> None:
-    conn = StrictH11Connection(h11.SERVER)
+    conn = StrictH11Connection(_LIMITS)
     conn.receive_data(b"GET / HTTP/1.1\r\n")
     assert isinstance(conn._receive_buffer._data, bytearray)
     assert bytes(conn._receive_buffer._data) == conn.trailing_data[0]
