@@ -16,7 +16,7 @@ in our error format (errors.py), then the connection is closed, and reported to 
 | connection opened (first request) or after its first bytes   |                             |
 | a new connection that sent nothing within `header_timeout`   | closed without an answer    |
 | anything httptools cannot parse                              | 400 `bad_request`           |
-| framing in doubt, or a transfer coding but one `chunked`      | 400 / 501 (framing.py)      |
+| framing in doubt, or a transfer coding but one `chunked`     | 400 / 501 (framing.py)      |
 
 414 rather than 431 for the target: RFC 9110 15.5.15 names exactly this case, and it tells
 the app which part of its request to shorten. A silent connection gets no 408 (RFC 9112
