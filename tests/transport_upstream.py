@@ -31,6 +31,7 @@ shares nothing with it but the loopback network. The path picks the behaviour:
   /two-responses        a 304 and a second response (`200 ... POISONED`) in one write
   /extra-after-body     Content-Length 5 and more bytes after those 5, in one write
   /extra-after-chunked  a chunked body, then a second response, in one write
+  /body-then-response   Content-Length 5, its body, then a second response, in one write
   /switching            101 Switching Protocols followed by raw bytes
   /extra-after-head     a response whose head is followed by bytes (to a HEAD request)
   /length-and-chunked   Content-Length and Transfer-Encoding: chunked together
@@ -67,6 +68,7 @@ POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED"
 HOSTILE = {
     "two-responses": b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n" + POISON,
     "extra-after-body": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHELLO-POISONED",
+    "body-then-response": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHELLO" + POISON,
     "extra-after-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nHELLO\r\n0\r\n\r\n" + POISON,
     "switching": b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\nPOISONED",
     "extra-after-head": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHELLO" + POISON,

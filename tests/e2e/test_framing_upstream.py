@@ -25,6 +25,9 @@ __all__ = ["certs", "server"]  # fixtures used by name below
 SURPLUS = {
     "two-responses": ("GET", 304, {"etag": '"x"'}, b""),
     "extra-after-body": ("GET", 200, {"content-length": "5"}, b"HELLO"),
+    # Before: the second response's head replaced the first's and both bodies were relayed
+    # under it, so the app saw an aborted response and the sidecar an `internal` error.
+    "body-then-response": ("GET", 200, {"content-length": "5"}, b"HELLO"),
     "extra-after-chunked": ("GET", 200, {"transfer-encoding": "chunked"}, b"HELLO"),
     "extra-after-head": ("HEAD", 200, {"content-length": "5"}, b""),
 }
