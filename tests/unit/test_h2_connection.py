@@ -172,7 +172,7 @@ def test_heads_decode_right_whether_the_server_indexes_fields_or_not(loop: async
     fresh.to_server()
     heads = [[(b":status", b"200"), (b"date", b"Thu, 03 Dec 2026 09:00:0%d GMT" % (i // 2))] for i in range(3)]
     fresh.client.data_received(b"".join(
-        f.headers_frames(stream.id, f.encode_headers(head), True, 16384) for stream, head in zip(more, heads)))
+        f.headers_frames(stream.id, f.encode_headers(head), True, 16384) for stream, head in zip(more, heads, strict=True)))
     assert [(s.status, s.headers, s.ended) for s in more] == [(200, head[1:], True) for head in heads]
 
 
