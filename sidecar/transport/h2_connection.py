@@ -29,7 +29,7 @@ import hpack
 import httpx
 
 from sidecar.transport import h2_frames as f
-from sidecar.transport.h2_request import Refused, StreamReset
+from sidecar.transport.h2_request import Disconnected, Refused, StreamReset
 
 # Our receive windows: 64 KiB (the protocol default) caps one stream at 64 KiB per round trip.
 CONNECTION_WINDOW = 16 * 1024 * 1024
@@ -602,7 +602,7 @@ class H2Connection(asyncio.Protocol):
                     error: Exception = StreamReset(str(exc) or repr(exc))
                     error.__cause__ = exc
                 elif stream.headers is None:
-                    error = StreamReset(DISCONNECTED)
+                    error = Disconnected(DISCONNECTED)
                 else:
                     error = httpx.RemoteProtocolError("peer closed connection without sending complete message body")
                 stream.error = error

@@ -27,6 +27,11 @@ class Refused(StreamReset):
     REFUSED_STREAM): the transport sends it again on another connection, whatever the method."""
 
 
+class Disconnected(StreamReset):
+    """The server closed the connection cleanly (no GOAWAY, no reset) before the stream's head:
+    the keep-alive race of HTTP/1.1 (transport.wire.may_retry_on_fresh decides a retry)."""
+
+
 def request_headers(
     method: bytes, scheme: bytes, authority: bytes, path: bytes, headers: list[tuple[bytes, bytes]]
 ) -> list[tuple[bytes, bytes]]:

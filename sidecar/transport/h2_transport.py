@@ -32,8 +32,9 @@ import httpx
 from sidecar.retry import ReplayableBody
 from sidecar.transport.connect import Resolve, Trace, open_connection
 from sidecar.transport.h2_pool import CONNECT, RETRY, H2Origin, H2Pool, PoolClosed, PoolWaitTimeout
-from sidecar.transport.h2_request import Refused, StreamReset, may_replay, request_headers
+from sidecar.transport.h2_request import Disconnected, Refused, StreamReset, may_replay, request_headers
 from sidecar.transport.transport import _in_memory_body, build_response
+from sidecar.transport.wire import may_retry_on_fresh
 
 if TYPE_CHECKING:
     from sidecar.transport.h2_connection import H2Connection, Stream
@@ -128,6 +129,7 @@ class H2Transport(httpx.AsyncBaseTransport):
         )
         body = _Body(request.stream, self._replay_body_bytes)
         replays = 0
+        retried = False
         while True:
             try:
                 conn, reused, waited = await self._acquire(origin, timeouts, trace)
@@ -139,9 +141,14 @@ class H2Transport(httpx.AsyncBaseTransport):
             except Refused as refused:
                 if not may_replay(replays, body.replayable):
                     raise StreamReset(f"{refused} and the request cannot be sent again") from None
-            replays += 1
-            if self._on_replay is not None:
-                self._on_replay(request, "goaway")
+                replays += 1
+                if self._on_replay is not None:
+                    self._on_replay(request, "goaway")
+            except Disconnected:
+                # The keep-alive race, as on HTTP/1.1: once, idempotent methods only.
+                if not may_retry_on_fresh(request.method, reused, False, True, body.replayable, retried):
+                    raise
+                retried = True
 
     def _origin(self, request: httpx.Request) -> H2Origin:
         url = request.url

@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.transport import h2_frames as f
 from sidecar.transport.h2_connection import STREAM_WINDOW, H2Connection, Stream
-from sidecar.transport.h2_request import Refused, StreamReset
+from sidecar.transport.h2_request import Disconnected, Refused, StreamReset
 
 GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test"), (b":path", b"/")]
 
@@ -192,3 +192,16 @@ def test_waits_time_out_on_one_connection_timer_each_at_its_own_deadline(loop: a
     started = loop.time()
     assert loop.run_until_complete(main()) == [False, False, True]
     assert 0.3 <= loop.time() - started < 2
+
+
+def test_a_clean_close_fails_streams_without_a_head_as_disconnected_and_others_as_cut_short(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    pair = Pair(loop)
+    waiting, reading = pair.client.open_stream(GET, True), pair.client.open_stream(GET, True)
+    pair.to_server()
+    pair.server.send_headers(reading.id, [(b":status", b"200")])
+    pair.to_client()
+    pair.client.connection_lost(None)  # FIN or close_notify, no GOAWAY
+    assert isinstance(waiting.error, Disconnected)
+    assert not isinstance(reading.error, StreamReset) and "complete message body" in str(reading.error)
