@@ -106,7 +106,7 @@ class H2Connection(asyncio.Protocol):
         self._send_window = f.DEFAULT_WINDOW  # connection-level, what we may still send
         self._peer_initial_window = f.DEFAULT_WINDOW
         self._peer_max_frame = f.DEFAULT_FRAME_SIZE
-        self._recv_window = CONNECTION_WINDOW
+        self._recv_window = max(CONNECTION_WINDOW, f.DEFAULT_WINDOW)
         self._pending_ack = 0
         self._buffer = b""
         self._continuation: tuple[int, int, list[bytes]] | None = None
@@ -128,8 +128,9 @@ class H2Connection(asyncio.Protocol):
             f.PREFACE,
             f.settings({f.HEADER_TABLE_SIZE: 0, f.ENABLE_PUSH: 0, f.MAX_CONCURRENT_STREAMS: 0,
                         f.INITIAL_WINDOW_SIZE: STREAM_WINDOW}),
-            f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW),
         ]
+        if CONNECTION_WINDOW > f.DEFAULT_WINDOW:  # an increment of 0 is a protocol error
+            self._out.append(f.window_update(0, CONNECTION_WINDOW - f.DEFAULT_WINDOW))
         self._flush()
 
     async def start(self, timeout: float | None) -> None:
