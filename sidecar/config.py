@@ -116,6 +116,9 @@ class TLS(_Section, frozen=True):
 
 
 class Policy(_Section, frozen=True):
+    # report: what the host rules would refuse is forwarded, logged and counted as would_deny;
+    # the address rules (private, metadata, loopback, the sidecar itself) hold in every mode.
+    mode: Literal["enforce", "report"] = "enforce"
     default: Literal["allow-public", "deny"] = "allow-public"
     allow_hosts: list[str] = []
     deny_hosts: list[str] = []
@@ -209,6 +212,12 @@ class Limits(_Section, frozen=True):
     body_idle_timeout: Seconds = Seconds(60)  # longest silence inside a request body
 
 
+class Inventory(_Section, frozen=True):
+    """The egress inventory (admin /destinations): destinations seen, least recently seen evicted first."""
+
+    max_entries: int = 2000  # 0: off
+
+
 class Config(_Section, frozen=True):
     listen: Listen = Listen()
     admin: AdminListen = AdminListen()
@@ -221,6 +230,7 @@ class Config(_Section, frozen=True):
     routes: list[Route] = []
     forwarding: Forwarding = Forwarding()
     limits: Limits = Limits()
+    inventory: Inventory = Inventory()
     metrics: Metrics = Metrics()
     log: Log = Log()
     drain: Drain = Drain()
@@ -235,6 +245,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
     "EGRESS_LOG_LEVEL": ("log", "level"),
     "EGRESS_LOG_FORMAT": ("log", "format"),
     "EGRESS_POLICY_DEFAULT": ("policy", "default"),
+    "EGRESS_POLICY_MODE": ("policy", "mode"),
     "EGRESS_DRAIN_GRACE": ("drain", "grace"),
     "EGRESS_POOL_MAX_CONNECTIONS": ("pool", "max_connections"),
     "EGRESS_POOL_HTTP2": ("pool", "http2"),
@@ -375,6 +386,8 @@ def check_semantics(config: Config) -> None:
                 fail(f"{where}.circuit_breaker.window", "must be longer than 0s")
     if config.limits.max_in_flight < 1:
         fail("limits.max_in_flight", "must be at least 1")
+    if config.inventory.max_entries < 0:
+        fail("inventory.max_entries", "cannot be negative (0: off)")
 
 
 def is_loopback_host(host: str) -> bool:

@@ -227,7 +227,7 @@ class ForwardApp:
             exchange.route = route.name if route is not None else "-"
             exchange.upstream = f"{target.host}:{target.port}"
             exchange.path = target.path
-            runtime.policy.check_target(target)
+            exchange.would_deny = runtime.policy.check_target(target)
             # Load shedding: past max_in_flight (global or the route's), 503 overloaded at once.
             gate = runtime.resilience.shedding.gate(route.name if route is not None else None).enter()
             has_body, chunked = body_framing(headers)
@@ -284,6 +284,7 @@ class ForwardApp:
             subject = exc.subject if isinstance(exc, EgressError) else None
             if isinstance(exc, PolicyDenied):
                 exchange.reason = exc.reason
+                exchange.would_deny = None  # refused after all (address rules at connect): a denial
             retry_after = exc.retry_after if isinstance(exc, EgressError) else None
             await self._send_error(send, exchange, kind, str(exc), subject, retry_after)
             return

@@ -220,12 +220,13 @@ class _Families(Collector):
     def collect(self) -> Iterable[Metric]:
         m = self.metrics
         return _families(list(m._series.values()), m._requests, float(m.in_flight()), m._errors, m._denied,
-                         m._retries)
+                         m._retries, m._would_deny)
 
 
 def _families(series: list[_Series], requests: Mapping[tuple[str, str, str, str], list[int]],
               in_flight: float | None, errors: Mapping[tuple[str, str, str], int],
-              denied: Mapping[tuple[str, str], int], retries: Mapping[tuple[str, str], int]) -> list[Metric]:
+              denied: Mapping[tuple[str, str], int], retries: Mapping[tuple[str, str], int],
+              would_deny: Mapping[tuple[str, str], int] | None = None) -> list[Metric]:
     requests_family = CounterMetricFamily("egress_requests", "Requests answered, by status code (errors included)",
                                           labels=[*_RL, "method", "code"])
     for key, cell in requests.items():
@@ -250,6 +251,9 @@ def _families(series: list[_Series], requests: Mapping[tuple[str, str, str, str]
     families.append(_counter("egress_denied", "Requests the egress policy refused, by reason",
                              ["route", "reason"], denied))
     families.append(_counter("egress_retries", "Upstream attempts retried, by reason", ["route", "reason"], retries))
+    families.append(_counter("egress_would_deny", "Requests and tunnels the host rules would refuse, forwarded "
+                             "because policy.mode is report, by destination and reason", ["upstream", "reason"],
+                             would_deny or {}))
     return families
 
 
@@ -279,6 +283,7 @@ class Metrics:
         self._errors: dict[tuple[str, str, str], int] = {}  # (route, upstream, kind)
         self._denied: dict[tuple[str, str], int] = {}  # (route, reason)
         self._retries: dict[tuple[str, str], int] = {}  # (route, reason)
+        self._would_deny: dict[tuple[str, str], int] = {}  # (upstream, reason)
         # Known label values start at 0 (Prometheus' advice), so rate() sees the first denial and
         # the dashboard's denial panel shows 0 rather than "no data" on a quiet day.
         for kind in sorted(DENIALS):
@@ -347,6 +352,11 @@ class Metrics:
         key = (route, reason)
         self._denied[key] = self._denied.get(key, 0) + 1
 
+    def would_deny(self, upstream: str, reason: str) -> None:
+        """Count a destination the host rules would refuse (report mode): requests and tunnels alike."""
+        key = (self.upstream_label(upstream), reason)
+        self._would_deny[key] = self._would_deny.get(key, 0) + 1
+
     def retry(self, route: str, reason: str) -> None:
         key = (route, reason)
         self._retries[key] = self._retries.get(key, 0) + 1
@@ -396,6 +406,8 @@ class Metrics:
             series.bytes_in += ex.bytes_in
         if ex.bytes_out:
             series.bytes_out += ex.bytes_out
+        if ex.would_deny is not None:
+            self.would_deny(ex.upstream, ex.would_deny)
         kind = ex.kind
         if kind is not None:
             self.error(ex.route, series.upstream, kind)
