@@ -66,7 +66,9 @@ class AdminApp:
         return 200, b"text/plain; charset=utf-8", b"ready\n"
 
     async def _config(self, scope: Scope) -> tuple[int, bytes, bytes]:
-        body = json.dumps(redacted_config(self.runtime), indent=2, sort_keys=True).encode() + b"\n"
+        """The active config (after the last applied reload) and, first, its sha256 (egress_config_info)."""
+        shown = {"sha256": self.runtime.active.sha256, **redacted_config(self.runtime)}
+        body = json.dumps(shown, indent=2, sort_keys=True).encode() + b"\n"
         return 200, b"application/json", body
 
     async def _destinations(self, scope: Scope) -> tuple[int, bytes, bytes]:

@@ -34,11 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
-            config_module.load(args.file)
+            config = config_module.load(args.file)
         except config_module.ConfigError as exc:
             print(f"egress-sidecar: {exc}", file=sys.stderr)
             return 2
-        print(f"{args.file}: ok")
+        print(f"{args.file}: ok (sha256 {config_module.config_sha256(config)})")
         return 0
     if args.command == "print-default-config":
         sys.stdout.write(config_module.embedded_default_text())
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sidecar.server import run
 
     try:
-        return run(config, contexts)
+        return run(config, contexts, args.config)
     except config_module.ConfigError as exc:  # e.g. a route's secret file cannot be read
         print(f"egress-sidecar: {exc}", file=sys.stderr)
         return 2

@@ -435,6 +435,14 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
     return from_mapping(raw)
 
 
+def config_sha256(config: Config) -> str:
+    """The effective config's identity: sha256 of its canonical JSON (egress_config_info, /config,
+    and what `check-config` prints, so a reviewer can tell which file is live)."""
+    import hashlib
+
+    return hashlib.sha256(msgspec.json.encode(to_builtins(config), order="sorted")).hexdigest()
+
+
 def to_builtins(config: Config) -> Any:
     """Plain data for display (`/config`); callers redact secrets."""
     return msgspec.to_builtins(config, enc_hook=_enc_hook)

@@ -128,6 +128,28 @@ class AbandonedCollector(Collector):
         yield family
 
 
+class ConfigCollector(Collector):
+    """`egress_config_info{sha256}` (the active config) and `egress_config_reloads_total{outcome}`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily("egress_config_info", "The active config: sha256 of its canonical JSON "
+                                 "(what `egress-sidecar check-config` prints)", labels=["sha256"])
+        if self.metrics.config_sha256:
+            info.add_metric([self.metrics.config_sha256], 1)
+        yield info
+        reloads = CounterMetricFamily("egress_config_reloads", "Config reloads (file change or SIGHUP), by "
+                                      "outcome: applied, or rejected (the old config stays)", labels=["outcome"])
+        for outcome, count in sorted(self.metrics.reloads.items()):
+            reloads.add_metric([outcome], count)
+        yield reloads
+
+
 # The `le` label of each bucket, +Inf last, as prometheus_client writes them.
 _LE: tuple[str, ...] = (*(floatToGoString(bound) for bound in BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
 
@@ -298,6 +320,21 @@ class Metrics:
         )
         if pools is not None:
             registry.register(PoolCollector(pools, config.pool.max_connections))
+        self.config_sha256 = ""
+        self.reloads: dict[str, int] = {"applied": 0, "rejected": 0}
+        registry.register(ConfigCollector(self))
+
+    def watch_pools(self, stats: PoolStats, limit: int) -> None:
+        """Export the live pools' connections (read through the active snapshot at scrape time)."""
+        self.registry.register(PoolCollector(stats, limit))
+
+    def config_loaded(self, sha256: str) -> None:
+        """The config now active (`egress_config_info{sha256}`), at start and after each applied reload."""
+        self.config_sha256 = sha256
+
+    def config_reload(self, outcome: str) -> None:
+        """A reload was applied or rejected (`egress_config_reloads_total{outcome}`)."""
+        self.reloads[outcome] = self.reloads.get(outcome, 0) + 1
 
     def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
         """Export the circuit breakers' states (resilience.Breakers.states) at scrape time."""

@@ -151,7 +151,8 @@ class EgressPolicy:
             self.add_listener(host, port)
 
     @classmethod
-    def from_config(cls, config: Config) -> EgressPolicy:
+    def from_config(cls, config: Config, local: frozenset[IPAddress] | None = None) -> EgressPolicy:
+        """The policy of `config`; `local`: this host's addresses if already known (a reload)."""
         policy = config.policy
         return cls(
             default=policy.default,
@@ -161,7 +162,7 @@ class EgressPolicy:
             allow_cidrs=policy.allow_cidrs,
             static_resolve=config.resolve,
             listeners=[(config.listen.host, config.listen.port), (config.admin.host, config.admin.port)],
-            local_addresses=local_addresses(),
+            local_addresses=local_addresses() if local is None else local,
         )
 
     def add_listener(self, host: str, port: int) -> None:
