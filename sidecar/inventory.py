@@ -84,7 +84,8 @@ class Inventory:
         upstream = ex.upstream
         if upstream == "-":
             return  # refused before a destination was known (bad request, no route)
-        entry = self._entry((upstream, ex.route), ex.end)
+        # A CONNECT refused before its 200 comes as an exchange: it counts against the tunnel's entry.
+        entry = self._entry((upstream, ex.route if ex.method != "CONNECT" else TUNNEL), ex.end)
         entry.requests += 1
         method = ex.method if ex.method in _METHODS else "OTHER"
         methods = entry.methods

@@ -15,12 +15,16 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.access_log import AccessLog
 from sidecar.config import Config
 from sidecar.inventory import Inventory
+from sidecar.metrics import _TUNNEL_DENIALS as TUNNEL_REFUSALS
 from sidecar.metrics import Metrics, PoolStats
+
+if TYPE_CHECKING:
+    from sidecar.tunnel import TunnelRecord
 
 _now = time.perf_counter
 
@@ -136,14 +140,15 @@ class Observer:
             self._inventory.record(exchange)
         self.access.emit(exchange)
 
-    def tunnel_finished(
-        self, upstream: str, *, bytes_sent: int = 0, bytes_received: int = 0, denied: str | None = None,
-        would_deny: str | None = None, status: int = 200,
-    ) -> None:
-        """A tunnel closed or was refused: the inventory and the would-deny count (the tunnel path
-        keeps its own metrics and log line)."""
-        if would_deny is not None and self.metrics is not None:
-            self.metrics.would_deny(upstream, would_deny)
+    def tunnel_finished(self, record: TunnelRecord) -> None:
+        """A tunnel that got its 200 (or its upstream connection) ended: metrics, inventory, one line."""
+        if self.metrics is not None:
+            self.metrics.tunnel(record)
+            if record.would_deny is not None:
+                self.metrics.would_deny(record.upstream, record.would_deny)
         if self._inventory is not None:
-            self._inventory.record_tunnel(upstream, bytes_sent=bytes_sent, bytes_received=bytes_received,
-                                          denied=denied, would_deny=would_deny, status=status)
+            self._inventory.record_tunnel(
+                record.upstream, bytes_sent=record.bytes_up, bytes_received=record.bytes_down,
+                denied=record.outcome if record.outcome in TUNNEL_REFUSALS else None,
+                would_deny=record.would_deny, end=record.end or None)
+        self.access.tunnel(record)

@@ -22,6 +22,7 @@ from sidecar.policy import EgressPolicy
 from sidecar.resilience import Resilience
 from sidecar.routing import Router, compile_route
 from sidecar.tls import TLSContexts
+from sidecar.tunnel import Tunnels, TunnelSettings
 from sidecar.upstream import Upstream
 
 
@@ -108,6 +109,7 @@ class Runtime:
     stopping: bool = False  # grace over or nothing in flight: new requests get 503 draining
     ready: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    tunnels: Tunnels | None = None  # CONNECT (and captured TLS) tunnels; set by build_runtime
     # The sidecar's own bound listeners (real ports), denied by every snapshot's policy.
     listeners: list[tuple[str, int]] = field(default_factory=list)
 
@@ -136,6 +138,10 @@ class Runtime:
         """Make `snapshot` the one new requests use; returns the one it replaces."""
         previous, self.active = self.active, snapshot
         self.resolve.policy = snapshot.policy
+        tunnels = self.tunnels
+        if tunnels is not None:  # new tunnels take the new policy and settings; open ones carry on
+            tunnels.policy = snapshot.policy
+            tunnels.settings = TunnelSettings.from_config(snapshot.config)
         return previous
 
     def add_listener(self, host: str, port: int) -> None:
@@ -151,6 +157,9 @@ class Runtime:
         self.in_flight -= 1
         if self.in_flight == 0:
             self.idle.set()
+
+    def is_self(self, host: str, port: int) -> bool:
+        return self.active.router.is_self(host, port)
 
     def pool_stats(self) -> dict[str, tuple[int, int]]:
         return self.active.upstream.pool_stats()
@@ -168,11 +177,21 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
     snapshot = build_snapshot(config, observer, resolve, contexts=contexts)
     runtime = Runtime(active=snapshot, observer=observer, resolve=resolve)
     resolve.policy = snapshot.policy
+    runtime.tunnels = Tunnels(
+        TunnelSettings.from_config(config),
+        snapshot.policy,
+        observer,
+        is_self=runtime.is_self,  # the active router's, after a reload too
+        stopping=lambda: runtime.stopping,
+        on_open=runtime.request_started,  # a tunnel holds the drain like a request
+        on_close=runtime.request_finished,
+    )
     metrics = observer.metrics
     if metrics is not None:
         metrics.watch_pools(runtime.pool_stats, config.pool.max_connections)
         metrics.watch_breakers(runtime.breaker_states)
         metrics.watch_abandoned(runtime.abandoned_counts)
+        metrics.watch_tunnels(runtime.tunnels)
         metrics.config_loaded(snapshot.sha256)
     runtime.idle.set()
     return runtime
