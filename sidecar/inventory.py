@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Methods counted by name; any other token counts as OTHER, so a client cannot grow the dicts.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
-_DENIALS = frozenset({"denied_host", "denied_ip"})
+_DENIALS = frozenset({"denied_host", "denied_ip", "denied_port"})
 
 FORWARD = "-"  # the route of a forward-proxy request (Exchange.route)
 TUNNEL = None  # the "route" of a tunnel in an entry's key

@@ -97,3 +97,61 @@ def test_the_bound_evicts_the_least_recently_seen(make_sidecar: Callable[..., Si
     assert [d["host"] for d in inventory["destinations"]] == ["c.test", "a.test"]
     assert (inventory["evicted"], inventory["entries"]) == (1, 2)
     assert inventory["destinations"][1]["denied"] == 2
+
+
+def tunnel_get(sidecar: Sidecar, authority: str, host: str, ca_file: str) -> int:
+    """CONNECT through the sidecar, then a real TLS GET over the tunnel; returns the status."""
+    import ssl
+
+    from tests.e2e.connect_support import connect, read_head
+
+    sock, status, _headers, _rest = connect(sidecar.port, authority)
+    if status != 200:
+        sock.close()
+        return status
+    context = ssl.create_default_context(cafile=ca_file)
+    with context.wrap_socket(sock, server_hostname=host) as tls:
+        tls.sendall(f"GET /bytes?n=64 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        code, _h, body = read_head(tls)
+        while len(body) < 64:
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return code
+
+
+def test_tunnels_are_in_the_inventory_and_report_mode_applies_to_them(
+    make_sidecar: Callable[..., Sidecar], named_upstream: Upstream, ca_file: str
+) -> None:
+    port = named_upstream.port
+    sidecar = make_sidecar(
+        policy={"mode": "report", "default": "deny", "allow_hosts": ["localhost"], "allow_cidrs": ["127.0.0.0/8"],
+                "connect_ports": [port]},
+        resolve={"upstream.test": "127.0.0.1"},
+    )
+    assert tunnel_get(sidecar, f"localhost:{port}", "localhost", ca_file) == 200
+    assert tunnel_get(sidecar, f"upstream.test:{port}", "upstream.test", ca_file) == 200  # a would-deny
+    assert tunnel_get(sidecar, "upstream.test:8443", "upstream.test", ca_file) == 403  # port: refused in any mode
+
+    def tunnels() -> dict[tuple[str, int, str, str | None], dict[str, Any]] | None:
+        shown = {key: d for key, d in by_key(destinations(sidecar)).items() if key[2] == "tunnel"}
+        done = len(shown) == 3 and all(d["bytes_received"] for k, d in shown.items() if k[1] == port)
+        return shown if done else None
+
+    from tests.upstream import wait_until
+
+    shown = wait_until(tunnels, 10, message="three tunnel entries, both open tunnels closed")
+    allowed = shown[("localhost", port, "tunnel", None)]
+    assert (allowed["requests"], allowed["methods"], allowed["would_deny"], allowed["denied"]) == (
+        1, {"CONNECT": 1}, 0, 0)
+    assert allowed["bytes_sent"] > 100 and allowed["bytes_received"] > 64  # TLS both ways
+    would = shown[("upstream.test", port, "tunnel", None)]
+    assert (would["would_deny"], would["would_deny_reasons"], would["status"]) == (1, {"not_allowed": 1},
+                                                                                   {"2xx": 1})
+    refused = shown[("upstream.test", 8443, "tunnel", None)]
+    assert (refused["denied"], refused["denied_reasons"], refused["status"]) == (1, {"port": 1}, {"4xx": 1})
+    metrics = httpx.get(f"{sidecar.admin_url}/metrics", timeout=5).text
+    assert f'egress_would_deny_total{{reason="not_allowed",upstream="upstream.test:{port}"}} 1.0' in metrics
+    line = sidecar.wait_log(lambda e: e.get("event") == "tunnel" and e.get("decision") == "would_deny")
+    assert (line["reason"], line["upstream"]) == ("not_allowed", f"upstream.test:{port}")
