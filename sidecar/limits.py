@@ -30,6 +30,11 @@ head already near the limit.
 Hot path: the common request head arrives in one read and arms no timer; the checks are a
 few integer operations per request, none per header (bench/limits_overhead.py measures it).
 
+Two request-target forms uvicorn does not serve are handled here too (RFC 9112 3.2):
+absolute-form keeps its URI in the scope's `raw_path` for routing (uvicorn keeps only the
+path), and a CONNECT (authority-form) gets no ASGI cycle: once its head is parsed the
+connection is handed to `tunnels` (tunnel.py), which owns it from then on.
+
 The body idle timeout lives in forward.RequestBody: only there is it known that the sidecar
 is waiting for the client, and not the client for a slow upstream.
 """
