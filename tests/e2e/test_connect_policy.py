@@ -116,6 +116,17 @@ def test_no_sni_is_accepted_for_an_ip_literal_authority(sidecar_for: Sidecar, re
     assert recorder.received == hello
 
 
+def test_an_ip_literal_authority_with_a_server_name_is_a_mismatch(sidecar_for: Sidecar,
+                                                                    recorder: TcpUpstream) -> None:
+    # The address was checked, the name in the ClientHello was not: fronting by address.
+    sock, status, _, _ = connect(sidecar_for.port, f"127.0.0.1:{recorder.port}")
+    assert status == 200
+    sock.sendall(client_hello("localhost"))
+    assert read_to_eof(sock) == b""
+    tunnel_line(sidecar_for, "sni_mismatch")
+    assert recorder.received == b""
+
+
 def test_plaintext_passes_when_connect_plaintext_is_on(make_sidecar: Callable[..., Sidecar],
                                                        recorder: TcpUpstream) -> None:
     sidecar = make_sidecar(**tunnel_config(recorder.port, connect_plaintext=True))
