@@ -115,7 +115,7 @@ class Owner(Protocol):
     intercept: Intercept | None
 
     def refused(self, client: asyncio.Transport, start: float, target: str, upstream: str,
-                exc: BaseException, *, answer: bool) -> None: ...
+                exc: BaseException, *, answer: bool, method: str = "CONNECT") -> None: ...
 
     def closed(self, tunnel: Tunnel, established: bool) -> None: ...
 
@@ -170,6 +170,7 @@ class Tunnel(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None
         self.record = record
         self._target = target
+        self._method = "CONNECT" if record.source == "connect" else record.source  # for error lines
         self._side: _UpstreamSide | None = None
         self._buffer = bytearray(buffered)  # client bytes not yet forwarded (until the splice)
         self._pending: list[bytes] = []  # upstream bytes before the splice
@@ -243,7 +244,7 @@ class Tunnel(asyncio.Protocol):
         self._release(established=False)
         if client is not None:
             self.tunnels.refused(client, self.record.start, self._target, self.record.upstream, exc,
-                                  answer=self._established is not None)
+                                 answer=self._established is not None, method=self._method)
 
     # -- the first client bytes ------------------------------------------------------------
     def _check_hello(self) -> None:
@@ -404,7 +405,7 @@ class Tunnel(asyncio.Protocol):
         self._release(established)
         if not established:
             # Gone (or drained) while the upstream was being connected: no 200 was written.
-            exchange = Exchange(start=record.start, method="CONNECT", path=self._target, upstream=record.upstream)
+            exchange = Exchange(start=record.start, method=self._method, path=self._target, upstream=record.upstream)
             exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, f"{outcome} {detail}".strip()
             observer = self.tunnels.observer
             observer.started(exchange)
