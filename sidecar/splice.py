@@ -225,10 +225,18 @@ class Tunnel(asyncio.Protocol):
             transport.close()
             return
         self.upstream = transport
+        if self._pending:
+            transport.pause_reading()
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         client.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         if self._established is not None:
             client.write(self._established)
+        if self._pending and tunnels.settings.plaintext:
+            for chunk in self._pending:  # a server-first greeting that came with the connect
+                client.write(chunk)
+                self._down += len(chunk)
+            self._pending = []
+            transport.resume_reading()
         self._state = _HELLO
         self._timer = self._loop.call_later(tunnels.settings.hello_timeout, self._hello_timed_out)
         client.resume_reading()
@@ -320,10 +328,18 @@ class Tunnel(asyncio.Protocol):
         if self._state is _SPLICE:
             self.client.write(data)  # type: ignore[union-attr]
             self._down += len(data)
+        elif self._state is _HELLO and self.tunnels.settings.plaintext:
+            # With plaintext allowed, a server that speaks first (SMTP's greeting) is heard at
+            # once: what reaches the client was never the policy's concern, only what leaves.
+            self.client.write(data)  # type: ignore[union-attr]
+            self._down += len(data)
         elif self._state is not _DONE:
-            # The upstream spoke before the client's first bytes were checked: hold it.
+            # The upstream spoke before the client's first bytes were checked: hold it. (Its
+            # first bytes can even come before _open resumes, with self.upstream not yet set:
+            # _open pauses it then.)
             self._pending.append(data)
-            self.upstream.pause_reading()  # type: ignore[union-attr]
+            if self.upstream is not None:
+                self.upstream.pause_reading()
 
     def eof_received(self) -> bool:
         self._client_eof = True
