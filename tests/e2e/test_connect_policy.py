@@ -269,3 +269,11 @@ def test_connect_head_and_hello_in_one_write_work(sidecar_for: Sidecar, recorder
     sock.shutdown(socket.SHUT_WR)
     assert status == 200
     assert rest + read_to_eof(sock) == b"got %d" % len(hello)
+
+
+def test_connect_under_the_h11_parser_is_501_unsupported(make_sidecar: Callable[..., Sidecar],
+                                                         recorder: TcpUpstream) -> None:
+    sidecar = make_sidecar(**tunnel_config(recorder.port), listen={"http": "h11"})
+    _, status, headers, _ = connect(sidecar.port, f"localhost:{recorder.port}")
+    assert (status, headers["x-egress-error"]) == (501, "unsupported")
+    assert recorder.conns == []
