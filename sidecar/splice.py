@@ -176,6 +176,7 @@ class Tunnel(asyncio.Protocol):
         self._pending: list[bytes] = []  # upstream bytes before the splice
         self._established = established
         self._check_sni = check_sni
+        self._need = 1  # buffered bytes the ClientHello check waits for (sni.Incomplete.need)
         self._state = _CONNECTING
         self._client_eof = False
         self._upstream_eof = False
@@ -256,10 +257,13 @@ class Tunnel(asyncio.Protocol):
 
     # -- the first client bytes ------------------------------------------------------------
     def _check_hello(self) -> None:
+        if len(self._buffer) < self._need and not self._client_eof:
+            return  # the record under way is not complete: nothing new to parse
         parsed = parse_client_hello(bytes(self._buffer), MAX_HELLO_BYTES)
         if isinstance(parsed, Incomplete):
             if self._client_eof:
                 self.finish("bad_hello", "the client closed before its ClientHello was complete")
+            self._need = parsed.need
             return
         if not isinstance(parsed, ClientHello):
             if parsed.reason == "not_tls" and self.tunnels.settings.plaintext:
