@@ -22,6 +22,7 @@ Issue 15's goals: MiB/s >= 0.9x tinyproxy's, new tunnels/s >= 0.8x, added c1 TTF
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -218,12 +219,12 @@ def markdown(section: Mapping[str, Any]) -> str:
     s = section["settings"]
     lines = [
         "### Tunnels (CONNECT, HTTPS end to end)", "",
-        f"curl through each proxy to the upstream nginx over `https://localhost`; stream: best of "
-        f"{s['stream_runs']}; new tunnels: {s['tunnels']} transfers, {s['parallel']} at a time, each a new "
-        f"tunnel and a full TLS handshake; TTFB: median of {s['ttfb_samples']} sequential transfers. "
-        "Added: minus direct's.", "",
-        "| candidate | stream MiB/s | stream peak RSS MiB | new tunnels/s | CPU µs/tunnel | TTFB new ms | "
-        "TTFB kept ms | added new ms | added kept ms |",
+        (f"curl through each proxy to the upstream nginx over `https://localhost`; stream: best of "
+         f"{s['stream_runs']}; new tunnels: {s['tunnels']} transfers, {s['parallel']} at a time, each a new "
+         f"tunnel and a full TLS handshake; TTFB: median of {s['ttfb_samples']} sequential transfers. "
+         "Added: minus direct's."), "",
+        ("| candidate | stream MiB/s | stream peak RSS MiB | new tunnels/s | CPU µs/tunnel | TTFB new ms | "
+         "TTFB kept ms | added new ms | added kept ms |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in section["candidates"]:
@@ -250,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not shutil.which("tinyproxy"):
         print("bench: tinyproxy is missing; run scripts/install-system-deps.sh", file=sys.stderr)
         return 2
-    allowed = sorted(__import__("os").sched_getaffinity(0))
+    allowed = sorted(os.sched_getaffinity(0))
     proxy_cpu, load_cpu = (allowed[0], allowed[-1]) if len(allowed) > 1 else (None, None)
     shutil.rmtree(args.work_dir, ignore_errors=True)
     args.work_dir.mkdir(parents=True)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar.access_log import AccessLog
 from sidecar.config import Config
+from sidecar.errors import TUNNEL_REFUSALS
 from sidecar.inventory import Inventory
-from sidecar.metrics import _TUNNEL_DENIALS as TUNNEL_REFUSALS
 from sidecar.metrics import Metrics, PoolStats
 
 if TYPE_CHECKING:

@@ -31,8 +31,8 @@ from typing import Any
 
 import msgspec
 
-from sidecar import config as config_module
 from sidecar import log as log_module
+from sidecar import preflight
 from sidecar.config import Config
 from sidecar.runtime import Runtime, Snapshot, build_snapshot
 
@@ -135,7 +135,8 @@ class Reloader:
             metrics = runtime.observer.metrics
             config: Config | None = None
             try:
-                loaded = await asyncio.to_thread(config_module.load, self.path)
+                # What `run` and `check-config` check: the config, then every file it names.
+                loaded = await asyncio.to_thread(preflight.load_checked, self.path)
                 config, restart = restart_only(old.config, loaded)
                 snapshot = build_snapshot(config, runtime.observer, runtime.resolve, previous=old,
                                           listeners=runtime.listeners)

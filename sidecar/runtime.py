@@ -14,10 +14,10 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sidecar.addresses import IPAddress
 from sidecar.config import Config, config_sha256
 from sidecar.credentials import injected_headers
 from sidecar.observe import Observer
-from sidecar.addresses import IPAddress
 from sidecar.policy import EgressPolicy
 from sidecar.resilience import Resilience
 from sidecar.routing import Router, compile_route

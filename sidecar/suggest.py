@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sidecar.errors import TUNNEL_REFUSALS
 from sidecar.hostnames import canonical_host
 
 
@@ -247,7 +248,7 @@ def read_prometheus(url: str, window: str) -> tuple[Mapping[str, Any], list[str]
         found = entry(upstream, "tunnel")
         if found is not None:
             found["requests"] += int(count)
-            if outcome in ("sni_mismatch", "no_sni", "not_tls"):
+            if outcome in TUNNEL_REFUSALS:
                 found["denied"] += int(count)
     for (upstream, reason), count in would.items():
         found = entries.get((upstream, "forward-proxy")) or entries.get((upstream, "tunnel"))
