@@ -152,10 +152,12 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
 
 
 def _apply_limits(server: SignalFreeServer, config: Config) -> None:
-    """A reload's head limits, applied to the data listener's protocol (httptools: ours)."""
+    """A reload's head limits, applied to the data listener's protocol class (new requests read them)."""
     protocol = server.config.http_protocol_class
     if isinstance(protocol, type) and issubclass(protocol, limits.LimitedHttpToolsProtocol):
         limits.update_limits(protocol, config.limits)
+    elif isinstance(getattr(protocol, "limits", None), limits.HeadLimits):  # the h11 listener's protocol
+        protocol.limits = limits.HeadLimits.from_config(config.limits)  # type: ignore[attr-defined]
 
 
 def _burst_acceptor(server: SignalFreeServer) -> BurstAcceptor:

@@ -214,6 +214,7 @@ def test_sighup_reloads_and_a_listener_change_needs_a_restart(mounted: Any, ca_f
     changed["listen"]["port"] = config["listen"]["port"] + 1 if config["listen"]["port"] < 65535 else 1024
     changed["routes"].append(route("added", upstream))
     changed["log"] = {**config["log"], "level": "warning"}
+    changed["limits"] = {"max_request_line": 200}
     # Written in place (no watcher event can be relied on first): SIGHUP makes it apply.
     (m.volume / "config.yaml").resolve().write_text(yaml.safe_dump(changed))
     sidecar.proc.send_signal(signal.SIGHUP)
@@ -221,6 +222,7 @@ def test_sighup_reloads_and_a_listener_change_needs_a_restart(mounted: Any, ca_f
     restart = sidecar.wait_log(lambda e: e.get("event") == "config_restart_needed", VISIBLE)
     assert restart["keys"] == ["listen"]
     assert get(sidecar, "/added/bytes?n=3") == (200, None)  # the rest applied, on the old port
+    assert get(sidecar, "/up/bytes?n=3&pad=" + "a" * 300) == (414, "uri_too_long")  # head limits too
     shown = httpx.get(f"{sidecar.admin_url}/config", timeout=5).json()
     assert shown["listen"]["port"] == config["listen"]["port"] and [r["name"] for r in shown["routes"]] == [
         "up", "added"]
