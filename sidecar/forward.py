@@ -31,6 +31,7 @@ from sidecar.headers import (
 from sidecar.observe import Exchange
 from sidecar.policy import PolicyDenied
 from sidecar.resilience import send_resilient
+from sidecar.routing import Target
 from sidecar.runtime import Runtime
 from sidecar.shedding import Gate
 
@@ -185,8 +186,10 @@ def build_request(
 class ForwardApp:
     """Raw ASGI app for the data listener."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, resolve: Callable[[Scope], Target] | None = None) -> None:
         self.runtime = runtime
+        # scope -> Target: the router's, or the transparent listener's (transparent.py).
+        self.resolve = resolve if resolve is not None else runtime.router.resolve
         forwarding = runtime.config.forwarding
         self.via = forwarding.via
         self.forwarded_for = forwarding.x_forwarded_for
@@ -222,7 +225,7 @@ class ForwardApp:
                 raise EgressError("draining", "shutting down")
             if scope["method"] == "CONNECT" or is_upgrade(headers):
                 raise EgressError("unsupported", "protocol upgrade requested")
-            target = runtime.router.resolve(scope)
+            target = self.resolve(scope)
             route = target.route
             exchange.route = route.name if route is not None else "-"
             exchange.upstream = f"{target.host}:{target.port}"

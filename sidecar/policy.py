@@ -148,7 +148,8 @@ class EgressPolicy:
             deny_hosts=policy.deny_hosts,
             allow_cidrs=policy.allow_cidrs,
             static_resolve=config.resolve,
-            listeners=[(config.listen.host, config.listen.port), (config.admin.host, config.admin.port)],
+            listeners=[(config.listen.host, config.listen.port), (config.admin.host, config.admin.port),
+                       *[(host, config.listen.transparent_port or 0) for host in ("127.0.0.1", "::1")]],
             local_addresses=local_addresses(),
         )
 
