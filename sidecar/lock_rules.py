@@ -7,7 +7,8 @@ app starts, and installs what these functions return. The rules, for IPv4 and IP
    the sidecar's own sockets (owner UID, 65532 in the image), DNS (UDP and TCP 53) to the
    resolvers named in /etc/resolv.conf, and the holes `lock.skip_cidrs` / `lock.skip_ports`;
 2. NAT: redirect every other new outbound TCP connection to the transparent listener
-   (`listen.transparent_port`); after the redirect its packets leave over `lo`;
+   (`listen.transparent_port`); the filter lets the redirected packets through by their new
+   destination (127.0.0.1 or ::1 and that port);
 3. filter: drop every other outbound packet (UDP other than DNS, QUIC included; TCP that
    escaped the NAT; ping), counted by the rule's counter. What passes: replies of
    connections the pod accepted and ICMP errors about them (conntrack ESTABLISHED/RELATED:
@@ -131,6 +132,11 @@ def nft_ruleset(p: LockPlan) -> str:
     nat = [*_nft_exemptions(p, udp=False), f"meta l4proto tcp counter redirect to :{p.transparent_port}"]
     filt = [
         *_nft_exemptions(p, udp=True),
+        # A redirected packet keeps the output interface the route gave it before the NAT hook
+        # (the hook state's `out` is fixed for the whole OUTPUT traversal): it is let through
+        # by its new destination, the transparent listener, not by `oifname "lo"`.
+        f"ip daddr 127.0.0.1 tcp dport {p.transparent_port} return",
+        f"ip6 daddr ::1 tcp dport {p.transparent_port} return",
         "ct state established,related return",
         f"icmpv6 type {_nft_set(list(ICMPV6_NEEDED))} return",
         "counter drop",
@@ -167,7 +173,10 @@ def iptables_restore(p: LockPlan, family: Family, *, jumps_present: tuple[bool, 
     """
     redirect = f"-p tcp -j REDIRECT --to-ports {p.transparent_port}"
     nat = [*_ipt_exemptions(p, family, udp=False), redirect]
-    filt = [*_ipt_exemptions(p, family, udp=True), "-m conntrack --ctstate ESTABLISHED,RELATED -j RETURN"]
+    loopback = "127.0.0.1/32" if family == 4 else "::1/128"
+    filt = [*_ipt_exemptions(p, family, udp=True),
+            f"-d {loopback} -p tcp --dport {p.transparent_port} -j RETURN",  # redirected (see nft_ruleset)
+            "-m conntrack --ctstate ESTABLISHED,RELATED -j RETURN"]
     if family == 6:
         filt += [f"-p ipv6-icmp --icmpv6-type {_ICMPV6_NUMBERS[name]} -j RETURN" for name in ICMPV6_NEEDED]
     filt.append("-j DROP")

@@ -71,7 +71,12 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     runtime = runtime or build_runtime(config, contexts=contexts)
     data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
                                             limits.observer_report(runtime.observer, "-"), config.listen.http))
-    captured = _transparent_server(config, runtime)
+    try:
+        captured = _transparent_server(config, runtime)
+    except OSError as exc:
+        log.error("startup_failed", transparent=f"127.0.0.1/::1:{config.listen.transparent_port}", error=str(exc))
+        await runtime.upstream.aclose()
+        return 1
     admin = SignalFreeServer(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config,
                                              limits.observer_report(runtime.observer, "admin")))
     loop = asyncio.get_running_loop()
