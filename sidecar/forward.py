@@ -230,7 +230,10 @@ class ForwardApp:
             exchange.route = route.name if route is not None else "-"
             exchange.upstream = f"{target.host}:{target.port}"
             exchange.path = target.path
-            runtime.policy.check_target(target)
+            if route is None and target.host in runtime.policy.identity_hosts:  # policy.metadata: identity
+                runtime.policy.check_identity(target, scope["method"], target.path, headers)
+            else:
+                runtime.policy.check_target(target)
             # Load shedding: past max_in_flight (global or the route's), 503 overloaded at once.
             gate = runtime.resilience.shedding.gate(route.name if route is not None else None).enter()
             has_body, chunked = body_framing(headers)
