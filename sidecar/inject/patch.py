@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.metadata import NO_PROXY_ENTRIES as METADATA_NO_PROXY
 from sidecar.inject import overrides as ann
 from sidecar.inject.overrides import InjectError, Overrides
 from sidecar.inject.settings import (
@@ -237,9 +238,19 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
     volume = sidecar_volume(settings, over)
     _refuse_conflicts(spec, apps + inits, listen, admin, volume["name"])
 
+    locked = settings.lock_default if over.lock is None else over.lock
+    lock_container = settings.fresh_lock_container() if locked else None
+    if lock_container is not None and any(c.get("name") == lock_container["name"] for c in apps + inits):
+        raise InjectError(f"the pod already has a container named {lock_container['name']!r}")
     patch: Patch = []
     if over.set_proxy_env:
-        env = proxy_env(listen, settings.no_proxy + over.no_proxy)
+        no_proxy = settings.no_proxy + over.no_proxy
+        if settings.metadata_identity and not locked:
+            # Without the lock the sidecar cannot see the app's metadata calls, and SDKs send them
+            # without a proxy anyway: let them go direct. With the lock they are captured and
+            # decided by policy.metadata: identity, so the proxy may see them too.
+            no_proxy += METADATA_NO_PROXY
+        env = proxy_env(listen, no_proxy)
         for index, container in enumerate(apps):
             kept = [
                 e
@@ -254,6 +265,12 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
         _append(patch, "/spec/initContainers", spec.get("initContainers"), container, first=True)
     else:
         _append(patch, "/spec/containers", spec.get("containers"), container, first=True)
+    if lock_container is not None:
+        # First of all init containers: before the native sidecar (so its rules are in before
+        # anything else of the pod runs). In fallback mode the pod's own init containers then
+        # run under the lock with no sidecar yet: their outbound TCP is refused (README).
+        initial = spec.get("initContainers") if not settings.native else [container]
+        _append(patch, "/spec/initContainers", initial, lock_container, first=True)
     _append(patch, "/spec/volumes", spec.get("volumes"), volume, first=False)
     grace = over.drain_grace_seconds if over.drain_grace_seconds is not None else settings.drain_grace
     needed = math.ceil(settings.pre_stop_seconds + grace) + GRACE_HEADROOM
