@@ -43,7 +43,8 @@ class SignalFreeServer(uvicorn.Server):
 
 
 def _uvicorn_config(
-    app: Any, host: str, port: int, config: Config, report: limits.Report, http: str = "httptools"
+    app: Any, host: str, port: int, config: Config, report: limits.Report, http: str = "httptools",
+    tunnels: Any = None,
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -51,7 +52,7 @@ def _uvicorn_config(
         port=port,
         loop="none",
         # httptools gets our head limits and deadline (limits.py); h11 only its own size guard.
-        http=limits.protocol_class(config.limits, report) if http == "httptools" else http,
+        http=limits.protocol_class(config.limits, report, tunnels) if http == "httptools" else http,
         h11_max_incomplete_event_size=limits.HeadLimits.from_config(config.limits).max_head_bytes,
         ws="none",
         lifespan="off",
@@ -70,7 +71,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     started = time.perf_counter()
     runtime = runtime or build_runtime(config, contexts=contexts)
     data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
-                                            limits.observer_report(runtime.observer, "-"), config.listen.http))
+                                            limits.observer_report(runtime.observer, "-"), config.listen.http,
+                                            runtime.tunnels))
     try:
         captured = _transparent_server(config, runtime)
     except OSError as exc:
@@ -136,6 +138,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     done, _ = await asyncio.wait({stop_wait, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     if stop_wait in done:
         await _drain(runtime, data, float(config.drain.grace), log)
+    if runtime.tunnels is not None:
+        runtime.tunnels.close_all("drained")  # uvicorn's shutdown does not know them
     acceptor.close()
     for server in servers[2:]:
         server.should_exit = True
@@ -157,8 +161,16 @@ def _transparent_server(config: Config, runtime: Runtime) -> tuple[SignalFreeSer
 
     sockets = transparent.listening_sockets(port)
     report = limits.observer_report(runtime.observer, "-")
-    uvicorn_config = _uvicorn_config(transparent.transparent_app(runtime), "127.0.0.1", port, config, report)
-    uvicorn_config.http = transparent.protocol_class(uvicorn_config.http, runtime.observer)  # type: ignore[arg-type]
+    uvicorn_config = _uvicorn_config(transparent.transparent_app(runtime), "127.0.0.1", port, config, report,
+                                     tunnels=runtime.tunnels)
+    tls_handler = None
+    if runtime.tunnels is not None:
+        from sidecar.captured_tls import CapturedTLS
+
+        tls_handler = CapturedTLS(runtime.tunnels, runtime.policy, float(config.limits.header_timeout),
+                                  transparent.refusal_reporter(runtime.observer)).take
+    uvicorn_config.http = transparent.protocol_class(uvicorn_config.http,  # type: ignore[arg-type]
+                                                     runtime.observer, tls_handler)
     return SignalFreeServer(uvicorn_config), sockets
 
 

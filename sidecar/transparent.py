@@ -5,8 +5,8 @@ destination (capture.original_destination, once per connection) and its first by
 - plain HTTP: served by the data listener's own protocol and ForwardApp; the scope's `server`
   is the original destination, and the Host header decides (capture.captured_target), then
   the same policy, resilience and pooled client as forward-proxy requests;
-- TLS: handed to `tls_handler` (the CONNECT tunnel with its SNI checks) when one is given;
-  without one, refused like anything else;
+- TLS: handed to `tls_handler` (captured_tls.py: SNI checked against the original destination,
+  then the CONNECT tunnel) when one is given; without one, refused like anything else;
 - anything else: refused (the connection is closed), logged with the original destination
   and counted as `unsupported`.
 A connection whose original destination is one of the sidecar's own listeners (or that was
@@ -56,14 +56,16 @@ def transparent_app(runtime: Runtime) -> ForwardApp:
     return ForwardApp(runtime, resolve=CapturedResolver(runtime))
 
 
-def refusal_reporter(observer: Observer) -> Callable[[str, capture.Address, str], None]:
-    """Report a refused captured connection: one access-log line and `egress_errors_total{kind}`."""
+def refusal_reporter(observer: Observer) -> Callable[..., None]:
+    """Report a refused captured connection: one access-log line and `egress_errors_total{kind}`
+    (and `egress_denied_total{reason}` when a policy reason is given)."""
 
-    def report(kind: str, original: capture.Address, detail: str) -> None:
+    def report(kind: str, original: capture.Address, detail: str, reason: str | None = None) -> None:
         exchange = Exchange(start=time.perf_counter(), method="-", path="-")
         host = f"[{original[0]}]" if ":" in original[0] else original[0]
         exchange.upstream = f"{host}:{original[1]}"
         exchange.kind, exchange.status, exchange.detail = kind, ERRORS[kind].status, detail
+        exchange.reason = reason
         observer.started(exchange)
         exchange.end = time.perf_counter()
         observer.finished(exchange)
@@ -74,7 +76,7 @@ def refusal_reporter(observer: Observer) -> Callable[[str, capture.Address, str]
 class CapturedProtocolMixin:
     """Before the HTTP protocol sees a byte: the original destination and what the first bytes are."""
 
-    report: Callable[[str, capture.Address, str], None]
+    report: Callable[..., None]
     tls_handler: TLSHandler | None
 
     def connection_made(self, transport: asyncio.Transport) -> None:

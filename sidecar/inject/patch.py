@@ -24,7 +24,7 @@ from sidecar.inject.settings import (
 )
 
 Patch = list[dict[str, Any]]
-PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")
 # Kubernetes' default when the pod does not say (PodSpec.terminationGracePeriodSeconds).
 DEFAULT_TERMINATION_GRACE = 30
 # Headroom between the end of the sidecar's drain and the kubelet's SIGKILL.
@@ -57,18 +57,16 @@ def decide(labels: Mapping[str, object], *, namespace_opted_in: bool) -> str:
     return "not-opted-in"
 
 
-def proxy_env(listen_port: int, no_proxy: tuple[str, ...]) -> list[dict[str, str]]:
-    """HTTP_PROXY/NO_PROXY for app containers, both spellings (curl reads only lower-case
-    http_proxy; Go and Python read either). Never HTTPS_PROXY: the sidecar cannot serve
-    CONNECT, so https:// calls must keep going direct."""
+def proxy_env(listen_port: int, no_proxy: tuple[str, ...], https: bool = True) -> list[dict[str, str]]:
+    """HTTP_PROXY, HTTPS_PROXY (unless `https` is off) and NO_PROXY for app containers, both
+    spellings (curl reads only lower-case http_proxy; Go and Python read either). HTTPS_PROXY
+    is the sidecar too (http://: the app's TLS goes through a CONNECT tunnel, tunnel.py)."""
     proxy = f"http://127.0.0.1:{listen_port}"
     skip = ",".join(dict.fromkeys(no_proxy))  # ordered, duplicates dropped
-    return [
-        {"name": "HTTP_PROXY", "value": proxy},
-        {"name": "http_proxy", "value": proxy},
-        {"name": "NO_PROXY", "value": skip},
-        {"name": "no_proxy", "value": skip},
-    ]
+    env = [{"name": "HTTP_PROXY", "value": proxy}, {"name": "http_proxy", "value": proxy}]
+    if https:
+        env += [{"name": "HTTPS_PROXY", "value": proxy}, {"name": "https_proxy", "value": proxy}]
+    return env + [{"name": "NO_PROXY", "value": skip}, {"name": "no_proxy", "value": skip}]
 
 
 def _set_env(container: dict[str, Any], name: str, value: str) -> None:
@@ -250,12 +248,13 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
             # without a proxy anyway: let them go direct. With the lock they are captured and
             # decided by policy.metadata: identity, so the proxy may see them too.
             no_proxy += METADATA_NO_PROXY
-        env = proxy_env(listen, no_proxy)
+        env = proxy_env(listen, no_proxy, over.set_https_proxy)
+        ours = {e["name"] for e in env}  # set-https-proxy "false" leaves an app's own HTTPS_PROXY
         for index, container in enumerate(apps):
             kept = [
                 e
                 for e in container.get("env") or []
-                if not (isinstance(e, dict) and e.get("name") in PROXY_ENV_NAMES)
+                if not (isinstance(e, dict) and e.get("name") in ours)
             ]
             patch.append(
                 {"op": "add", "path": pointer("spec", "containers", index, "env"), "value": kept + env}

@@ -23,7 +23,7 @@ from tests.upstream import Upstream, UpstreamServer, random_bytes, wait_until
 MIB = 1024 * 1024
 ALLOWED_V4, ALLOWED_V6 = "93.184.216.34", "2001:4860:4860::8888"
 CONFIG = {
-    "policy": {"default": "deny", "allow_hosts": ["allowed.test", "allowed6.test"]},
+    "policy": {"default": "deny", "allow_hosts": ["allowed.test", "allowed6.test"], "connect_ports": [443, 8443]},
     "resolve": {"allowed.test": ALLOWED_V4, "allowed6.test": ALLOWED_V6},
 }
 
@@ -141,6 +141,38 @@ def test_allowed_plain_http_is_captured_and_served_byte_exact(
     _no_leak(world)
 
 
+@pytest.mark.parametrize(("host", "address"), [("allowed.test", ALLOWED_V4), ("allowed6.test", ALLOWED_V6)])
+def test_allowed_tls_is_captured_and_tunnelled_byte_exact(
+    world: World, locked: LockedPod, host: str, address: str
+) -> None:
+    upstream = world.upstreams[(address, 8443)]
+    before = len(upstream.requests)
+    shown = f"[{address}]" if ":" in address else address
+    status, headers, body, code = locked.curl(f"https://{host}:8443/bytes?n={MIB}&seed=9",
+                                              "--resolve", f"{host}:8443:{shown}",
+                                              "--cacert", str(locked.workdir / "ca.pem"))
+    assert (status, code) == (200, 0), headers
+    assert body == random_bytes(MIB, 9)
+    assert len(upstream.requests) == before + 1
+    assert upstream.peers[-1] == (pod.POD_V6 if ":" in address else pod.POD_V4)  # not through the sidecar again
+    line = wait_until(lambda: next((e for e in locked.logs() if e.get("event") == "tunnel"
+                                    and e.get("upstream") == f"{host}:8443" and e.get("bytes_out", 0) > MIB),
+                                   None), 5, message="the tunnel's log line")
+    assert (line["method"], line["address"], line["sni"]) == ("transparent", address, host), line
+    _no_leak(world)
+
+
+def test_tls_whose_sni_does_not_lead_to_the_dialled_address_is_refused(world: World, locked: LockedPod) -> None:
+    # An allowed name in the SNI, a private address dialled: the name resolves elsewhere.
+    status, _headers, _body, code = locked.curl("https://allowed.test/", "--resolve", "allowed.test:443:10.0.0.1",
+                                                "--cacert", str(locked.workdir / "ca.pem"))
+    assert status == 0 and code != 0
+    line = wait_until(lambda: next((e for e in locked.logs() if "sni_mismatch" in e.get("detail", "")
+                                    and e.get("upstream") == "10.0.0.1:443"), None), 5, message="refusal")
+    assert line["kind"] == "denied_host"
+    _no_leak(world)
+
+
 @pytest.mark.parametrize(("url", "kind"), [
     ("http://169.254.169.254/latest/meta-data/iam/security-credentials/", "denied_ip"),
     ("http://10.0.0.1/", "denied_ip"),
@@ -165,13 +197,16 @@ def test_a_name_the_policy_allows_cannot_smuggle_a_denied_address(world: World, 
     assert [(c.address, c.port) for c in world.catchers.connections()] == [(ALLOWED_V4, 80)]
 
 
-@pytest.mark.parametrize("address", ["10.0.0.1", "1.1.1.1", "2606:4700:4700::1111"])
-def test_direct_tls_to_denied_destinations_is_refused_with_no_connection(
-    world: World, locked: LockedPod, address: str
+@pytest.mark.parametrize(("address", "reason"), [
+    ("10.0.0.1", "reason=private"), ("1.1.1.1", "reason=not_allowed"), ("2606:4700:4700::1111", "reason=not_allowed")])
+def test_direct_tls_without_sni_is_decided_by_address_rules_and_default(
+    world: World, locked: LockedPod, address: str, reason: str
 ) -> None:
     shown = f"[{address}]" if ":" in address else address
-    status, _headers, _body, code = locked.curl(f"https://{shown}/", "--insecure")
+    status, _headers, _body, code = locked.curl(f"https://{shown}/", "--insecure")  # curl sends no SNI for an IP
     assert status == 0 and code != 0
+    wait_until(lambda: any(reason in e.get("detail", "") and address in e.get("upstream", "")
+                           for e in locked.logs()), 5, message="refusal log line")
     _no_leak(world)
 
 
