@@ -91,7 +91,8 @@ def install(plan: lock_rules.LockPlan, backend: str) -> str:
         _run(["nft", "-f", "-"], lock_rules.nft_ruleset(plan))
         return _run(["nft", "list", "table", "inet", lock_rules.TABLE])
     shown = []
-    for family, prefix in ((4, "ip"), (6, "ip6")):
+    families: tuple[tuple[lock_rules.Family, str], ...] = ((4, "ip"), (6, "ip6"))
+    for family, prefix in families:
         saved = {table: _run([f"{prefix}tables-save", "-t", table]) for table in ("nat", "filter")}
         jumps = lock_rules.jumps_in(saved)
         _run([f"{prefix}tables-restore", "--noflush"], lock_rules.iptables_restore(plan, family, jumps_present=jumps))

@@ -102,7 +102,7 @@ class CapturedProtocolMixin:
             super().data_received(data)  # type: ignore[misc]
             return
         transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
-        original: capture.Address = self.server  # type: ignore[attr-defined]
+        original: capture.Address = self.server
         if kind == "tls" and self.tls_handler is not None:
             self._cancel_head_timer()  # type: ignore[attr-defined]
             self.connections.discard(self)  # type: ignore[attr-defined]  # no longer uvicorn's to close
