@@ -55,7 +55,8 @@ class CapturedTLS:
                     raise PolicyDenied("denied_host", "invalid_host", hello.sni[:100]) from None
                 self.policy.check_host(host, port)  # host rules first: no DNS for a denied name
                 try:
-                    resolved = await asyncio.wait_for(self.policy.resolve(host, port), self.hello_timeout)
+                    async with asyncio.timeout(self.hello_timeout):  # no extra task, unlike wait_for
+                        resolved = await self.policy.resolve(host, port)
                 except (OSError, TimeoutError) as exc:
                     raise _Mismatch(f"server name {host!r} does not resolve ({exc}); dialled {address}") from None
                 dialled = ipaddress.ip_address(address)
