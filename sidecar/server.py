@@ -119,7 +119,7 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
             for sock in listener.sockets:
                 name = sock.getsockname()
                 runtime.policy.add_listener(hosts[index] if index < 2 else name[0], name[1])
-    acceptor = _burst_acceptor(data)
+    acceptors = [_burst_acceptor(server) for server in (data, *servers[2:])]  # data and transparent
     for warning in exposure_warnings(config):
         log.warning("insecure_setting", message=warning)
     runtime.ready = True
@@ -140,7 +140,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
         await _drain(runtime, data, float(config.drain.grace), log)
     if runtime.tunnels is not None:
         runtime.tunnels.close_all("drained")  # uvicorn's shutdown does not know them
-    acceptor.close()
+    for acceptor in acceptors:
+        acceptor.close()
     for server in servers[2:]:
         server.should_exit = True
     data.should_exit = True
