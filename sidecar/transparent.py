@@ -16,6 +16,7 @@ not redirected at all, so it was aimed at this listener) is the `loop` case.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import time
@@ -39,12 +40,19 @@ class CapturedResolver:
     """ForwardApp's `resolve` for captured requests: scope (server = original destination) -> Target."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self._policy = runtime.policy
+        policy = runtime.policy
         self._originate = HostPatterns(list(runtime.config.lock.originate_tls_hosts))
+
+        def is_listener(address: str, port: int) -> bool:
+            return policy.address_reason(ipaddress.ip_address(address), port) == "listener"
+
+        # Per request, the same few original destinations: a bounded cache. Requests start only
+        # after every listener (port 0 included) has been added to the policy.
+        self._is_listener = functools.lru_cache(maxsize=1024)(is_listener)
 
     def __call__(self, scope: Scope) -> Target:
         original: capture.Address = scope["server"]
-        if self._policy.address_reason(ipaddress.ip_address(original[0]), original[1]) == "listener":
+        if self._is_listener(original[0], original[1]):
             raise EgressError("loop", f"captured connection to {original[0]}:{original[1]}, the sidecar's own listener")
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("ascii", "replace")
         return capture.captured_target(scope["headers"], raw_path, scope.get("query_string", b""), original,
