@@ -219,12 +219,12 @@ def markdown(section: Mapping[str, Any]) -> str:
     s = section["settings"]
     lines = [
         "### Tunnels (CONNECT, HTTPS end to end)", "",
-        f"curl through each proxy to the upstream nginx over `https://localhost`; stream: best of "
-        f"{s['stream_runs']}; new tunnels: {s['tunnels']} transfers, {s['parallel']} at a time, each a new "
-        f"tunnel and a full TLS handshake; TTFB: median of {s['ttfb_samples']} sequential transfers. "
-        "Added: minus direct's.", "",
-        "| candidate | stream MiB/s | stream peak RSS MiB | new tunnels/s | CPU µs/tunnel | TTFB new ms | "
-        "TTFB kept ms | added new ms | added kept ms |",
+        (f"curl through each proxy to the upstream nginx over `https://localhost`; stream: best of "
+         f"{s['stream_runs']}; new tunnels: {s['tunnels']} transfers, {s['parallel']} at a time, each a new "
+         f"tunnel and a full TLS handshake; TTFB: median of {s['ttfb_samples']} sequential transfers. "
+         "Added: minus direct's."), "",
+        ("| candidate | stream MiB/s | stream peak RSS MiB | new tunnels/s | CPU µs/tunnel | TTFB new ms | "
+         "TTFB kept ms | added new ms | added kept ms |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in section["candidates"]:

@@ -43,7 +43,7 @@ def tunnel_line(sidecar: Sidecar, outcome: str | None = None) -> dict[str, Any]:
 def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
     text = httpx.get(f"{sidecar.admin_url}/metrics", timeout=5).text
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             got = dict(part.split("=", 1) for part in line[line.find("{") + 1 : line.rfind("}")].split(",")
                        if "=" in part) if "{" in line else {}
             if all(got.get(k) == f'"{v}"' for k, v in labels.items()):
@@ -201,7 +201,7 @@ def test_max_tunnels_answers_503_overloaded_and_frees_the_slot(make_sidecar: Cal
     opened = [connect(sidecar.port, f"localhost:{recorder.port}") for _ in range(2)]
     assert [o[1] for o in opened] == [200, 200]
     assert metric(sidecar, "egress_tunnels_active") == 2
-    sock, status, headers, _ = connect(sidecar.port, f"localhost:{recorder.port}")
+    _, status, headers, _ = connect(sidecar.port, f"localhost:{recorder.port}")
     assert (status, headers["x-egress-error"], headers["retry-after"]) == (503, "overloaded", "1")
     assert len(recorder.conns) == 2
     opened[0][0].close()
