@@ -240,6 +240,12 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
     lock_container = settings.fresh_lock_container() if locked else None
     if lock_container is not None and any(c.get("name") == lock_container["name"] for c in apps + inits):
         raise InjectError(f"the pod already has a container named {lock_container['name']!r}")
+    transparent = settings.transparent_port
+    if locked and transparent:
+        taken = _declared_ports(apps + inits)
+        if transparent in taken:
+            raise InjectError(f"port {transparent} is the egress lock's transparent listener "
+                              f"(listen.transparent_port) and already used by container {taken[transparent]!r}")
     patch: Patch = []
     if over.set_proxy_env:
         no_proxy = settings.no_proxy + over.no_proxy

@@ -43,6 +43,7 @@ class Settings:
     # get it by default (annotation egress-sidecar.io/lock decides per pod).
     lock_container: dict[str, Any] | None = None
     lock_default: bool = False
+    transparent_port: int | None = 15006  # listen.transparent_port of the sidecar config
     metadata_identity: bool = False  # the sidecar config chose policy.metadata: identity
 
     def fresh_lock_container(self) -> dict[str, Any]:
@@ -123,6 +124,10 @@ def from_mapping(raw: object) -> Settings:
     lock_container = lock.get("container")
     if lock_container is not None and not (isinstance(lock_container, dict) and lock_container.get("name")):
         raise SettingsError("`lock.container` must be a container spec with a name")
+    transparent = lock.get("transparentPort", 15006)
+    if transparent is not None and (isinstance(transparent, bool) or not isinstance(transparent, (int, float))
+                                    or not 0 <= transparent < 65536):
+        raise SettingsError("`lock.transparentPort` must be a port number or null")
     identity = raw.get("metadataIdentity", False)
     if not isinstance(identity, bool):
         raise SettingsError("`metadataIdentity` must be true or false")
@@ -137,6 +142,7 @@ def from_mapping(raw: object) -> Settings:
         pre_stop_seconds=_pre_stop_seconds(container),
         lock_container=lock_container,
         lock_default=bool(lock.get("enabled", False)),
+        transparent_port=int(transparent) if transparent is not None else None,
         metadata_identity=identity,
     )
 

@@ -449,6 +449,11 @@ def test_metadata_identity_in_the_sidecar_config_reaches_the_injector() -> None:
     assert _settings({"sidecar": {"config": {"policy": {"metadata": "identity"}}}})["metadataIdentity"] is True
 
 
+def test_the_transparent_port_of_the_sidecar_config_reaches_the_injector() -> None:
+    assert _settings({})["lock"]["transparentPort"] == 15006
+    assert _settings({"sidecar": {"config": {"listen": {"transparent_port": 16006}}}})["lock"]["transparentPort"] == 16006
+
+
 def test_lock_follows_the_sidecar_uid() -> None:
     settings = _settings({"sidecar": {"securityContext": {"runAsUser": 4242, "runAsNonRoot": True}}})
     assert settings["lock"]["container"]["args"][-2:] == ["--uid", "4242"]

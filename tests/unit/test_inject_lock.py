@@ -84,3 +84,12 @@ def test_no_proxy_gets_metadata_addresses_only_without_lock_and_with_identity(
     assert ("169.254.169.254" in value.split(",")) == has_metadata
     if has_metadata:
         assert set(metadata.NO_PROXY_ENTRIES) <= set(value.split(","))
+
+
+def test_a_locked_pod_whose_app_declares_the_transparent_port_is_refused() -> None:
+    app = {"name": "app", "image": "a", "ports": [{"containerPort": 15006}]}
+    with pytest.raises(InjectError, match="15006 is the egress lock's transparent listener"):
+        pod_patch(pod(OPTED_IN, {"egress-sidecar.io/lock": "true"}, containers=[app]), settings(),
+                  namespace_opted_in=False)
+    unlocked = pod_patch(pod(OPTED_IN, containers=[app]), settings(), namespace_opted_in=False)
+    assert unlocked.reason == "injected"

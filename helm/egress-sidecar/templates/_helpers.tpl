@@ -224,6 +224,7 @@ noProxy: {{ toJson .Values.sidecar.noProxy }}
 prometheusAnnotations: {{ .Values.sidecar.prometheusAnnotations }}
 lock:
   enabled: {{ .Values.sidecar.lock.enabled }}
+  transparentPort: {{ dig "listen" "transparent_port" 15006 (include "egress-sidecar.configFile" . | fromYaml) | toJson }}
   container:
     {{- include "egress-sidecar.lockContainer" . | nindent 4 }}
 {{- /* Whether the sidecar config chose policy.metadata: identity (NO_PROXY then gets the
