@@ -23,8 +23,10 @@ from tests.upstream import Upstream, UpstreamServer, random_bytes, wait_until
 MIB = 1024 * 1024
 ALLOWED_V4, ALLOWED_V6 = "93.184.216.34", "2001:4860:4860::8888"
 CONFIG = {
-    "policy": {"default": "deny", "allow_hosts": ["allowed.test", "allowed6.test"], "connect_ports": [443, 8443]},
-    "resolve": {"allowed.test": ALLOWED_V4, "allowed6.test": ALLOWED_V6},
+    "policy": {"default": "deny", "allow_hosts": ["allowed.test", "allowed6.test", "secure.test"],
+               "connect_ports": [443, 8443]},
+    "resolve": {"allowed.test": ALLOWED_V4, "allowed6.test": ALLOWED_V6, "secure.test": ALLOWED_V4},
+    "lock": {"originate_tls_hosts": ["secure.test"]},
 }
 
 
@@ -34,7 +36,7 @@ class World:
     def __init__(self, net: pod.PodNetwork, ca: trustme.CA) -> None:
         self.net = net
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("allowed.test", "allowed6.test", "1.1.1.1", "10.0.0.1").configure_cert(context)
+        ca.issue_cert("allowed.test", "allowed6.test", "secure.test", "1.1.1.1", "10.0.0.1").configure_cert(context)
         self.catchers: Catchers = pod.in_netns(net.world, Catchers, {80: None, 443: remember_sni(context)})
         self.servers = []
         self.upstreams: dict[tuple[str, int], Upstream] = {}
@@ -171,6 +173,15 @@ def test_tls_whose_sni_does_not_lead_to_the_dialled_address_is_refused(world: Wo
                                     and e.get("upstream") == "10.0.0.1:443"), None), 5, message="refusal")
     assert line["kind"] == "denied_host"
     _no_leak(world)
+
+
+def test_plain_http_to_an_originate_tls_host_leaves_encrypted_on_443(world: World, locked: LockedPod) -> None:
+    status, _headers, body, _code = locked.curl("http://secure.test/v1/x", "--resolve", f"secure.test:80:{ALLOWED_V4}")
+    assert (status, body) == (200, f"caught {ALLOWED_V4}:443".encode())  # the TLS catcher answered
+    _barrier(world)
+    [caught] = world.catchers.connections()
+    assert (caught.address, caught.port, caught.sni) == (ALLOWED_V4, 443, "secure.test")
+    assert caught.request_head.startswith(b"GET /v1/x HTTP/1.1")
 
 
 @pytest.mark.parametrize(("url", "kind"), [
