@@ -9,6 +9,7 @@ one clear line when it lacks CAP_NET_ADMIN or the backend refuses.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -90,8 +91,12 @@ def install(plan: lock_rules.LockPlan, backend: str) -> str:
     if backend == "nft":
         _run(["nft", "-f", "-"], lock_rules.nft_ruleset(plan))
         return _run(["nft", "list", "table", "inet", lock_rules.TABLE])
-    shown = []
+    shown: list[str] = []
     families: tuple[tuple[lock_rules.Family, str], ...] = ((4, "ip"), (6, "ip6"))
+    if not os.path.exists("/proc/net/if_inet6"):
+        # A kernel without IPv6: no IPv6 packet can leave, and ip6tables would fail.
+        families = families[:1]
+        shown.append("# no IPv6 in this kernel: IPv4 rules only\n")
     for family, prefix in families:
         saved = {table: _run([f"{prefix}tables-save", "-t", table]) for table in ("nat", "filter")}
         jumps = lock_rules.jumps_in(saved)
