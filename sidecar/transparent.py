@@ -122,6 +122,23 @@ class CapturedProtocolMixin:
         self.report("unsupported", original, f"captured connection to {original[0]}:{original[1]} refused: {what}")
 
 
+    def _head_timed_out(self) -> None:
+        if self._sniffed is None:
+            super()._head_timed_out()  # type: ignore[misc]
+            return
+        # Nothing decided yet: no bytes, or too few. A protocol where the server speaks first
+        # (SMTP, MySQL) ends here: closed without an answer, logged with where it was going.
+        self._head_timer = None
+        transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
+        if transport.is_closing():
+            return
+        transport.abort()
+        original: capture.Address = self.server
+        timeout = self.limits.header_timeout  # type: ignore[attr-defined]
+        self.report("client_timeout", original, f"captured connection to {original[0]}:{original[1]} sent "
+                    f"{len(self._sniffed)} bytes in {timeout:g}s (a protocol where the server speaks first?)")
+
+
 def protocol_class(
     base: type[LimitedHttpToolsProtocol], observer: Observer, tls_handler: TLSHandler | None = None
 ) -> type[LimitedHttpToolsProtocol]:

@@ -27,6 +27,7 @@ CONFIG = {
                "connect_ports": [443, 8443]},
     "resolve": {"allowed.test": ALLOWED_V4, "allowed6.test": ALLOWED_V6, "secure.test": ALLOWED_V4},
     "lock": {"originate_tls_hosts": ["secure.test"]},
+    "limits": {"header_timeout": "2s"},  # a silent captured connection is closed after this
 }
 
 
@@ -275,6 +276,26 @@ def test_other_protocols_are_refused_and_logged_with_the_original_destination(
     metrics = locked.admin_get("/metrics").text
     assert any(line.startswith("egress_errors_total{") and 'kind="unsupported"' in line
                and 'upstream="1.1.1.1:80"' in line and not line.endswith(" 0.0") for line in metrics.splitlines())
+    _no_leak(world)
+
+
+def test_a_silent_captured_connection_is_closed_and_logged_with_its_destination(
+    world: World, locked: LockedPod
+) -> None:
+    closed = locked.app_python(
+        "import json, socket, time\n"
+        "s = socket.create_connection(('1.1.1.1', 80), timeout=10)\n"  # waits for a banner, as SMTP does
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    data = s.recv(100)\n"
+        "except ConnectionResetError:\n"
+        "    data = b''\n"
+        "print(json.dumps([data == b'', time.monotonic() - start]))\n"
+    )
+    assert closed[0] and 1.5 < closed[1] < 8
+    wait_until(lambda: any(e.get("kind") == "client_timeout" and e.get("upstream") == "1.1.1.1:80"
+                           and "server speaks first" in e.get("detail", "") for e in locked.logs()), 5,
+               message="the silent connection's log line")
     _no_leak(world)
 
 
