@@ -228,7 +228,7 @@ def test_udp_other_than_dns_is_dropped_and_counted(world: World, locked: LockedP
         "import json, socket\n"
         "out = {}\n"
         f"for name, host, port in [('quic4', '1.1.1.1', 443), ('quic6', '2606:4700:4700::1111', 443),"
-        f" ('dns', '{pod.WORLD_V4}', 53)]:\n"
+        f" ('dns', '{pod.WORLD_V4}', 53), ('dns6', '{pod.WORLD_V6}', 53)]:\n"
         "    family = socket.AF_INET6 if ':' in host else socket.AF_INET\n"
         "    with socket.socket(family, socket.SOCK_DGRAM) as s:\n"
         "        try:\n"
@@ -238,10 +238,25 @@ def test_udp_other_than_dns_is_dropped_and_counted(world: World, locked: LockedP
         "print(json.dumps(out))\n"
     )
     assert results["quic4"] == results["quic6"] == "Operation not permitted"  # dropped in OUTPUT
-    assert results["dns"] == "sent"
+    assert results["dns"] == results["dns6"] == "sent"  # to the resolvers of resolv.conf: allowed
     wait_until(lambda: any(data == b"probe-dns" for _peer, data in world.dns.seen), 5, message="DNS datagram")
     assert world.quic.seen == []
     assert _drop_counter(locked) >= before + 2
+
+
+def test_tcp_dns_to_the_resolver_goes_direct_and_other_tcp_is_captured(locked: LockedPod) -> None:
+    results = locked.app_python(
+        "import json, socket\n"
+        "out = {}\n"
+        f"for port in (53, 54):\n"
+        "    try:\n"
+        f"        socket.create_connection(('{pod.WORLD_V4}', port), timeout=5).close(); out[port] = 'connected'\n"
+        "    except OSError as exc:\n"
+        "        out[port] = exc.strerror\n"
+        "print(json.dumps(out))\n"
+    )
+    # Nothing listens on TCP 53 in the world: refused there. Port 54 is captured: the sidecar accepts.
+    assert results == {"53": "Connection refused", "54": "connected"}
 
 
 def _drop_counter(locked: LockedPod) -> int:
