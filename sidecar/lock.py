@@ -124,7 +124,15 @@ def main(config: Config, options: LockOptions) -> int:
                 raise LockError("refusing: no CAP_NET_ADMIN in this process (run as the init container with "
                                 "capabilities NET_ADMIN and NET_RAW, as root); nothing was installed")
         backend = choose_backend(options.backend)
-        installed = install(plan, backend)
+        try:
+            installed = install(plan, backend)
+        except LockError as exc:
+            if options.backend != "auto" or backend != "nft" or shutil.which("iptables-restore") is None:
+                raise
+            # nft runs but this kernel refuses the ruleset (an inet nat chain needs 5.2+): iptables.
+            print(f"egress-sidecar lock: nft refused ({exc}); trying iptables", file=sys.stderr)
+            backend = "iptables"
+            installed = install(plan, backend)
     except (LockError, ValueError) as exc:
         print(f"egress-sidecar lock: {exc}", file=sys.stderr)
         return 1
