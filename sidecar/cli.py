@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from sidecar import config as config_module
+from sidecar import preflight
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
-            config_module.load(args.file)
+            preflight.load_checked(args.file)  # exactly what `run` checks before it starts
         except config_module.ConfigError as exc:
             print(f"egress-sidecar: {exc}", file=sys.stderr)
             return 2
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return lock_main(config, LockOptions(args.uid, args.backend, args.resolv_conf, args.dry_run))
     try:
-        config = config_module.load(args.config)
+        config = preflight.load_checked(args.config)
     except config_module.ConfigError as exc:
         print(f"egress-sidecar: {exc}", file=sys.stderr)
         return 2
