@@ -116,6 +116,17 @@ def test_no_sni_is_accepted_for_an_ip_literal_authority(sidecar_for: Sidecar, re
     assert recorder.received == hello
 
 
+def test_an_ip_literal_authority_with_a_server_name_is_a_mismatch(sidecar_for: Sidecar,
+                                                                    recorder: TcpUpstream) -> None:
+    # The address was checked, the name in the ClientHello was not: fronting by address.
+    sock, status, _, _ = connect(sidecar_for.port, f"127.0.0.1:{recorder.port}")
+    assert status == 200
+    sock.sendall(client_hello("localhost"))
+    assert read_to_eof(sock) == b""
+    tunnel_line(sidecar_for, "sni_mismatch")
+    assert recorder.received == b""
+
+
 def test_plaintext_passes_when_connect_plaintext_is_on(make_sidecar: Callable[..., Sidecar],
                                                        recorder: TcpUpstream) -> None:
     sidecar = make_sidecar(**tunnel_config(recorder.port, connect_plaintext=True))
@@ -125,6 +136,29 @@ def test_plaintext_passes_when_connect_plaintext_is_on(make_sidecar: Callable[..
     sock.shutdown(socket.SHUT_WR)
     assert read_to_eof(sock) == b"got 16"
     assert recorder.received == b"EHLO plaintext\r\n"
+
+
+def test_a_server_that_speaks_first_is_heard_only_when_plaintext_is_on(make_sidecar: Callable[..., Sidecar]) -> None:
+    banner = TcpUpstream("banner")
+    try:
+        plain = make_sidecar(**tunnel_config(banner.port, connect_plaintext=True))
+        sock, status, _, rest = connect(plain.port, f"localhost:{banner.port}")
+        assert status == 200
+        greeting = rest
+        while not greeting.endswith(b"\r\n"):
+            greeting += sock.recv(100)
+        assert greeting == b"220 ready\r\n"  # before the client said anything
+        sock.sendall(b"EHLO me\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == b"got 9"
+        # TLS only (the default): the greeting is held, the client's silence ends the tunnel.
+        strict = make_sidecar(**tunnel_config(banner.port), limits={"header_timeout": "1s"})
+        sock, status, _, rest = connect(strict.port, f"localhost:{banner.port}")
+        assert status == 200
+        assert rest + read_to_eof(sock) == b""
+        tunnel_line(strict, "client_timeout")
+    finally:
+        banner.stop()
 
 
 def test_a_client_that_never_speaks_is_closed_after_the_header_timeout(sidecar_for: Sidecar,
@@ -235,3 +269,11 @@ def test_connect_head_and_hello_in_one_write_work(sidecar_for: Sidecar, recorder
     sock.shutdown(socket.SHUT_WR)
     assert status == 200
     assert rest + read_to_eof(sock) == b"got %d" % len(hello)
+
+
+def test_connect_under_the_h11_parser_is_501_unsupported(make_sidecar: Callable[..., Sidecar],
+                                                         recorder: TcpUpstream) -> None:
+    sidecar = make_sidecar(**tunnel_config(recorder.port), listen={"http": "h11"})
+    _, status, headers, _ = connect(sidecar.port, f"localhost:{recorder.port}")
+    assert (status, headers["x-egress-error"]) == (501, "unsupported")
+    assert recorder.conns == []
