@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.metadata import NO_PROXY_ENTRIES as METADATA_NO_PROXY
 from sidecar.inject import overrides as ann
 from sidecar.inject.overrides import InjectError, Overrides
 from sidecar.inject.settings import (
@@ -22,6 +21,7 @@ from sidecar.inject.settings import (
     LISTEN_PORT_ENV,
     Settings,
 )
+from sidecar.metadata import NO_PROXY_ENTRIES as METADATA_NO_PROXY
 
 Patch = list[dict[str, Any]]
 PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")
