@@ -225,13 +225,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                       f"(limits {limits.max_headers} fields, {limits.max_header_bytes} bytes)")
             self._refusal = ("header_too_large", detail)
             raise _Refused
-        url = self.url
-        origin_form = url[:1] == b"/"  # the common case: one comparison, nothing else below
-        if not origin_form and self.tunnels is not None and self.parser.get_method() == b"CONNECT":
-            # No ASGI cycle: httptools raises HttpParserUpgrade once this callback returns,
-            # and data_received hands the connection to the tunnel (tunnel.py).
-            self._connect = True
-            return
         try:
             # Here, before uvicorn builds the request's cycle and task: llhttp checks some
             # transfer codings only after this callback, when the app would already be on it.
@@ -239,6 +232,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         except EgressError as exc:
             self._refusal = (exc.kind, exc.detail)
             raise _Refused from None
+        url = self.url
+        origin_form = url[:1] == b"/"  # the common case: one comparison, nothing else below
+        if not origin_form and self.tunnels is not None and self.parser.get_method() == b"CONNECT":
+            # No ASGI cycle: httptools raises HttpParserUpgrade once this callback returns,
+            # and data_received hands the connection to the tunnel (tunnel.py).
+            self._connect = True
+            return
         previous = self.cycle
         super().on_headers_complete()
         cycle = self.cycle

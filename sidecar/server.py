@@ -57,7 +57,8 @@ def _uvicorn_config(
         host=host,
         port=port,
         loop="none",
-        # The same head limits, deadline and framing rules on both (limits.py, h11_protocol.py).
+        # The same head limits, deadline and framing rules on both (limits.py, h11_protocol.py);
+        # CONNECT tunnels on httptools only.
         http=protocol,
         h11_max_incomplete_event_size=limits.HeadLimits.from_config(config.limits).max_head_bytes,
         ws="none",
