@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -106,9 +107,23 @@ def write_config(workdir: Path, ca_pem: bytes, overrides: dict[str, Any]) -> Pat
     return path
 
 
+def _uids_mapped(*uids: int) -> bool:
+    """Whether this (user) namespace can switch to these UIDs: real root can; an unprivileged
+    `unshare --user --map-root-user` maps only root, so setpriv to 65532 would fail."""
+    try:
+        with open("/proc/self/uid_map") as lines:
+            ranges = [tuple(int(x) for x in line.split()) for line in lines if line.strip()]
+    except OSError:
+        return False
+    return all(any(inside <= uid < inside + count for inside, _outside, count in ranges) for uid in uids)
+
+
 def start(suffix: str, ca_pem: bytes, config: dict[str, Any], *, backend: str = "auto",
           before_lock: Any = None) -> LockedPod:
     """Make the pod and world, lock the pod, start the sidecar in it as UID 65532."""
+    if not _uids_mapped(SIDECAR_UID, APP_UID):
+        pytest.skip(f"the lock tests run the sidecar as UID {SIDECAR_UID} and the app as UID {APP_UID}: "
+                    "this user namespace maps only root (run as root)")
     net = pod.create(suffix)
     problem = pod.not_sealed_reason(net)
     if problem is not None:
