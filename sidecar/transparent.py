@@ -16,6 +16,7 @@ not redirected at all, so it was aimed at this listener) is the `loop` case.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import socket
@@ -151,22 +152,34 @@ def protocol_class(
 def listening_sockets(port: int) -> list[socket.socket]:
     """TCP sockets on 127.0.0.1:port and [::1]:port (the latter skipped when the pod has no IPv6).
 
-    Where the lock's REDIRECT sends IPv4 and IPv6 connections respectively.
+    Where the lock's REDIRECT sends IPv4 and IPv6 connections respectively. Port 0 (tests):
+    IPv6 on the port IPv4 got, tried again with another port should that one be taken on ::1.
     """
-    sockets = []
+    for _attempt in range(5 if port == 0 else 1):
+        try:
+            return _bind_both(port)
+        except OSError as exc:
+            if port != 0 or exc.errno != errno.EADDRINUSE:
+                raise
+    return _bind_both(port)
+
+
+def _bind_both(port: int) -> list[socket.socket]:
+    sockets: list[socket.socket] = []
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, port))
+            sock.bind((host, port or (sockets[0].getsockname()[1] if sockets else 0)))
         except OSError as exc:
             sock.close()
-            if family == socket.AF_INET6 and exc.errno in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6
-                continue
+            if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue  # no IPv6 in this pod
+            for bound in sockets:
+                bound.close()
             raise
-        port = port or sock.getsockname()[1]  # port 0: IPv6 on the port IPv4 got
         sock.listen(2048)
         sock.setblocking(False)
         sockets.append(sock)
