@@ -17,8 +17,8 @@ place, logs `config_rejected` with the message naming the key, and counts
 `egress_config_reloads_total{outcome="rejected"}`; no request is dropped either way.
 Requests in flight finish under the snapshot they started with; a pool the new config
 does not keep (its TLS settings or files changed) is closed once the old snapshot's requests
-are done. Listener addresses and ports, the metrics switch and the log format are fixed
-for the process: a change to them is logged (`config_restart_needed`) and the rest applies.
+are done. Listener addresses and ports, the metrics switch, the egress lock and the log format
+are fixed for the process: a change to them is logged (`config_restart_needed`) and the rest applies.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def restart_only(old: Config, new: Config) -> tuple[Config, list[str]]:
     """
     kept: list[str] = []
     changes: dict[str, Any] = {}
-    for key in ("listen", "admin", "metrics"):
+    # lock: the init container wrote the firewall rules from it, the transparent listener read it at start
+    for key in ("listen", "admin", "metrics", "lock"):
         if getattr(old, key) != getattr(new, key):
             kept.append(key)
             changes[key] = getattr(old, key)
