@@ -34,9 +34,11 @@ from prometheus_client.utils import floatToGoString
 import sidecar
 from sidecar.breaker import STATE_VALUES
 from sidecar.config import Config
+from sidecar.errors import TUNNEL_REFUSALS
 
 if TYPE_CHECKING:
     from sidecar.observe import Exchange
+    from sidecar.tunnel import TunnelRecord, Tunnels
 
 # Seconds. A proxy's latencies span loopback connects (~0.1 ms, all in the first bucket),
 # TLS handshakes and typical API calls (5-500 ms), up to long downloads and read timeouts
@@ -52,7 +54,7 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
 OTHER = "other"
 
 # Error kinds that are policy decisions; they also count in egress_denied_total{reason}.
-DENIALS = frozenset({"denied_host", "denied_ip"})
+DENIALS = frozenset({"denied_host", "denied_ip", "denied_port"})
 
 PoolStats = Callable[[], Mapping[str, tuple[int, int]]]
 
@@ -126,6 +128,28 @@ class AbandonedCollector(Collector):
             family.add_metric([pool, "kept"], kept)
             family.add_metric([pool, "closed"], closed)
         yield family
+
+
+class ConfigCollector(Collector):
+    """`egress_config_info{sha256}` (the active config) and `egress_config_reloads_total{outcome}`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily("egress_config_info", "The active config: sha256 of its canonical JSON "
+                                 "(what `egress-sidecar check-config` prints)", labels=["sha256"])
+        if self.metrics.config_sha256:
+            info.add_metric([self.metrics.config_sha256], 1)
+        yield info
+        reloads = CounterMetricFamily("egress_config_reloads", "Config reloads (file change or SIGHUP), by "
+                                      "outcome: applied, or rejected (the old config stays)", labels=["outcome"])
+        for outcome, count in sorted(self.metrics.reloads.items()):
+            reloads.add_metric([outcome], count)
+        yield reloads
 
 
 # The `le` label of each bucket, +Inf last, as prometheus_client writes them.
@@ -220,12 +244,13 @@ class _Families(Collector):
     def collect(self) -> Iterable[Metric]:
         m = self.metrics
         return _families(list(m._series.values()), m._requests, float(m.in_flight()), m._errors, m._denied,
-                         m._retries)
+                         m._retries, m._would_deny)
 
 
 def _families(series: list[_Series], requests: Mapping[tuple[str, str, str, str], list[int]],
               in_flight: float | None, errors: Mapping[tuple[str, str, str], int],
-              denied: Mapping[tuple[str, str], int], retries: Mapping[tuple[str, str], int]) -> list[Metric]:
+              denied: Mapping[tuple[str, str], int], retries: Mapping[tuple[str, str], int],
+              would_deny: Mapping[tuple[str, str], int] | None = None) -> list[Metric]:
     requests_family = CounterMetricFamily("egress_requests", "Requests answered, by status code (errors included)",
                                           labels=[*_RL, "method", "code"])
     for key, cell in requests.items():
@@ -250,7 +275,41 @@ def _families(series: list[_Series], requests: Mapping[tuple[str, str, str, str]
     families.append(_counter("egress_denied", "Requests the egress policy refused, by reason",
                              ["route", "reason"], denied))
     families.append(_counter("egress_retries", "Upstream attempts retried, by reason", ["route", "reason"], retries))
+    families.append(_counter("egress_would_deny", "Requests and tunnels the host rules would refuse, forwarded "
+                             "because policy.mode is report, by destination and reason", ["upstream", "reason"],
+                             would_deny or {}))
     return families
+
+
+# Seconds. Tunnels live from a refused handshake (ms) to a client's kept connection (an
+# hour: timeouts.tunnel_idle), so their buckets span further than the requests'.
+TUNNEL_BUCKETS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+_TUNNEL_LE: tuple[str, ...] = (*(floatToGoString(b) for b in TUNNEL_BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
+
+
+class _TunnelFamilies(Collector):
+    """The tunnel families, from `Metrics`' plain numbers when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        yield _counter("egress_tunnels", "CONNECT tunnels ended, by how they ended", ["upstream", "outcome"],
+                       m._tunnels)
+        active = GaugeMetricFamily("egress_tunnels_active", "CONNECT tunnels open now (connecting included)")
+        active.add_metric([], m._tunnels_active())
+        yield active
+        yield _counter("egress_tunnel_bytes", "Bytes carried by tunnels: up (app to upstream) and down",
+                       ["upstream", "direction"], m._tunnel_bytes)
+        histogram = HistogramMetricFamily("egress_tunnel_duration_seconds",
+                                          "Tunnel lifetime, from the CONNECT to the close")
+        counts = m._tunnel_durations
+        histogram.add_metric([], list(zip(_TUNNEL_LE, accumulate(counts), strict=True)), m._tunnel_seconds)
+        yield histogram
 
 
 class Metrics:
@@ -279,11 +338,18 @@ class Metrics:
         self._errors: dict[tuple[str, str, str], int] = {}  # (route, upstream, kind)
         self._denied: dict[tuple[str, str], int] = {}  # (route, reason)
         self._retries: dict[tuple[str, str], int] = {}  # (route, reason)
+        self._would_deny: dict[tuple[str, str], int] = {}  # (upstream, reason)
         # Known label values start at 0 (Prometheus' advice), so rate() sees the first denial and
         # the dashboard's denial panel shows 0 rather than "no data" on a quiet day.
         for kind in sorted(DENIALS):
             self._denied[("-", kind)] = 0
         registry.register(_Families(self))
+        self._tunnels: dict[tuple[str, str], int] = {}  # (upstream, outcome)
+        self._tunnel_bytes: dict[tuple[str, str], int] = {}  # (upstream, direction)
+        self._tunnel_durations = [0] * len(_TUNNEL_LE)
+        self._tunnel_seconds = 0.0
+        self._tunnels_active: Callable[[], float] = lambda: 0
+        registry.register(_TunnelFamilies(self))
 
         Info("egress_build", "Build information", registry=registry).info(
             # The packages' own version attributes, not importlib.metadata: that import and its scan
@@ -293,6 +359,21 @@ class Metrics:
         )
         if pools is not None:
             registry.register(PoolCollector(pools, config.pool.max_connections))
+        self.config_sha256 = ""
+        self.reloads: dict[str, int] = {"applied": 0, "rejected": 0}
+        registry.register(ConfigCollector(self))
+
+    def watch_pools(self, stats: PoolStats, limit: int) -> None:
+        """Export the live pools' connections (read through the active snapshot at scrape time)."""
+        self.registry.register(PoolCollector(stats, limit))
+
+    def config_loaded(self, sha256: str) -> None:
+        """The config now active (`egress_config_info{sha256}`), at start and after each applied reload."""
+        self.config_sha256 = sha256
+
+    def config_reload(self, outcome: str) -> None:
+        """A reload was applied or rejected (`egress_config_reloads_total{outcome}`)."""
+        self.reloads[outcome] = self.reloads.get(outcome, 0) + 1
 
     def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
         """Export the circuit breakers' states (resilience.Breakers.states) at scrape time."""
@@ -301,6 +382,10 @@ class Metrics:
     def watch_abandoned(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
         """Export what became of connections whose app went away (Upstream.abandoned_counts)."""
         self.registry.register(AbandonedCollector(counts))
+
+    def watch_tunnels(self, tunnels: Tunnels) -> None:
+        """Export the number of open tunnels (`egress_tunnels_active`) at scrape time."""
+        self._tunnels_active = lambda: tunnels.active
 
     # -- label handling -------------------------------------------------------------------
 
@@ -346,6 +431,11 @@ class Metrics:
     def deny(self, route: str, reason: str) -> None:
         key = (route, reason)
         self._denied[key] = self._denied.get(key, 0) + 1
+
+    def would_deny(self, upstream: str, reason: str) -> None:
+        """Count a destination the host rules would refuse (report mode): requests and tunnels alike."""
+        key = (self.upstream_label(upstream), reason)
+        self._would_deny[key] = self._would_deny.get(key, 0) + 1
 
     def retry(self, route: str, reason: str) -> None:
         key = (route, reason)
@@ -396,11 +486,27 @@ class Metrics:
             series.bytes_in += ex.bytes_in
         if ex.bytes_out:
             series.bytes_out += ex.bytes_out
+        if ex.would_deny is not None:
+            self.would_deny(ex.upstream, ex.would_deny)
         kind = ex.kind
         if kind is not None:
             self.error(ex.route, series.upstream, kind)
             if kind in DENIALS:
                 self.deny(ex.route, ex.reason or kind)
+
+    def tunnel(self, record: TunnelRecord) -> None:
+        """Count one ended tunnel (once per tunnel, not per chunk)."""
+        upstream = self.upstream_label(record.upstream)
+        key = (upstream, record.outcome)
+        self._tunnels[key] = self._tunnels.get(key, 0) + 1
+        for direction, size in (("up", record.bytes_up), ("down", record.bytes_down)):
+            key = (upstream, direction)
+            self._tunnel_bytes[key] = self._tunnel_bytes.get(key, 0) + size
+        duration = record.end - record.start
+        self._tunnel_durations[_bucket(TUNNEL_BUCKETS, duration)] += 1
+        self._tunnel_seconds += duration
+        if record.outcome in TUNNEL_REFUSALS:
+            self.deny("-", record.outcome)
 
     # -- exposition -----------------------------------------------------------------------
 

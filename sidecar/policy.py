@@ -5,6 +5,11 @@ and `egress_denied_total{reason}`:
 - `check_target` (pure, per request, cached): host rules (`policy.default`, `allow_hosts`,
   `deny_hosts`), literal IPs in every spelling, names the static `resolve:` map points at a
   denied address, and the sidecar's own listeners.
+  In `policy.mode: report` a refusal by the host rules (`host_denied`, `not_allowed`) does not
+  raise: `check_target` returns its reason (a would-deny) and the request goes on. The address
+  rules never relax, in any mode: report mode is for learning which names an app calls, and a
+  name or literal that leads to a private, metadata or loopback address, or to the sidecar
+  itself, is an SSRF path, not a destination to learn about.
 - `resolve` (the connect guard, per new upstream connection): resolves the name (static map
   first, then the system resolver), checks EVERY address and returns them; the transport
   connects to exactly those addresses, so an answer that changes between check and connect
@@ -23,6 +28,7 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
+from sidecar import metadata as metadata_module
 from sidecar.addresses import (
     IPAddress,
     IPNetwork,
@@ -36,7 +42,7 @@ from sidecar.config import Config, is_loopback_host
 from sidecar.errors import EgressError
 from sidecar.hostnames import HostPatterns, canonical_host
 
-DenialKind = Literal["denied_host", "denied_ip"]
+DenialKind = Literal["denied_host", "denied_ip", "denied_port"]
 
 # reason -> how the one-line body describes it: host reasons as a predicate ("x is on the deny
 # list"), address reasons as a noun ("x is / resolves to a private address"). The body names
@@ -46,6 +52,7 @@ REASONS: Mapping[str, str] = {
     "not_allowed": "is not on the allow list",
     "invalid_host": "is not a valid host name or address",
     "listener": "is this sidecar's own listener",
+    "port": "is not a port CONNECT may reach (policy.connect_ports)",
     "metadata": "a cloud metadata address",
     "loopback": "a loopback address",
     "unspecified": "an unspecified address",
@@ -55,7 +62,11 @@ REASONS: Mapping[str, str] = {
     "multicast": "a multicast address",
     "reserved": "a reserved address",
 }
-_HOST_REASONS = frozenset({"host_denied", "not_allowed", "invalid_host", "listener"})
+_HOST_REASONS = frozenset({"host_denied", "not_allowed", "invalid_host", "listener", "port"})
+# The host rules report mode turns into would-deny; an invalid name is refused in every mode.
+REPORTABLE = frozenset({"host_denied", "not_allowed"})
+# A cached decision: (kind, reason, failing address); kind None is a would-deny (report mode).
+Decision = tuple[DenialKind | None, str, str | None]
 
 _WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 
@@ -67,7 +78,9 @@ class PolicyDenied(EgressError):
     adds the address that failed; `reason` labels `egress_denied_total`.
     """
 
-    def __init__(self, kind: DenialKind, reason: str, host: str, address: str | None = None) -> None:
+    def __init__(
+        self, kind: DenialKind, reason: str, host: str, address: str | None = None, why: str | None = None
+    ) -> None:
         shown = _printable(host)
         if reason in _HOST_REASONS:
             subject = f"{shown} {REASONS[reason]}"
@@ -76,6 +89,8 @@ class PolicyDenied(EgressError):
         else:
             subject = f"{shown} is {REASONS[reason]}"
         detail = f"reason={reason} host={shown}" + (f" address={address}" if address else "")
+        if why:
+            detail += f" ({_printable(why)})"
         super().__init__(kind, detail, subject)
         self.reason = reason
         self.host = host
@@ -117,14 +132,20 @@ class EgressPolicy:
         self,
         *,
         default: Literal["allow-public", "deny"] = "allow-public",
+        mode: Literal["enforce", "report"] = "enforce",
         allow_hosts: Iterable[str] = (),
         deny_hosts: Iterable[str] = (),
         allow_cidrs: Iterable[str] = (),
         static_resolve: Mapping[str, str | Sequence[str]] | None = None,
         listeners: Iterable[tuple[str, int]] = (),
         local_addresses: Iterable[IPAddress] = (),
+        metadata: Literal["deny", "identity"] = "deny",
     ) -> None:
         self.default = default
+        self.mode = mode
+        # policy.metadata: identity: requests to these hosts are decided by metadata.py instead of
+        # the address rules (forward.py), and the connect guard dials them (resolve). Empty: deny.
+        self.identity_hosts: frozenset[str] = metadata_module.IDENTITY_HOSTS if metadata == "identity" else frozenset()
         self._allow = HostPatterns(list(allow_hosts))
         self._deny = HostPatterns(list(deny_hosts))
         self._allow_cidrs: tuple[IPNetwork, ...] = tuple(parse_network(c) for c in allow_cidrs)
@@ -140,16 +161,20 @@ class EgressPolicy:
             self.add_listener(host, port)
 
     @classmethod
-    def from_config(cls, config: Config) -> EgressPolicy:
+    def from_config(cls, config: Config, local: frozenset[IPAddress] | None = None) -> EgressPolicy:
+        """The policy of `config`; `local`: this host's addresses if already known (a reload)."""
         policy = config.policy
         return cls(
             default=policy.default,
+            mode=policy.mode,
             allow_hosts=policy.allow_hosts,
             deny_hosts=policy.deny_hosts,
             allow_cidrs=policy.allow_cidrs,
             static_resolve=config.resolve,
-            listeners=[(config.listen.host, config.listen.port), (config.admin.host, config.admin.port)],
-            local_addresses=local_addresses(),
+            listeners=[(config.listen.host, config.listen.port), (config.admin.host, config.admin.port),
+                       *[(host, config.listen.transparent_port or 0) for host in ("127.0.0.1", "::1")]],
+            local_addresses=local_addresses() if local is None else local,
+            metadata=policy.metadata,
         )
 
     def add_listener(self, host: str, port: int) -> None:
@@ -171,21 +196,32 @@ class EgressPolicy:
 
     # --- the pure, per-request check -------------------------------------------------------
 
-    def check_target(self, target: _HasTarget) -> None:
-        """Raise PolicyDenied if the request's destination is refused; pure, no I/O."""
-        denial = self._decide(target.host, target.port, target.route is not None)
-        if denial is not None:
-            kind, reason, address = denial
-            raise PolicyDenied(kind, reason, target.host, address)
+    def check_target(self, target: _HasTarget) -> str | None:
+        """Raise PolicyDenied if the request's destination is refused; pure, no I/O.
 
-    def check_host(self, host: str, port: int, *, routed: bool = False) -> None:
-        """`check_target` for a bare host and port."""
-        denial = self._decide(host, port, routed)
-        if denial is not None:
-            kind, reason, address = denial
-            raise PolicyDenied(kind, reason, host, address)
+        Returns None, or in report mode the reason the host rules would have refused it.
+        """
+        return self.check_host(target.host, target.port, routed=target.route is not None)
 
-    def _decide_uncached(self, host: str, port: int, routed: bool) -> tuple[DenialKind, str, str | None] | None:
+    def check_identity(self, target: _HasTarget, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """`policy.metadata: identity`, for a target whose host is in `identity_hosts`: only the
+        workload's own credential exchanges pass (metadata.py); the rest is denied_ip/metadata."""
+        why = metadata_module.identity_refusal(target.host, target.port, method, path, headers)
+        if why is not None:
+            raise PolicyDenied("denied_ip", "metadata", target.host, why=why)
+
+
+    def check_host(self, host: str, port: int, *, routed: bool = False) -> str | None:
+        """`check_target` for a bare host and port (a tunnel's destination, say)."""
+        decision = self._decide(host, port, routed)
+        if decision is None:
+            return None
+        kind, reason, address = decision
+        if kind is None:
+            return reason
+        raise PolicyDenied(kind, reason, host, address)
+
+    def _decide_uncached(self, host: str, port: int, routed: bool) -> Decision | None:
         try:
             canonical = canonical_host(host)
         except ValueError:
@@ -197,25 +233,33 @@ class EgressPolicy:
                 return ("denied_ip", reason, str(literal))
             if routed:
                 return None
-            if self._deny.matches(canonical):
-                return ("denied_host", "host_denied", None)
-            if self.default == "deny" and not (
-                self._allow.matches(canonical) or in_networks(literal, self._allow_cidrs)
-            ):
-                return ("denied_host", "not_allowed", None)
-            return None
-        if not routed:
-            # Host rules apply to forward-proxy destinations; a route's upstream is allowed by
-            # being configured. Address rules apply to both.
-            if self._deny.matches(canonical):
-                return ("denied_host", "host_denied", None)
-            if self.default == "deny" and not self._allow.matches(canonical):
-                return ("denied_host", "not_allowed", None)
+            return self._host_decision(self._host_reason(canonical, literal))
+        # Host rules apply to forward-proxy destinations; a route's upstream is allowed by
+        # being configured. Address rules apply to both, and come first in report mode too.
+        host_reason = None if routed else self._host_reason(canonical, None)
+        if host_reason is not None and self.mode == "enforce":
+            return ("denied_host", host_reason, None)
         for address in self._static.get(canonical, ()):
             reason = self.address_reason(address, port)
             if reason is not None:
                 return ("denied_ip", reason, str(address))
+        return self._host_decision(host_reason)
+
+    def _host_reason(self, canonical: str, literal: IPAddress | None) -> str | None:
+        """Why the host rules refuse a (forward-proxy) destination: host_denied, not_allowed, or None."""
+        if self._deny.matches(canonical):
+            return "host_denied"
+        if self.default == "deny" and not (
+            self._allow.matches(canonical) or (literal is not None and in_networks(literal, self._allow_cidrs))
+        ):
+            return "not_allowed"
         return None
+
+    def _host_decision(self, reason: str | None) -> Decision | None:
+        """A host-rule refusal as a decision: a denial when enforcing, a would-deny when reporting."""
+        if reason is None:
+            return None
+        return (None if self.mode == "report" else "denied_host", reason, None)
 
     def address_reason(self, address: IPAddress, port: int) -> str | None:
         """Why a connection to `address:port` is refused, or None: listener, then ranges."""
@@ -250,6 +294,9 @@ class EgressPolicy:
         except ValueError:
             raise PolicyDenied("denied_host", "invalid_host", host) from None
         literal = _literal(canonical)
+        identity = canonical in self.identity_hosts and port == metadata_module.IDENTITY_PORT
+        if identity and literal is not None:
+            return [str(literal)]  # only requests check_identity passed reach this pool
         if literal is not None:
             addresses: Sequence[IPAddress] = (literal,)
         elif canonical in self._static:
@@ -263,6 +310,8 @@ class EgressPolicy:
                 found[ipaddress.ip_address(sockaddr[0])] = None
             addresses = tuple(found)
         for address in addresses:
+            if identity and str(address) in metadata_module.METADATA_ADDRESSES:
+                continue  # metadata.google.internal: only to the metadata address itself
             reason = self.address_reason(address, port)
             if reason is not None:
                 raise PolicyDenied("denied_ip", reason, host, str(address))

@@ -23,8 +23,12 @@ if TYPE_CHECKING:
 Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
-_HTTP11_ONLY = frozenset({None, "http/1.1"})
+# asyncio's own default when no handshake timeout is given; a None connect timeout still
+# should not let a silent peer hold a slot forever.
+_DEFAULT_HANDSHAKE_TIMEOUT = 60.0
 
+
+_HTTP11_ONLY = frozenset({None, "http/1.1"})
 
 # The protocol object being connected.
 Dialable = Union["Connection", "H2Connection"]
@@ -37,11 +41,6 @@ class Endpoint(Protocol):
     port: int
     tls: bool
     server_hostname: str
-
-
-# asyncio's own default when no handshake timeout is given; a None connect timeout still
-# should not let a silent peer hold a slot forever.
-_DEFAULT_HANDSHAKE_TIMEOUT = 60.0
 
 
 async def open_connection(
@@ -89,23 +88,38 @@ async def _traced(
 
 
 async def _connect_tcp(conn: Dialable, origin: Endpoint, resolve: Resolve | None, timeout: float | None) -> None:
-    loop = conn.loop
+    await dial(conn.loop, lambda: conn, origin.host, origin.port, resolve, timeout)
+
+
+async def dial(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    resolve: Resolve | None,
+    timeout: float | None,
+) -> tuple[asyncio.Transport, str]:
+    """TCP-connect to `host:port` through the policy's hook: (transport, the address dialled).
+
+    The hook decides which addresses may be dialled and they are tried in order; its own
+    exception (a denial) propagates unchanged. The timeout covers resolution too. Failures
+    are httpx's ConnectError / ConnectTimeout (the pooled transport and the CONNECT tunnel
+    report them alike).
+    """
     deadline = None if timeout is None else loop.time() + timeout
-    where = f"{origin.host}:{origin.port}"
+    where = f"{host}:{port}"
     if resolve is None:
-        addresses: Sequence[str] = [origin.host]  # the loop resolves it (getaddrinfo)
+        addresses: Sequence[str] = [host]  # the loop resolves it (getaddrinfo)
     else:
-        # The policy hook decides which addresses may be dialled; its own exception (a
-        # denial) propagates unchanged. The connect timeout covers resolution too.
         try:
             async with asyncio.timeout_at(deadline):
-                addresses = await resolve(origin.host, origin.port)
+                addresses = await resolve(host, port)
         except TimeoutError:
-            raise httpx.ConnectTimeout(f"resolving {origin.host} timed out") from None
+            raise httpx.ConnectTimeout(f"resolving {host} timed out") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot resolve {origin.host}: {exc}") from exc
+            raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from exc
         if not addresses:
-            raise httpx.ConnectError(f"no address to connect to for {origin.host}")
+            raise httpx.ConnectError(f"no address to connect to for {host}")
     last: OSError | None = None
     for index, address in enumerate(addresses):
         # What is left of the deadline is shared among the addresses still to try, so one
@@ -118,8 +132,8 @@ async def _connect_tcp(conn: Dialable, origin: Endpoint, resolve: Resolve | None
             attempt = remaining / (len(addresses) - index)
         try:
             async with asyncio.timeout(attempt):
-                await loop.create_connection(lambda: conn, address, origin.port)
-            return
+                transport, _protocol = await loop.create_connection(factory, address, port)
+            return transport, address
         except TimeoutError as exc:
             last = exc
         except OSError as exc:  # refused, unreachable, DNS failure (socket.gaierror)
@@ -164,7 +178,7 @@ async def _start_tls(
     ssl_object = tls.get_extra_info("ssl_object")
     protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
     if protocol not in alpn:
-        # Only if the context offered more than the caller speaks.
+        # Only if the context offered more than http/1.1: this transport speaks nothing else.
         tls.abort()
         raise httpx.ConnectError(f"{origin.host}:{origin.port} negotiated {protocol!r}, not http/1.1")
     conn.transport = tls
