@@ -2,7 +2,9 @@
 
 Drain (SIGTERM or SIGINT): /readyz turns 503 at once; requests keep being served; when
 nothing is in flight (or `drain.grace` has passed, whichever is first) the data listener
-stops, the upstream pool is closed and the process exits 0. A second signal exits at once.
+stops, the upstream pool is closed and the process exits 0. A second signal exits at once
+with 128 + its number (sidecar.lifecycle). Log lines: starting, started (ready), draining,
+stopped; uvicorn's own are silenced.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import os
 import signal
 import time
 from typing import Any
@@ -17,7 +20,8 @@ from typing import Any
 import uvicorn
 import uvloop
 
-from sidecar import limits
+import sidecar
+from sidecar import lifecycle, limits
 from sidecar import log as log_module
 from sidecar.accept import BurstAcceptor
 from sidecar.admin import AdminApp, redacted_config
@@ -68,6 +72,7 @@ def _uvicorn_config(
 async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSContexts | None = None) -> int:
     log = log_module.get("egress.server")
     started = time.perf_counter()
+    log.info("starting", version=sidecar.__version__, pid=os.getpid())
     runtime = runtime or build_runtime(config, contexts=contexts)
     data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
                                             limits.observer_report(runtime.observer, "-"), config.listen.http))
@@ -80,25 +85,30 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     def on_signal(signum: int) -> None:
         nonlocal signals_seen
         signals_seen += 1
-        if signals_seen > 1:
-            data.force_exit = admin.force_exit = True
-            data.should_exit = admin.should_exit = True
+        if signals_seen > 1:  # the operator insists: no drain, no wait for streams
+            code = lifecycle.forced_exit_code(signum)
+            log.warning("forced_exit", signal=signal.Signals(signum).name, in_flight=runtime.in_flight,
+                        exit_code=code)
+            log_module.flush()
+            lifecycle.exit_now(code)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    data_task = asyncio.create_task(data.serve())
-    admin_task = asyncio.create_task(admin.serve())
-    while not (data.started and admin.started):
-        if data_task.done() or admin_task.done():
-            data.should_exit = admin.should_exit = True
-            await asyncio.gather(data_task, admin_task, return_exceptions=True)
-            log.error("startup_failed", listen=f"{config.listen.host}:{config.listen.port}",
-                      admin=f"{config.admin.host}:{config.admin.port}")
-            await runtime.upstream.aclose()
-            return 1
-        await asyncio.sleep(0.005)
+    with lifecycle.StartupErrors() as startup_errors:  # uvicorn's bind errors go into our one line
+        data_task = asyncio.create_task(lifecycle.serve(data))
+        admin_task = asyncio.create_task(lifecycle.serve(admin))
+        while not (data.started and admin.started):
+            if data_task.done() or admin_task.done():
+                data.should_exit = admin.should_exit = True
+                await asyncio.gather(data_task, admin_task, return_exceptions=True)
+                log.error("startup_failed", error="; ".join(startup_errors.messages) or "a listener stopped",
+                          listen=f"{config.listen.host}:{config.listen.port}",
+                          admin=f"{config.admin.host}:{config.admin.port}")
+                await runtime.upstream.aclose()
+                return lifecycle.EXIT_STARTUP_FAILED
+            await asyncio.sleep(0.005)
     # With port 0 the real ports are known only now; the policy denies them under any spelling.
     for server, host in ((data, config.listen.host), (admin, config.admin.host)):
         for listener in server.servers:
@@ -121,15 +131,17 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
 
     stop_wait = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stop_wait, data_task, admin_task}, return_when=asyncio.FIRST_COMPLETED)
+    drain, cut = "none", 0
     if stop_wait in done:
-        await _drain(runtime, data, float(config.drain.grace), log)
+        drain, cut = await _drain(runtime, data, float(config.drain.grace), log)
     acceptor.close()
     data.should_exit = True
     await data_task
     await runtime.upstream.aclose()
     admin.should_exit = True
     await admin_task
-    log.info("stopped")
+    # One line for the whole stop: how the drain ended and how many requests it had to cut.
+    (log.warning if drain == "grace_expired" else log.info)("stopped", drain=drain, in_flight_cut=cut)
     return 0
 
 
@@ -161,18 +173,21 @@ def _tune_gc() -> None:
     gc.set_threshold(_GC_YOUNG, 10, 10)
 
 
-async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: Any) -> None:
+async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: Any) -> tuple[str, int]:
+    """Serve on, not ready, until idle or `grace`; returns (`complete` or `grace_expired`, requests left)."""
     runtime.draining = True
     log.info("draining", in_flight=runtime.in_flight, grace_seconds=grace)
+    outcome = "complete"
     try:
         await asyncio.wait_for(runtime.idle.wait(), timeout=grace)
-        log.info("drained", in_flight=0)
     except TimeoutError:
-        log.warning("drain_grace_expired", in_flight=runtime.in_flight)
+        outcome = "grace_expired"
     runtime.stopping = True
+    return outcome, runtime.in_flight
 
 
 def run(config: Config, contexts: TLSContexts | None = None) -> int:
     """Entry point of `egress-sidecar run`; `contexts`: TLS contexts already being built (sidecar.tls)."""
     log_module.configure(config.log)
+    lifecycle.quiet_uvicorn()
     return uvloop.run(serve(config, contexts=contexts))
