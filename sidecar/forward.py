@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from sidecar.cycle import BODY_READY, ProxyCycle
-from sidecar.errors import ClientDisconnected, EgressError, classify, error_head
+from sidecar.errors import ClientDisconnected, EgressError, classify, error_head, error_subject
 from sidecar.headers import (
     body_framing,
     downstream_response_headers,
@@ -225,7 +225,7 @@ class ForwardApp:
             target = runtime.router.resolve(scope)
             route = target.route
             exchange.route = route.name if route is not None else "-"
-            exchange.upstream = f"{target.host}:{target.port}"
+            exchange.upstream = target.endpoint
             exchange.path = target.path
             runtime.policy.check_target(target)
             # Load shedding: past max_in_flight (global or the route's), 503 overloaded at once.
@@ -281,7 +281,7 @@ class ForwardApp:
                 exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
                 return
             kind = classify(exc)
-            subject = exc.subject if isinstance(exc, EgressError) else None
+            subject = error_subject(exc)
             if isinstance(exc, PolicyDenied):
                 exchange.reason = exc.reason
             retry_after = exc.retry_after if isinstance(exc, EgressError) else None

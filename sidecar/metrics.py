@@ -34,6 +34,7 @@ from prometheus_client.utils import floatToGoString
 import sidecar
 from sidecar.breaker import STATE_VALUES
 from sidecar.config import Config
+from sidecar.policy import REASONS as DENIAL_REASONS
 
 if TYPE_CHECKING:
     from sidecar.observe import Exchange
@@ -281,8 +282,9 @@ class Metrics:
         self._retries: dict[tuple[str, str], int] = {}  # (route, reason)
         # Known label values start at 0 (Prometheus' advice), so rate() sees the first denial and
         # the dashboard's denial panel shows 0 rather than "no data" on a quiet day.
-        for kind in sorted(DENIALS):
-            self._denied[("-", kind)] = 0
+        # The series are the policy's named reasons (what `reason` is at a denial), not the kinds.
+        for reason in sorted(DENIAL_REASONS):
+            self._denied[("-", reason)] = 0
         registry.register(_Families(self))
 
         Info("egress_build", "Build information", registry=registry).info(

@@ -20,7 +20,7 @@ from sidecar.breaker import CLOSED, FAILURE_KINDS, OPEN, Breaker, Breakers, is_f
 from sidecar.config import Config
 from sidecar.errors import EgressError, classify
 from sidecar.retry import Clock, ReplayableBody, RetryPolicy
-from sidecar.routing import CompiledRoute
+from sidecar.routing import CompiledRoute, endpoint
 from sidecar.shedding import Shedding
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class Resilience:
             retries, breaker_config = route.config.retries, route.config.circuit_breaker
             retry = RetryPolicy(retries, clock) if retries is not None and retries.attempts > 0 else None
             breaker = (
-                self.breakers.add(f"{route.host}:{route.port}", breaker_config) if breaker_config is not None else None
+                self.breakers.add(endpoint(route.host, route.port), breaker_config) if breaker_config is not None else None
             )
             if breaker is not None:
                 breaker.on_change = self._breaker_changed

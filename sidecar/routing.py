@@ -31,6 +31,11 @@ _HOST_RE = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_.-]{0,252})|\[[0-9a-f:.%a-z]+\])
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "localhost.", "0.0.0.0", "[::]"})
 
 
+def endpoint(host: str, port: int) -> str:
+    """`host:port`, an IPv6 address in brackets (RFC 3986 section 3.2.2)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledRoute:
     """A route built once from config; the hot path only reads attributes."""
@@ -64,6 +69,11 @@ class Target:
     def authority(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        """`host:port` as labels and log lines show it: `[::1]:8443`, not the ambiguous `::1:8443`."""
+        return endpoint(self.host, self.port)
 
     def url_parts(self) -> ParseResult:
         """httpx's parsed-URL tuple, built without re-parsing or re-quoting the app's bytes."""

@@ -285,8 +285,9 @@ class _Handler:
 class UpstreamServer:
     """Starts the upstream on an ephemeral port in a background thread; `stop()` ends it."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None, host: str = "127.0.0.1") -> None:
         self.ssl_context = ssl_context
+        self.host = host  # "::1" for an IPv6 upstream
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.ready = threading.Event()
@@ -300,12 +301,12 @@ class UpstreamServer:
         self.loop.run_forever()
 
     async def _start(self) -> None:
-        state = Upstream("127.0.0.1", 0, "https" if self.ssl_context else "http")
+        state = Upstream(self.host, 0, "https" if self.ssl_context else "http")
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await _Handler(state, reader, writer).run()
 
-        self.server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=self.ssl_context, backlog=512)
+        self.server = await asyncio.start_server(on_connect, self.host, 0, ssl=self.ssl_context, backlog=512)
         state.port = self.server.sockets[0].getsockname()[1]
         self.state = state
 
