@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.test-installed
 SYSTEM_STAMP := $(VENV)/.system-installed
 
-.PHONY: run test unit e2e sealed bench soak lint clean venv system-deps compile
+.PHONY: run test unit e2e sealed bench soak lint clean venv system-deps compile helm-docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,8 +62,13 @@ $(LINT_STAMP): pyproject.toml $(STAMP)
 	touch $@
 
 lint: $(LINT_STAMP)
-	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/ruff check sidecar tests bench scripts
 	$(VENV)/bin/mypy
+
+# The chart's values table (helm/egress-sidecar/README.md) from the comments in values.yaml;
+# tests/e2e/test_project_basics.py fails when they disagree.
+helm-docs: $(STAMP)
+	$(PY) scripts/helm_values_table.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -6,12 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import sidecar
 from sidecar import config as config_module
 from sidecar import preflight
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="egress-sidecar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"egress-sidecar {sidecar.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="start the sidecar (data and admin listeners)")
