@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -38,15 +39,38 @@ def test_license_file_matches_pyproject_and_changelog_names_this_version() -> No
     assert f"## {sidecar.__version__} - " in changelog and "## Unreleased" in changelog
 
 
-def test_wheel_builds_without_a_deprecation_banner(tmp_path: Path) -> None:
+def _docker_build_context(target: Path) -> None:
+    """What the Dockerfile's build stage copies from the context (the COPY lines without --from)."""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        parts = line.split()
+        if not parts or parts[0] != "COPY" or any(p.startswith("--") for p in parts):
+            continue
+        *sources, destination = parts[1:]
+        for source in sources:
+            into = target / source if destination.endswith("/") else target / destination
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, into, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(ROOT / source, into)
+
+
+def test_wheel_builds_from_the_docker_context_without_a_deprecation_banner(tmp_path: Path) -> None:
+    source, wheels = tmp_path / "src", tmp_path / "wheels"
+    source.mkdir()
+    _docker_build_context(source)
+    assert (source / "LICENSE").exists() and (source / "sidecar" / "cli.py").exists()
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "deprecated" not in output.lower() and "SetuptoolsDeprecationWarning" not in output, output
-    assert next(tmp_path.glob("egress_sidecar-*.whl"))
+    with zipfile.ZipFile(next(wheels.glob("egress_sidecar-*.whl"))) as wheel:
+        names = wheel.namelist()
+        metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 def test_chart_readme_values_table_matches_values_yaml() -> None:
