@@ -28,6 +28,7 @@ from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
 from sidecar.forward import ForwardApp
 from sidecar.policy import exposure_warnings
+from sidecar.routing import endpoint
 from sidecar.runtime import Runtime, build_runtime
 from sidecar.tls import TLSContexts
 
@@ -110,8 +111,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
                 data.should_exit = admin.should_exit = True
                 await asyncio.gather(data_task, admin_task, return_exceptions=True)
                 log.error("startup_failed", error="; ".join(startup_errors.messages) or "a listener stopped",
-                          listen=f"{config.listen.host}:{config.listen.port}",
-                          admin=f"{config.admin.host}:{config.admin.port}")
+                          listen=endpoint(config.listen.host, config.listen.port),
+                          admin=endpoint(config.admin.host, config.admin.port))
                 await runtime.upstream.aclose()
                 return lifecycle.EXIT_STARTUP_FAILED
             await asyncio.sleep(0.005)
@@ -126,8 +127,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     runtime.ready = True
     log.info(
         "started",
-        listen=f"{config.listen.host}:{config.listen.port}",
-        admin=f"{config.admin.host}:{config.admin.port}",
+        listen=endpoint(config.listen.host, config.listen.port),
+        admin=endpoint(config.admin.host, config.admin.port),
         routes=[route.name for route in config.routes],
         policy=config.policy.default,
         ready_seconds=round(time.perf_counter() - started, 4),
