@@ -85,7 +85,7 @@ class NameNotResolved(OSError):
 
 def error_subject(exc: BaseException) -> str | None:
     """What the one-line error body may add about `exc`: an EgressError's subject, or the name
-    that did not resolve (found anywhere in the chain of causes the transports wrapped it in)."""
+    that did not resolve (found in the chain of exceptions the transports wrapped it in)."""
     if isinstance(exc, EgressError):
         return exc.subject
     current: BaseException | None = exc
@@ -94,7 +94,14 @@ def error_subject(exc: BaseException) -> str | None:
             return None
         if isinstance(current, NameNotResolved):
             return f"{current.host} does not resolve: {current.strerror}"
-        current = current.__cause__
+        # httpcore's pool re-raises with `raise exc from None`, which drops the cause its network
+        # backend (sidecar/guard.py) set but keeps it as the context. Only that explicit form is
+        # followed: an implicit context (an error raised while handling an earlier one, say a
+        # retry) is another failure, not this one's cause.
+        if current.__cause__ is None and current.__suppress_context__:
+            current = current.__context__
+        else:
+            current = current.__cause__
     return None
 
 

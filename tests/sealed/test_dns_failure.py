@@ -19,18 +19,25 @@ from tests.sealed.test_ssrf import error_lines, forward, via_route
 
 @pytest.fixture
 def sidecar(system_resolver: None, ca_file: str, tmp_path: Path) -> Iterator[Sidecar]:
-    config = base_config(ca_file, routes=[{"name": "gone", "prefix": "/gone", "upstream": "https://gone.test"}])
+    config = base_config(ca_file, routes=[
+        {"name": "gone", "prefix": "/gone", "upstream": "https://gone.test"},
+        # HTTP/2 routes dial through httpcore and the guard backend (sidecar/guard.py), not our transport.
+        {"name": "gone-h2", "prefix": "/gone-h2", "upstream": "https://gone-h2.test", "http2": True},
+    ])
     started = start_sidecar(tmp_path, config)
     yield started
     started.terminate()
 
 
-@pytest.mark.parametrize("how", ["forward", "route"])
+@pytest.mark.parametrize("how", ["forward", "route", "route-h2"])
 def test_a_name_that_does_not_resolve_says_so(
     sidecar: Sidecar, dns: DNSServer, caught: Catchers, how: str
 ) -> None:
-    host = "nowhere.test" if how == "forward" else "gone.test"
-    status, headers, body = forward(sidecar, f"http://{host}/x") if how == "forward" else via_route(sidecar, "/gone/x")
+    host = {"forward": "nowhere.test", "route": "gone.test", "route-h2": "gone-h2.test"}[how]
+    if how == "forward":
+        status, headers, body = forward(sidecar, f"http://{host}/x")
+    else:
+        status, headers, body = via_route(sidecar, f"/{host.removesuffix('.test')}/x")
     assert (status, headers.get("x-egress-error")) == (502, "connect_error"), body
     assert body.decode().startswith("egress-sidecar: connect_error: ")
     assert f"({host} does not resolve: " in body.decode(), body
