@@ -60,14 +60,14 @@ class ListenerFailed(Exception):
     """A uvicorn server stopped during start-up (it reports that with `sys.exit`)."""
 
 
-async def serve(server: Any) -> None:
-    """`server.serve()`, with uvicorn's start-up `SystemExit` turned into ListenerFailed.
+async def serve(server: Any, sockets: Any = None) -> None:
+    """`server.serve(sockets)`, with uvicorn's start-up `SystemExit` turned into ListenerFailed.
 
     A SystemExit raised in a task escapes the event loop itself; as an ordinary exception
     it stays in the task, where the caller reads it.
     """
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     except SystemExit as exc:
         raise ListenerFailed(f"uvicorn exited with {exc.code}") from None
 

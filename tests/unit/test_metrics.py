@@ -401,6 +401,8 @@ def test_every_design_family_is_exposed_before_any_request() -> None:
         "egress_response_bytes": "counter", "egress_errors": "counter", "egress_denied": "counter",
         "egress_retries": "counter", "egress_build_info": "gauge", "egress_upstream_connections": "gauge",
         "egress_upstream_connections_limit": "gauge",
+        "egress_tunnels": "counter", "egress_tunnels_active": "gauge", "egress_tunnel_bytes": "counter",
+        "egress_tunnel_duration_seconds": "histogram",
     }
 
 
