@@ -19,8 +19,9 @@ from sidecar import log as log_module
 from sidecar.breaker import CLOSED, FAILURE_KINDS, OPEN, Breaker, Breakers, is_failure_status
 from sidecar.config import Config
 from sidecar.errors import EgressError, classify
+from sidecar.hostnames import endpoint
 from sidecar.retry import Clock, ReplayableBody, RetryPolicy
-from sidecar.routing import CompiledRoute, endpoint
+from sidecar.routing import CompiledRoute
 from sidecar.shedding import Shedding
 
 if TYPE_CHECKING:

@@ -23,18 +23,13 @@ from httpx._urlparse import ParseResult
 
 from sidecar.config import Config, Route, Timeouts
 from sidecar.errors import EgressError
-from sidecar.hostnames import HostPatterns, canonical_host
+from sidecar.hostnames import HostPatterns, canonical_host, endpoint
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # A host as it may appear in Host or an absolute URI: a DNS-ish name or an IPv4 literal in any
 # spelling the policy later normalises, or a bracketed IPv6 literal.
 _HOST_RE = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_.-]{0,252})|\[[0-9a-f:.%a-z]+\])$")
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "localhost.", "0.0.0.0", "[::]"})
-
-
-def endpoint(host: str, port: int) -> str:
-    """`host:port`, an IPv6 address in brackets (RFC 3986 section 3.2.2)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

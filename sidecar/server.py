@@ -27,8 +27,8 @@ from sidecar.accept import BurstAcceptor
 from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
 from sidecar.forward import ForwardApp
+from sidecar.hostnames import endpoint
 from sidecar.policy import exposure_warnings
-from sidecar.routing import endpoint
 from sidecar.runtime import Runtime, build_runtime
 from sidecar.tls import TLSContexts
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from sidecar.hostnames import endpoint
 from sidecar.transport.connection import Connection
 from sidecar.transport.pool import Origin
 
@@ -88,7 +89,7 @@ async def dial(
     report them alike).
     """
     deadline = None if timeout is None else loop.time() + timeout
-    where = f"{host}:{port}"
+    where = endpoint(host, port)
     if resolve is None:
         addresses: Sequence[str] = [host]  # the loop resolves it (getaddrinfo)
     else:
@@ -136,28 +137,28 @@ async def _start_tls(conn: Connection, origin: Origin, context: ssl.SSLContext, 
             )
     except TimeoutError:
         raw.abort()
-        raise httpx.ConnectTimeout(f"TLS handshake with {origin.host}:{origin.port} timed out") from None
+        raise httpx.ConnectTimeout(f"TLS handshake with {endpoint(origin.host, origin.port)} timed out") from None
     except ssl.SSLError as exc:
         # ssl.SSLCertVerificationError included: "[SSL: CERTIFICATE_VERIFY_FAILED] ...".
         raw.abort()
-        raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: {exc}") from exc
+        raise httpx.ConnectError(f"TLS handshake with {endpoint(origin.host, origin.port)} failed: {exc}") from exc
     except ConnectionAbortedError as exc:
         raw.abort()
         if "handshake is taking longer" in str(exc):  # asyncio's own handshake timeout
-            raise httpx.ConnectTimeout(f"TLS handshake with {origin.host}:{origin.port} timed out") from exc
-        raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: {exc}") from exc
+            raise httpx.ConnectTimeout(f"TLS handshake with {endpoint(origin.host, origin.port)} timed out") from exc
+        raise httpx.ConnectError(f"TLS handshake with {endpoint(origin.host, origin.port)} failed: {exc}") from exc
     except OSError as exc:
         raw.abort()
-        raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: {exc}") from exc
+        raise httpx.ConnectError(f"TLS handshake with {endpoint(origin.host, origin.port)} failed: {exc}") from exc
     except BaseException:
         raw.abort()
         raise
     if tls is None:  # the peer closed during the handshake
-        raise httpx.ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: connection closed")
+        raise httpx.ConnectError(f"TLS handshake with {endpoint(origin.host, origin.port)} failed: connection closed")
     ssl_object = tls.get_extra_info("ssl_object")
     protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
     if protocol not in (None, "http/1.1"):
         # Only if the context offered more than http/1.1: this transport speaks nothing else.
         tls.abort()
-        raise httpx.ConnectError(f"{origin.host}:{origin.port} negotiated {protocol!r}, not http/1.1")
+        raise httpx.ConnectError(f"{endpoint(origin.host, origin.port)} negotiated {protocol!r}, not http/1.1")
     conn.transport = tls

@@ -11,7 +11,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.policy import REASONS
-from tests.conftest import Sidecar, server_context
+from tests.conftest import Sidecar, free_port, server_context
 from tests.upstream import Upstream, UpstreamServer
 
 
@@ -40,9 +40,14 @@ def v6_upstream(ca: trustme.CA) -> Iterator[Upstream]:
 
 def test_ipv6_upstream_is_labelled_in_brackets(make_sidecar: Callable[..., Sidecar], v6_upstream: Upstream) -> None:
     where = f"[::1]:{v6_upstream.port}"
+    closed = f"[::1]:{free_port()}"  # nothing listens there: the error line names it
     sidecar = make_sidecar(routes=[{"name": "v6", "prefix": "/v6", "upstream": f"https://{where}",
-                                    "circuit_breaker": {"consecutive_failures": 5}}])
+                                    "circuit_breaker": {"consecutive_failures": 5}},
+                                   {"name": "v6-closed", "prefix": "/v6-closed", "upstream": f"https://{closed}"}])
     assert httpx.get(f"{sidecar.url}/v6/echo", trust_env=False).status_code == 200
+    assert httpx.get(f"{sidecar.url}/v6-closed/x", trust_env=False).status_code == 502
+    error = sidecar.wait_log(lambda e: e.get("event") == "egress_error" and e.get("route") == "v6-closed")
+    assert error["upstream"] == closed and error["detail"].startswith(f"{closed}: "), error
     line = sidecar.wait_log(lambda e: e.get("event") == "access" and e.get("route") == "v6")
     assert line["upstream"] == where
     text = httpx.get(f"{sidecar.admin_url}/metrics").text
