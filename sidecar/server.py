@@ -29,6 +29,7 @@ from sidecar.config import Config
 from sidecar.forward import ForwardApp
 from sidecar.hostnames import endpoint
 from sidecar.policy import exposure_warnings
+from sidecar.reload import Reloader
 from sidecar.runtime import Runtime, build_runtime
 from sidecar.tls import TLSContexts
 
@@ -78,7 +79,8 @@ def _uvicorn_config(
     )
 
 
-async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSContexts | None = None) -> int:
+async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSContexts | None = None,
+                config_path: str | None = None) -> int:
     log = log_module.get("egress.server")
     started = time.perf_counter()
     log.info("starting", version=sidecar.__version__, pid=os.getpid())
@@ -111,6 +113,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    reloader = Reloader(runtime, config_path, on_applied=[functools.partial(_apply_limits, data)])
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
 
     with lifecycle.StartupErrors() as startup_errors:  # uvicorn's bind errors go into our one line
         data_task = asyncio.create_task(lifecycle.serve(data))
@@ -136,7 +140,7 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
         for listener in server.servers:
             for sock in listener.sockets:
                 name = sock.getsockname()
-                runtime.policy.add_listener(hosts[index] if index < 2 else name[0], name[1])
+                runtime.add_listener(hosts[index] if index < 2 else name[0], name[1])
     acceptors = [_burst_acceptor(server) for server in (data, *servers[2:])]  # data and transparent
     for warning in exposure_warnings(config):
         log.warning("insecure_setting", message=warning)
@@ -151,12 +155,14 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     )
     log.info("config", config=redacted_config(runtime))  # the effective config, secrets redacted
     _tune_gc()  # after ready: its full collection takes 10-25 ms that readiness need not wait for
+    reloader.start()  # watch the config file (and the certificate files it names)
 
     stop_wait = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stop_wait, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     drain, cut = "none", 0
     if stop_wait in done:
-        drain, cut = await _drain(runtime, data, float(config.drain.grace), log)
+        drain, cut = await _drain(runtime, data, float(runtime.config.drain.grace), log)
+    loop.remove_signal_handler(signal.SIGHUP)
     if runtime.tunnels is not None:
         runtime.tunnels.close_all("drained")  # uvicorn's shutdown does not know them
     for acceptor in acceptors:
@@ -165,12 +171,22 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
         server.should_exit = True
     data.should_exit = True
     await asyncio.gather(data_task, *tasks[2:])
+    await reloader.aclose()
     await runtime.upstream.aclose()
     admin.should_exit = True
     await admin_task
     # One line for the whole stop: how the drain ended and how many requests it had to cut.
     (log.warning if drain == "grace_expired" else log.info)("stopped", drain=drain, in_flight_cut=cut)
     return 0
+
+
+def _apply_limits(server: SignalFreeServer, config: Config) -> None:
+    """A reload's head limits, applied to the data listener's protocol class (new requests read them)."""
+    protocol = server.config.http_protocol_class
+    if isinstance(protocol, type) and issubclass(protocol, limits.LimitedHttpToolsProtocol):
+        limits.update_limits(protocol, config.limits)
+    elif isinstance(getattr(protocol, "limits", None), limits.HeadLimits):  # the h11 listener's protocol
+        protocol.limits = limits.HeadLimits.from_config(config.limits)  # type: ignore[attr-defined]
 
 
 def _transparent_server(config: Config, runtime: Runtime) -> tuple[SignalFreeServer, list[Any]] | None:
@@ -236,8 +252,9 @@ async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: An
     return outcome, runtime.in_flight
 
 
-def run(config: Config, contexts: TLSContexts | None = None) -> int:
-    """Entry point of `egress-sidecar run`; `contexts`: TLS contexts already being built (sidecar.tls)."""
+def run(config: Config, contexts: TLSContexts | None = None, config_path: str | None = None) -> int:
+    """Entry point of `egress-sidecar run`; `contexts`: TLS contexts already being built (sidecar.tls);
+    `config_path`: the file to watch and reload (None: SIGHUP re-reads the defaults and environment)."""
     log_module.configure(config.log)
     lifecycle.quiet_uvicorn()
-    return uvloop.run(serve(config, contexts=contexts))
+    return uvloop.run(serve(config, contexts=contexts, config_path=config_path))
