@@ -7,7 +7,7 @@ FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY sidecar ./sidecar
 # The venv gets no pip of its own; the build stage's pip installs into it (pip --python).
 # uvloop, httptools and msgspec come as manylinux wheels: no compiler is needed.

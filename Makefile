@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.test-installed
 SYSTEM_STAMP := $(VENV)/.system-installed
 
-.PHONY: run test unit e2e sealed bench soak lint clean venv system-deps compile
+.PHONY: run test unit e2e sealed bench soak lint clean venv system-deps compile helm-docs demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,8 +62,23 @@ $(LINT_STAMP): pyproject.toml $(STAMP)
 	touch $@
 
 lint: $(LINT_STAMP)
-	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/ruff check sidecar tests bench scripts examples
 	$(VENV)/bin/mypy
+
+# A local HTTPS upstream and the sidecar in front of it: a 200 and a 403, offline (examples/demo.py).
+DEMO_STAMP := $(VENV)/.demo-installed
+
+$(DEMO_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install -q -e '.[demo]'
+	touch $@
+
+demo: $(DEMO_STAMP) compile
+	$(PY) examples/demo.py $(DEMO_ARGS)
+
+# The chart's values table (helm/egress-sidecar/README.md) from the comments in values.yaml;
+# tests/e2e/test_project_basics.py fails when they disagree.
+helm-docs: $(STAMP)
+	$(PY) scripts/helm_values_table.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -191,7 +191,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
                 _fmt_ratio(row_data.get("stream_mib_s"))]
             lines.append(_row(row))
     if doc.get("goals"):
-        lines += ["", "## Issue 3 goals (ours)", "", _row(["goal", "met", "measured"]), _row(["---"] * 3)]
+        lines += ["", "## Performance goals (ours)", "", _row(["goal", "met", "measured"]), _row(["---"] * 3)]
         for goal, met, shown in doc["goals"]:
             lines.append(_row([goal, {True: "yes", False: "NO", None: "–"}[met], shown]))
     if doc.get("h2_goals"):

@@ -236,7 +236,7 @@ def markdown(section: Mapping[str, Any]) -> str:
             r["name"], _n(r["stream_mib_s"]), _n(r["stream_peak_rss_mib"], 1), _n(nt["per_s"]),
             _n(nt.get("cpu_us_per_tunnel")), _n(r["ttfb_new_ms"], 2), _n(r["ttfb_kept_ms"], 3),
             _n(r.get("added_ttfb_new_ms"), 2), _n(r.get("added_ttfb_kept_ms"), 3)]) + " |")
-    lines += ["", "| goal (issue 15) | met | ours ÷ tinyproxy |", "| --- | --- | --- |"]
+    lines += ["", "| goal | met | ours ÷ tinyproxy |", "| --- | --- | --- |"]
     for goal, met, shown in section["goals"]:
         lines.append(f"| {goal} | {'–' if met is None else 'yes' if met else 'NO'} | {shown} |")
     return "\n".join(lines) + "\n"

@@ -6,12 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import sidecar
 from sidecar import config as config_module
 from sidecar import preflight
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="egress-sidecar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"egress-sidecar {sidecar.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="start the sidecar (data and admin listeners)")
@@ -50,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the sidecar's own handlers are installed (imports, TLS)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:

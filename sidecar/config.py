@@ -386,11 +386,12 @@ def check_semantics(config: Config) -> None:
         problem = check_patterns(getattr(config.policy, key))
         if problem is not None:
             fail(f"policy.{key}", f"invalid host pattern {problem}")
-    shadowed = never_applies(config.policy.allow_hosts, config.policy.deny_hosts)
-    if shadowed is not None:
-        index = config.policy.allow_hosts.index(shadowed)
-        fail(f"policy.allow_hosts[{index}]", f"{shadowed!r} can never apply: policy.deny_hosts denies every "
-             "host it matches (deny wins)")
+    for key in ("allow_hosts", "plain_http_hosts"):
+        patterns = getattr(config.policy, key)
+        shadowed = never_applies(patterns, config.policy.deny_hosts)
+        if shadowed is not None:
+            fail(f"policy.{key}[{patterns.index(shadowed)}]", f"{shadowed!r} can never apply: policy.deny_hosts "
+                 "denies every host it matches (deny wins)")
     for name, addresses in config.resolve.items():
         try:
             canonical_host(name)

@@ -78,6 +78,40 @@ class ClientDisconnected(Exception):
     """The app closed its connection; nothing can be sent back to it."""
 
 
+class NameNotResolved(OSError):
+    """The upstream's name has no address (the resolver's error, with the name it was asked).
+
+    Still a `connect_error` (an OSError, so every transport maps it as before); the response
+    body says the name did not resolve rather than "could not connect".
+    """
+
+    def __init__(self, host: str, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error))
+        self.host = host
+
+
+def error_subject(exc: BaseException) -> str | None:
+    """What the one-line error body may add about `exc`: an EgressError's subject, or the name
+    that did not resolve (found in the chain of exceptions the transports wrapped it in)."""
+    if isinstance(exc, EgressError):
+        return exc.subject
+    current: BaseException | None = exc
+    for _ in range(6):
+        if current is None:
+            return None
+        if isinstance(current, NameNotResolved):
+            return f"{current.host} does not resolve: {current.strerror}"
+        # httpcore's pool re-raises with `raise exc from None`, which drops the cause its network
+        # backend (sidecar/guard.py) set but keeps it as the context. Only that explicit form is
+        # followed: an implicit context (an error raised while handling an earlier one, say a
+        # retry) is another failure, not this one's cause.
+        if current.__cause__ is None and current.__suppress_context__:
+            current = current.__context__
+        else:
+            current = current.__cause__
+    return None
+
+
 def _is_tls_failure(exc: BaseException) -> bool:
     seen: set[int] = set()
     current: BaseException | None = exc

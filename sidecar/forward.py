@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from sidecar.cycle import BODY_READY, ProxyCycle
-from sidecar.errors import ClientDisconnected, EgressError, classify, error_head
+from sidecar.errors import ClientDisconnected, EgressError, classify, error_head, error_subject
 from sidecar.framing import request_framing
 from sidecar.headers import (
     downstream_response_headers,
@@ -229,7 +229,7 @@ class ForwardApp:
             target = active.router.resolve(scope) if self.resolve is None else self.resolve(scope)
             route = target.route
             exchange.route = route.name if route is not None else "-"
-            exchange.upstream = f"{target.host}:{target.port}"
+            exchange.upstream = target.endpoint
             exchange.path = target.path
             if route is None and target.host in active.policy.identity_hosts:  # policy.metadata: identity
                 active.policy.check_identity(target, scope["method"], target.path, headers)
@@ -289,7 +289,7 @@ class ForwardApp:
                 exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, str(exc)
                 return
             kind = classify(exc)
-            subject = exc.subject if isinstance(exc, EgressError) else None
+            subject = error_subject(exc)
             if isinstance(exc, PolicyDenied):
                 exchange.reason = exc.reason
                 exchange.would_deny = None  # refused after all (address rules at connect): a denial

@@ -46,7 +46,7 @@ class GuardedBackend(AsyncNetworkBackend):
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
         except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from exc
         last_error: Exception = httpcore.ConnectError(f"no address for {host}")
         for index, address in enumerate(addresses):
             remaining = None if deadline is None else deadline - loop.time()

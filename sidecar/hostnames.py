@@ -19,6 +19,12 @@ from sidecar.addresses import parse_ip_literal
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 
+def endpoint(host: str, port: int) -> str:
+    """`host:port` as labels and log lines show it, an IPv6 address in brackets (RFC 3986 3.2.2):
+    `[::1]:8443`, not the ambiguous `::1:8443`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def canonical_host(host: str) -> str:
     """The canonical form of a host: a checked ASCII name, or an IP literal's compressed form.
 

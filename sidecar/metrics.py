@@ -35,6 +35,7 @@ import sidecar
 from sidecar.breaker import STATE_VALUES
 from sidecar.config import Config
 from sidecar.errors import TUNNEL_REFUSALS
+from sidecar.policy import REASONS as DENIAL_REASONS
 
 if TYPE_CHECKING:
     from sidecar.observe import Exchange
@@ -341,8 +342,9 @@ class Metrics:
         self._would_deny: dict[tuple[str, str], int] = {}  # (upstream, reason)
         # Known label values start at 0 (Prometheus' advice), so rate() sees the first denial and
         # the dashboard's denial panel shows 0 rather than "no data" on a quiet day.
-        for kind in sorted(DENIALS):
-            self._denied[("-", kind)] = 0
+        # The series are the policy's named reasons (what `reason` is at a denial), not the kinds.
+        for reason in sorted(DENIAL_REASONS):
+            self._denied[("-", reason)] = 0
         registry.register(_Families(self))
         self._tunnels: dict[tuple[str, str], int] = {}  # (upstream, outcome)
         self._tunnel_bytes: dict[tuple[str, str], int] = {}  # (upstream, direction)

@@ -39,7 +39,7 @@ from sidecar.addresses import (
     parse_network,
 )
 from sidecar.config import Config, is_loopback_host
-from sidecar.errors import EgressError
+from sidecar.errors import EgressError, NameNotResolved
 from sidecar.hostnames import HostPatterns, canonical_host
 
 DenialKind = Literal["denied_host", "denied_ip", "denied_port"]
@@ -286,8 +286,8 @@ class EgressPolicy:
         """The checked addresses to connect to for `host:port`; raise PolicyDenied if ANY is denied.
 
         Static `resolve:` entries first, then the system resolver (`loop.getaddrinfo`).
-        A resolver failure raises OSError (socket.gaierror); the transport maps it to a
-        connect error.
+        A resolver failure raises NameNotResolved (an OSError); the transport maps it to a
+        connect error whose body names the name.
         """
         try:
             canonical = canonical_host(host)
@@ -302,9 +302,12 @@ class EgressPolicy:
         elif canonical in self._static:
             addresses = self._static[canonical]
         else:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                canonical, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-            )
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    canonical, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                )
+            except socket.gaierror as exc:
+                raise NameNotResolved(canonical, exc) from exc
             found: dict[IPAddress, None] = {}
             for _family, _type, _proto, _name, sockaddr in infos:
                 found[ipaddress.ip_address(sockaddr[0])] = None

@@ -19,6 +19,7 @@ from sidecar import log as log_module
 from sidecar.breaker import CLOSED, FAILURE_KINDS, OPEN, Breaker, Breakers, is_failure_status
 from sidecar.config import Config
 from sidecar.errors import EgressError, classify
+from sidecar.hostnames import endpoint
 from sidecar.retry import Clock, ReplayableBody, RetryPolicy
 from sidecar.routing import CompiledRoute
 from sidecar.shedding import Shedding
@@ -59,7 +60,7 @@ class Resilience:
             retries, breaker_config = route.config.retries, route.config.circuit_breaker
             retry = RetryPolicy(retries, clock) if retries is not None and retries.attempts > 0 else None
             breaker = (
-                self.breakers.add(f"{route.host}:{route.port}", breaker_config) if breaker_config is not None else None
+                self.breakers.add(endpoint(route.host, route.port), breaker_config) if breaker_config is not None else None
             )
             if breaker is not None:
                 breaker.on_change = self._breaker_changed

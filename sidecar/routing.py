@@ -23,7 +23,7 @@ from httpx._urlparse import ParseResult
 
 from sidecar.config import Config, Route, Timeouts
 from sidecar.errors import EgressError
-from sidecar.hostnames import HostPatterns, canonical_host
+from sidecar.hostnames import HostPatterns, canonical_host, endpoint
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # A host as it may appear in Host or an absolute URI: a DNS-ish name or an IPv4 literal in any
@@ -65,6 +65,11 @@ class Target:
     def authority(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        """`host:port` as labels and log lines show it: `[::1]:8443`, not the ambiguous `::1:8443`."""
+        return endpoint(self.host, self.port)
 
     def url_parts(self) -> ParseResult:
         """httpx's parsed-URL tuple, built without re-parsing or re-quoting the app's bytes."""

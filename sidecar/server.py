@@ -2,7 +2,9 @@
 
 Drain (SIGTERM or SIGINT): /readyz turns 503 at once; requests keep being served; when
 nothing is in flight (or `drain.grace` has passed, whichever is first) the data listener
-stops, the upstream pool is closed and the process exits 0. A second signal exits at once.
+stops, the upstream pool is closed and the process exits 0. A second signal exits at once
+with 128 + its number (sidecar.lifecycle). Log lines: starting, started (ready), draining,
+stopped; uvicorn's own are silenced.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import os
 import signal
 import time
 from typing import Any
@@ -17,12 +20,14 @@ from typing import Any
 import uvicorn
 import uvloop
 
-from sidecar import limits
+import sidecar
+from sidecar import lifecycle, limits
 from sidecar import log as log_module
 from sidecar.accept import BurstAcceptor
 from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
 from sidecar.forward import ForwardApp
+from sidecar.hostnames import endpoint
 from sidecar.policy import exposure_warnings
 from sidecar.reload import Reloader
 from sidecar.runtime import Runtime, build_runtime
@@ -78,6 +83,7 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
                 config_path: str | None = None) -> int:
     log = log_module.get("egress.server")
     started = time.perf_counter()
+    log.info("starting", version=sidecar.__version__, pid=os.getpid())
     runtime = runtime or build_runtime(config, contexts=contexts)
     data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
                                             limits.observer_report(runtime.observer, "-"), config.listen.http,
@@ -87,7 +93,7 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     except OSError as exc:
         log.error("startup_failed", transparent=f"127.0.0.1/::1:{config.listen.transparent_port}", error=str(exc))
         await runtime.upstream.aclose()
-        return 1
+        return lifecycle.EXIT_STARTUP_FAILED
     admin = SignalFreeServer(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config,
                                              limits.observer_report(runtime.observer, "admin")))
     loop = asyncio.get_running_loop()
@@ -97,9 +103,12 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     def on_signal(signum: int) -> None:
         nonlocal signals_seen
         signals_seen += 1
-        if signals_seen > 1:
-            data.force_exit = admin.force_exit = True
-            data.should_exit = admin.should_exit = True
+        if signals_seen > 1:  # the operator insists: no drain, no wait for streams
+            code = lifecycle.forced_exit_code(signum)
+            log.warning("forced_exit", signal=signal.Signals(signum).name, in_flight=runtime.in_flight,
+                        exit_code=code)
+            log_module.flush()
+            lifecycle.exit_now(code)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -107,22 +116,24 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     reloader = Reloader(runtime, config_path, on_applied=[functools.partial(_apply_limits, data)])
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
 
-    data_task = asyncio.create_task(data.serve())
-    admin_task = asyncio.create_task(admin.serve())
-    servers, tasks = [data, admin], [data_task, admin_task]
-    if captured is not None:
-        servers.append(captured[0])
-        tasks.append(asyncio.create_task(captured[0].serve(sockets=captured[1])))
-    while not all(server.started for server in servers):
-        if any(task.done() for task in tasks):
-            for server in servers:
-                server.should_exit = True
-            await asyncio.gather(*tasks, return_exceptions=True)
-            log.error("startup_failed", listen=f"{config.listen.host}:{config.listen.port}",
-                      admin=f"{config.admin.host}:{config.admin.port}")
-            await runtime.upstream.aclose()
-            return 1
-        await asyncio.sleep(0.005)
+    with lifecycle.StartupErrors() as startup_errors:  # uvicorn's bind errors go into our one line
+        data_task = asyncio.create_task(lifecycle.serve(data))
+        admin_task = asyncio.create_task(lifecycle.serve(admin))
+        servers, tasks = [data, admin], [data_task, admin_task]
+        if captured is not None:
+            servers.append(captured[0])
+            tasks.append(asyncio.create_task(lifecycle.serve(captured[0], sockets=captured[1])))
+        while not all(server.started for server in servers):
+            if any(task.done() for task in tasks):
+                for server in servers:
+                    server.should_exit = True
+                await asyncio.gather(*tasks, return_exceptions=True)
+                log.error("startup_failed", error="; ".join(startup_errors.messages) or "a listener stopped",
+                          listen=endpoint(config.listen.host, config.listen.port),
+                          admin=endpoint(config.admin.host, config.admin.port))
+                await runtime.upstream.aclose()
+                return lifecycle.EXIT_STARTUP_FAILED
+            await asyncio.sleep(0.005)
     # With port 0 the real ports are known only now; the policy denies them under any spelling.
     hosts = [config.listen.host, config.admin.host]
     for index, server in enumerate(servers):
@@ -136,8 +147,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     runtime.ready = True
     log.info(
         "started",
-        listen=f"{config.listen.host}:{config.listen.port}",
-        admin=f"{config.admin.host}:{config.admin.port}",
+        listen=endpoint(config.listen.host, config.listen.port),
+        admin=endpoint(config.admin.host, config.admin.port),
         routes=[route.name for route in config.routes],
         policy=config.policy.default,
         ready_seconds=round(time.perf_counter() - started, 4),
@@ -148,8 +159,9 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
 
     stop_wait = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stop_wait, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    drain, cut = "none", 0
     if stop_wait in done:
-        await _drain(runtime, data, float(runtime.config.drain.grace), log)
+        drain, cut = await _drain(runtime, data, float(runtime.config.drain.grace), log)
     loop.remove_signal_handler(signal.SIGHUP)
     if runtime.tunnels is not None:
         runtime.tunnels.close_all("drained")  # uvicorn's shutdown does not know them
@@ -163,7 +175,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     await runtime.upstream.aclose()
     admin.should_exit = True
     await admin_task
-    log.info("stopped")
+    # One line for the whole stop: how the drain ended and how many requests it had to cut.
+    (log.warning if drain == "grace_expired" else log.info)("stopped", drain=drain, in_flight_cut=cut)
     return 0
 
 
@@ -226,19 +239,22 @@ def _tune_gc() -> None:
     gc.set_threshold(_GC_YOUNG, 10, 10)
 
 
-async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: Any) -> None:
+async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: Any) -> tuple[str, int]:
+    """Serve on, not ready, until idle or `grace`; returns (`complete` or `grace_expired`, requests left)."""
     runtime.draining = True
     log.info("draining", in_flight=runtime.in_flight, grace_seconds=grace)
+    outcome = "complete"
     try:
         await asyncio.wait_for(runtime.idle.wait(), timeout=grace)
-        log.info("drained", in_flight=0)
     except TimeoutError:
-        log.warning("drain_grace_expired", in_flight=runtime.in_flight)
+        outcome = "grace_expired"
     runtime.stopping = True
+    return outcome, runtime.in_flight
 
 
 def run(config: Config, contexts: TLSContexts | None = None, config_path: str | None = None) -> int:
     """Entry point of `egress-sidecar run`; `contexts`: TLS contexts already being built (sidecar.tls);
     `config_path`: the file to watch and reload (None: SIGHUP re-reads the defaults and environment)."""
     log_module.configure(config.log)
+    lifecycle.quiet_uvicorn()
     return uvloop.run(serve(config, contexts=contexts, config_path=config_path))

@@ -75,7 +75,8 @@ def test_drain_finishes_streams_serves_new_requests_then_exits_zero(
     assert sidecar.proc.wait(15) == 0
     assert time.monotonic() - signalled < 15  # exited once idle, not at the end of the 20 s grace
     events = [e.get("event") for e in sidecar.logs()]
-    assert "draining" in events and "drained" in events and "stopped" in events
+    assert "draining" in events and "stopped" in events
+    assert sidecar.wait_log(lambda e: e.get("event") == "stopped")["drain"] == "complete"
 
 
 def test_drain_grace_expiry_cuts_streams_and_exits_zero(

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-_TREE = ("sidecar", "tests", "bench", "pyproject.toml", "Makefile")
+_TREE = ("sidecar", "tests", "bench", "scripts", "examples", "pyproject.toml", "Makefile")
 
 
 @pytest.fixture(scope="module")

@@ -157,3 +157,9 @@ def test_an_allowed_host_the_deny_list_covers_is_refused(allow: list[str], deny:
 )
 def test_allow_and_deny_that_overlap_only_in_part_are_fine(allow: list[str], deny: list[str]) -> None:
     cfg.from_mapping({"policy": {"allow_hosts": allow, "deny_hosts": deny}})
+
+
+def test_a_plain_http_host_the_deny_list_covers_is_refused() -> None:
+    with pytest.raises(cfg.ConfigError, match=r"never apply.*\$\.policy\.plain_http_hosts\[1\]"):
+        cfg.from_mapping({"policy": {"plain_http_hosts": ["ok.test", "legacy.corp.test"],
+                                     "deny_hosts": ["*.corp.test"]}})

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 import httpx
 import pytest
 
 from sidecar import config as cfg
-from sidecar.errors import ERRORS, EgressError, classify, error_head
+from sidecar.errors import ERRORS, EgressError, NameNotResolved, classify, error_head, error_subject
 from sidecar.forward import ForwardApp
 from sidecar.runtime import build_runtime
 
@@ -77,3 +78,39 @@ def test_draining_sidecar_answers_503_draining() -> None:
     sent = asyncio.run(scenario())
     assert sent[0]["status"] == 503
     assert (b"x-egress-error", b"draining") in sent[0]["headers"]
+
+
+def test_a_name_that_did_not_resolve_is_a_connect_error_whose_body_says_so() -> None:
+    resolver = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    cause = NameNotResolved("api.example.com", resolver)
+    try:
+        try:
+            raise cause
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot resolve api.example.com: {exc}") from exc
+    except httpx.ConnectError as wrapped:
+        assert classify(wrapped) == "connect_error"
+        assert error_subject(wrapped) == "api.example.com does not resolve: Name or service not known"
+    assert error_subject(httpx.ConnectError("refused")) is None
+    assert error_subject(EgressError("no_route", subject="x")) == "x"
+
+
+def test_the_resolver_error_is_found_through_a_re_raise_from_none_but_not_an_implicit_context() -> None:
+    unresolved = NameNotResolved("gone.test", socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    try:
+        try:
+            try:
+                raise unresolved
+            except OSError as exc:
+                raise httpx.ConnectError("cannot resolve gone.test") from exc
+        except httpx.ConnectError as exc:
+            raise exc from None  # what httpcore's pool does
+    except httpx.ConnectError as reraised:
+        assert error_subject(reraised) == "gone.test does not resolve: Name or service not known"
+    try:
+        try:
+            raise unresolved
+        except OSError:
+            raise httpx.ConnectError("127.0.0.1:1: connection refused")  # noqa: B904 - the case under test
+    except httpx.ConnectError as later:
+        assert error_subject(later) is None

@@ -19,6 +19,7 @@ from sidecar.config import Config, Log, Metrics
 from sidecar.metrics import BUCKETS
 from sidecar.metrics import Metrics as Metrics_
 from sidecar.observe import Exchange, Observer
+from sidecar.policy import REASONS
 from tests.prometheus import promtool_check
 
 
@@ -57,6 +58,14 @@ def test_denials_count_by_reason_and_as_errors() -> None:
     assert sample(obs, "egress_errors_total", route="-", upstream="169.254.169.254:80", kind="denied_ip") == 1
     assert sample(obs, "egress_requests_total", route="gh", upstream="evil.example:443", method="GET",
                   code="403") == 1
+
+
+def test_denial_series_start_at_zero_for_every_named_reason_and_no_kind() -> None:
+    obs = observer()
+    for reason in ("loopback", "metadata", "private", "link_local", "listener", "host_denied", "not_allowed"):
+        assert sample(obs, "egress_denied_total", route="-", reason=reason) == 0
+    for kind in ("denied_host", "denied_ip"):  # error kinds, never a reason a denial is counted under
+        assert sample(obs, "egress_denied_total", route="-", reason=kind) is None
 
 
 def test_non_denial_errors_are_not_denials() -> None:
@@ -373,8 +382,7 @@ def test_known_exchanges_give_these_counts_sums_and_counters() -> None:
     assert value("egress_errors_total", kind="connect_error") == 1
     assert value("egress_errors_total", kind="denied_host") == 1
     denied = {(s.labels["route"], s.labels["reason"]): s.value for s in families["egress_denied"].samples}
-    assert denied == {("-", "denied_host"): 0, ("-", "denied_ip"): 0, ("-", "denied_port"): 0,
-                      ("gh", "denied_host"): 1}
+    assert denied == {**{("-", reason): 0 for reason in REASONS}, ("gh", "denied_host"): 1}
     assert [s.value for s in families["egress_requests_in_flight"].samples] == [3]
     # No `_created` series, in either format.
     assert "_created" not in body.decode()
