@@ -44,8 +44,8 @@ from http import HTTPStatus
 from typing import Any, ClassVar
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from sidecar._compat.uvicorn import HttpToolsProtocol, adopt
 from sidecar.config import Limits
 from sidecar.cycle import ProxyCycle
 from sidecar.errors import ERRORS, error_head
@@ -212,9 +212,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not previous and cycle is not None:
-            # uvicorn builds its RequestResponseCycle by name inside on_headers_complete; the
-            # request's task has not run yet, so changing the class here is all it takes.
-            cycle.__class__ = ProxyCycle
+            adopt(cycle, ProxyCycle)  # uvicorn built its own cycle by name: make it ours
 
     # -- refusing --------------------------------------------------------------------------
     def _cancel_head_timer(self) -> None:

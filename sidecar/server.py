@@ -8,7 +8,6 @@ stops, the upstream pool is closed and the process exits 0. A second signal exit
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import signal
 import time
@@ -19,6 +18,7 @@ import uvloop
 
 from sidecar import limits
 from sidecar import log as log_module
+from sidecar._compat.uvicorn import SignalFreeServer, protocol_factory
 from sidecar.accept import BurstAcceptor
 from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
@@ -31,15 +31,6 @@ from sidecar.tls import TLSContexts
 _FORCE_CLOSE_AFTER = 1
 # Allocations between young collections (CPython's default: 700); see _tune_gc.
 _GC_YOUNG = 10_000
-
-
-class SignalFreeServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to us: one process, two listeners, one drain."""
-
-    def capture_signals(self) -> Any:
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 def _uvicorn_config(
@@ -135,10 +126,7 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
 
 def _burst_acceptor(server: SignalFreeServer) -> BurstAcceptor:
     """Accept bursts of new connections at once on the data listener (see accept.py)."""
-    config = server.config
-    protocol: Any = config.http_protocol_class  # uvicorn's protocols take these keywords
-    acceptor = BurstAcceptor(functools.partial(
-        protocol, config=config, server_state=server.server_state, app_state=server.lifespan.state))
+    acceptor = BurstAcceptor(protocol_factory(server))
     for listener in server.servers:
         for sock in listener.sockets:
             acceptor.watch(sock)

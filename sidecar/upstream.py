@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from sidecar._compat.httpcore import pool_counts
 from sidecar.config import TLS, Config
 from sidecar.routing import CompiledRoute
 from sidecar.tls import TLSContexts, default_pool, route_pool
@@ -86,13 +87,10 @@ class _DeferredTransport(httpx.AsyncBaseTransport):
         closing.add_done_callback(self._abandoned.discard)
 
     def pool_stats(self) -> tuple[int, int]:
-        """(active, idle), read through httpcore's pool (`_pool.connections`, `is_idle()`/`is_closed()`)."""
+        """(active, idle), read through httpcore's pool (see sidecar/_compat/httpcore.py)."""
         if self._inner is None:
             return 0, 0
-        connections = self._inner._pool.connections  # type: ignore[attr-defined]
-        idle = sum(1 for c in connections if c.is_idle())
-        closed = sum(1 for c in connections if c.is_closed())
-        return len(connections) - idle - closed, idle
+        return pool_counts(self._inner)
 
     async def aclose(self) -> None:
         for pending in list(self._abandoned):

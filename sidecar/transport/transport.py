@@ -22,10 +22,10 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 
+from sidecar._compat.httpx import build_response, in_memory_body
 from sidecar.transport import wire
 from sidecar.transport.connect import Resolve, Trace, open_connection
 from sidecar.transport.connection import DISCONNECTED, Connection, ServerDisconnected
@@ -233,31 +233,6 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         )
 
 
-def build_response(
-    status: int, headers: list[tuple[bytes, bytes]], stream: httpx.AsyncByteStream, extensions: dict[str, Any],
-) -> httpx.Response:
-    """The `httpx.Response(status, headers=..., stream=..., extensions=...)` the constructor would
-    build, without its per-header normalisation (~3 us for ten headers): httptools hands names and
-    values as bytes, so only the lower-cased name is missing. tests/unit/test_transport_wire.py
-    checks the result equals the constructor's, attribute for attribute."""
-    response = httpx.Response.__new__(httpx.Response)
-    response.status_code = status
-    response_headers = httpx.Headers.__new__(httpx.Headers)
-    response_headers._list = [(name, name.lower(), value) for name, value in headers]
-    response_headers._encoding = None
-    response.headers = response_headers
-    response._request = None
-    response.next_request = None
-    response.extensions = extensions
-    response.history = []
-    response.is_closed = False
-    response.is_stream_consumed = False
-    response.default_encoding = "utf-8"
-    response.stream = stream
-    response._num_bytes_downloaded = 0
-    return response
-
-
 class _Outgoing:
     """A request made ready for the wire once, so a retry sends the very same bytes."""
 
@@ -285,7 +260,7 @@ async def _prepare(request: httpx.Request) -> _Outgoing:
     """
     headers = request.headers.raw
     framing, length = wire.body_framing(headers)
-    body = _in_memory_body(request.stream)
+    body = in_memory_body(request.stream)
     stream: AsyncIterator[bytes] | None = None
     first = b""
     extra: tuple[bytes, bytes] | None = None
@@ -391,19 +366,6 @@ async def _send_stream(
     elif sent != length:
         raise httpx.LocalProtocolError("request body is shorter than its Content-Length")
     conn.request_sent = True
-
-
-def _in_memory_body(stream: object) -> bytes | None:
-    """The body when it is already bytes in memory (httpx.ByteStream), else None.
-
-    httpx builds a ByteStream for `content=bytes` and for no content at all; reading its
-    bytes directly lets head and body leave in one write and makes the body replayable.
-    """
-    if type(stream) is httpx.ByteStream:
-        data = getattr(stream, "_stream", None)
-        if isinstance(data, bytes):
-            return data
-    return None
 
 
 class ResponseStream(httpx.AsyncByteStream):

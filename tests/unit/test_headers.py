@@ -57,19 +57,3 @@ def test_downstream_headers_drop_hop_by_hop_keep_the_rest() -> None:
                (b"Transfer-Encoding", b"chunked"), (b"Set-Cookie", b"b=2"), (b"Content-Encoding", b"gzip")]
     assert downstream_response_headers(headers) == [
         (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"Content-Encoding", b"gzip")]
-
-
-def test_fast_request_equals_httpx_request() -> None:
-    import httpx
-
-    from sidecar.forward import build_request
-
-    headers = [(b"host", b"api.example.com"), (b"x-a", b"1"), (b"x-a", b"2"), (b"content-type", b"text/plain")]
-    url = httpx.URL("https://api.example.com/x?y=1")
-    stream = httpx.ByteStream(b"")
-    fast = build_request("POST", url, headers, stream, {"timeout": {}})
-    slow = httpx.Request("POST", url, headers=headers, stream=stream, extensions={"timeout": {}})
-    assert (fast.method, fast.url, fast.headers.raw, fast.extensions) == (
-        slow.method, slow.url, slow.headers.raw, slow.extensions)
-    assert fast.headers.get_list("x-a") == ["1", "2"] and fast.headers["Content-Type"] == "text/plain"
-    assert fast.headers.multi_items() == slow.headers.multi_items()

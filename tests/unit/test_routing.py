@@ -56,7 +56,8 @@ def test_forward_form_from_host_header_originates_tls() -> None:
     target = ROUTER.resolve(scope(b"/x", host=b"API.Example.COM."))
     assert (target.route, target.scheme, target.host, target.port, target.path) == (
         None, "https", "api.example.com", 443, "/x")
-    assert target.url_parts().port is None
+    assert target.url().port is None
+    assert str(target.url()) == "https://api.example.com/x"
 
 
 def test_forward_form_keeps_an_explicit_non_80_port() -> None:
