@@ -21,7 +21,7 @@ import msgspec
 from sidecar import log as log_module
 
 if TYPE_CHECKING:
-    from sidecar.observe import Exchange
+    from sidecar.exchange import Exchange
 
 
 def _ms(start: float, end: float) -> float | None:

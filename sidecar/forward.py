@@ -21,6 +21,7 @@ import httpx
 from sidecar._compat.httpx import build_request
 from sidecar.cycle import BODY_READY, ProxyCycle
 from sidecar.errors import ClientDisconnected, EgressError, classify, error_head
+from sidecar.exchange import Exchange
 from sidecar.headers import (
     body_framing,
     downstream_response_headers,
@@ -29,9 +30,7 @@ from sidecar.headers import (
     request_id_of,
     upstream_request_headers,
 )
-from sidecar.observe import Exchange
 from sidecar.policy import PolicyDenied
-from sidecar.resilience import send_resilient
 from sidecar.runtime import Runtime
 from sidecar.shedding import Gate
 
@@ -231,7 +230,7 @@ class ForwardApp:
                 body if body is not None else _EMPTY_BODY,
                 extensions,
             )
-            response = await send_resilient(runtime, request, route, exchange.mark_sent)
+            response = await runtime.sender.send(request, route, exchange.mark_sent)
             exchange.headers = time.perf_counter()
         except asyncio.CancelledError:
             watch.stop()

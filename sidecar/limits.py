@@ -49,7 +49,8 @@ from sidecar._compat.uvicorn import HttpToolsProtocol, adopt
 from sidecar.config import Limits
 from sidecar.cycle import ProxyCycle
 from sidecar.errors import ERRORS, error_head
-from sidecar.observe import Exchange, Observer
+from sidecar.exchange import Exchange
+from sidecar.observe import Observer
 
 # report(kind, method, target, detail): called once per refused request or connection.
 Report = Callable[[str, str, str, str], None]

@@ -36,7 +36,7 @@ from sidecar.breaker import STATE_VALUES
 from sidecar.config import Config
 
 if TYPE_CHECKING:
-    from sidecar.observe import Exchange
+    from sidecar.exchange import Exchange
 
 # Seconds. A proxy's latencies span loopback connects (~0.1 ms, all in the first bucket),
 # TLS handshakes and typical API calls (5-500 ms), up to long downloads and read timeouts

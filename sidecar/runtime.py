@@ -9,7 +9,7 @@ from sidecar.config import Config
 from sidecar.credentials import injected_headers
 from sidecar.observe import Observer
 from sidecar.policy import EgressPolicy
-from sidecar.resilience import Resilience
+from sidecar.resilience import Resilience, ResilientSender
 from sidecar.routing import Router, compile_route
 from sidecar.tls import TLSContexts
 from sidecar.upstream import Upstream
@@ -23,6 +23,7 @@ class Runtime:
     upstream: Upstream
     observer: Observer
     resilience: Resilience
+    sender: ResilientSender  # upstream.send under each route's resilience rules
     in_flight: int = 0
     draining: bool = False  # SIGTERM seen: not ready, still serving
     stopping: bool = False  # grace over or nothing in flight: new requests get 503 draining
@@ -46,17 +47,17 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
     ]
     policy = EgressPolicy.from_config(config)
     upstream = Upstream(config, routes, resolve=policy.resolve, contexts=contexts)
+    resilience = Resilience(config, routes)
+    if observer is None:
+        observer = Observer(config, upstream.pool_stats, resilience.breakers.states, upstream.abandoned_counts)
     runtime = Runtime(
         config=config,
         router=Router(config, routes),
         policy=policy,
         upstream=upstream,
-        observer=observer or Observer(config, upstream.pool_stats),
-        resilience=Resilience(config, routes),
+        observer=observer,
+        resilience=resilience,
+        sender=ResilientSender(resilience.plans, upstream.send, observer.retried),
     )
-    metrics = getattr(runtime.observer, "metrics", None)
-    if metrics is not None:
-        metrics.watch_breakers(runtime.resilience.breakers.states)
-        metrics.watch_abandoned(upstream.abandoned_counts)
     runtime.idle.set()
     return runtime
