@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from sidecar.transport.connection import Connection
-from sidecar.transport.pool import Origin
+from sidecar.transport.origin import Origin
 
 Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 Trace = Callable[[str, dict[str, Any]], Awaitable[None]]

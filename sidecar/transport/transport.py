@@ -29,7 +29,8 @@ from sidecar._compat.httpx import build_response, in_memory_body
 from sidecar.transport import wire
 from sidecar.transport.connect import Resolve, Trace, open_connection
 from sidecar.transport.connection import DISCONNECTED, Connection, ServerDisconnected
-from sidecar.transport.pool import Origin, OriginKey, Pool, PoolClosed, PoolWaitTimeout
+from sidecar.transport.origin import Origin, OriginKey
+from sidecar.transport.pool import Pool, PoolClosed, PoolWaitTimeout
 from sidecar.transport.salvage import SALVAGE_BYTES, SALVAGE_CONTENDED, SALVAGE_TIMEOUT, Salvage
 
 _DEFAULT_PORTS = {b"https": 443, b"http": 80}
@@ -76,7 +77,8 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         self._ssl_context = ssl_context
         self._resolve = resolve
         self._retry_stale = retry_stale
-        self._pool = Pool(max_connections, max_connections if max_idle is None else max_idle, keepalive_expiry)
+        self._pool: Pool[Connection] = Pool(
+            max_connections, max_connections if max_idle is None else max_idle, keepalive_expiry)
         self._salvage = Salvage(self._pool, salvage_bytes, salvage_timeout, salvage_contended)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -131,7 +133,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
     def _origin(self, request: httpx.Request) -> Origin:
         url = request.url
         key: OriginKey = (url.raw_scheme, url.raw_host, url.port)
-        origin = self._pool.origins.get(key)
+        origin = self._pool.origin(key)
         if origin is None:
             scheme, host, port = key
             if scheme not in _DEFAULT_PORTS:
@@ -171,7 +173,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
                     return granted, True, waited
                 pool.reclaim(granted)  # dead (or we need a fresh one): its slot is ours
         conn = Connection(loop, origin)
-        conn.pooled = True
+        pool.adopt(conn)  # it holds the slot reserved above
         try:
             await open_connection(conn, origin, self._ssl_context, self._resolve, timeouts.get("connect"), trace)
         except BaseException:
