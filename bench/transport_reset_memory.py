@@ -37,7 +37,7 @@ import trustme
 import uvloop
 
 from sidecar.transport.transport import HTTP11Transport
-from tests.upstream import UpstreamServer
+from tests.servers.upstream import UpstreamServer
 
 WARM_UP, COUNT, SECONDS = 300, int(os.environ.get("BENCH_COUNT", "20000")), 90.0
 TIMEOUTS = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}

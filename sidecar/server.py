@@ -141,7 +141,7 @@ def _tune_gc() -> None:
     requests allocated. Young collections run every `_GC_YOUNG` allocations instead of 700:
     with 256 requests in flight their objects survived the young collections and were
     promoted, and full collections took ~9 % of the CPU (py-spy, c256). The data path makes
-    no reference cycles (tests/e2e/test_transport_memory.py runs it with the collector off),
+    no reference cycles (tests/transport/test_memory.py runs it with the collector off),
     so collecting less often holds back little memory.
     """
     gc.collect()

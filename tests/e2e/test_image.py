@@ -22,7 +22,7 @@ import trustme
 from tests.conftest import free_port
 from tests.e2e.k8s_support import documents, injector_settings, render
 from tests.processes import stop_process
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")

@@ -16,7 +16,7 @@ from sidecar import config as cfg
 from sidecar.observe import Observer
 from sidecar.runtime import build_runtime
 from tests.conftest import base_config
-from tests.upstream import ResettingServer, Upstream
+from tests.servers.upstream import ResettingServer, Upstream
 
 
 class Recording(Observer):
