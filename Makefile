@@ -68,6 +68,11 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check sidecar tests bench
 	$(VENV)/bin/mypy --strict sidecar
 
+# Mutation testing of the pure modules with only the unit tests (mutmut, scripts/mutation.py):
+# prints the score per module. CPU-heavy and slow, so not part of `make test`; MODULES picks some.
+mutation: $(DEV_STAMP) compile
+	$(PY) scripts/mutation.py $(MODULES)
+
 # Pin the exact versions of everything this venv holds (runtime, test, dev and bench extras),
 # after an upgrade passed `make test` and tests/unit/test_compat_contract.py (issue 14).
 constraints: $(DEV_STAMP) $(BENCH_STAMP)

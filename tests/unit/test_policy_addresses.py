@@ -127,3 +127,18 @@ def test_mapped_form_is_judged_like_the_ipv4(value: int) -> None:
     v4 = ipaddress.IPv4Address(value)
     mapped = ipaddress.IPv6Address(f"::ffff:{v4}")
     assert denial_reason(mapped) == denial_reason(v4)
+
+
+@pytest.mark.parametrize("broken", ["1.1.256.1", "1.256.1.1", "1.1.1.256", "1.65536.1", "1.1.65536", "0x100.1.1.1"])
+def test_out_of_range_parts_are_not_addresses(broken: str) -> None:
+    with pytest.raises(ValueError):
+        parse_ip_literal(broken)
+
+
+@pytest.mark.parametrize(("spelling", "expected"), [
+    ("1.1.255.1", "1.1.255.1"), ("1.255.65535", "1.255.255.255"), ("1.16777215", "1.255.255.255"),
+    ("0x", "0.0.0.0"), ("0x0a.0", "10.0.0.0"), ("012.0.0.1", "10.0.0.1"), ("4294967295", "255.255.255.255"),
+    ("1.1.1.1.", "1.1.1.1"),  # WHATWG drops one empty last part
+])
+def test_boundary_spellings_are_addresses(spelling: str, expected: str) -> None:
+    assert parse_ip_literal(spelling) == ipaddress.ip_address(expected)

@@ -157,3 +157,33 @@ def test_body_never_pulled_is_replayable_even_with_limit_zero() -> None:
     assert body.replayable  # a connect failure: nothing went out
     assert asyncio.run(_collect(body)) == b"x" * 100
     assert not body.replayable
+
+
+def test_budget_window_slides_bucket_by_bucket() -> None:
+    """Traffic spread over the window leaves it a bucket (window/10) at a time, not all at once."""
+    clock = Clock()
+    budget = Budget(RetryBudget(percent=10, window=Seconds(10), min_retries=0), clock)
+    start = clock.now
+    for second in range(10):  # 10 requests in each one-second bucket
+        clock.now = start + second
+        for _ in range(10):
+            budget.record_request()
+    clock.now = start + 9.5
+    assert sum(budget.try_acquire() for _ in range(20)) == 10  # 10 % of the 100 in the window
+    clock.now = start + 14.5  # the first five buckets (50 requests, no retries) left the window
+    assert sum(budget.try_acquire() for _ in range(20)) == 0  # 10 retries against 10 % of 50: none
+    clock.now = start + 19.5  # everything left: the retries too
+    assert not budget.try_acquire()
+    budget.record_request()
+    assert budget.try_acquire() and not budget.try_acquire()  # room while retries < 10 % of requests
+
+
+def test_budget_counts_requests_in_the_current_bucket_after_a_wrap() -> None:
+    clock = Clock()
+    budget = Budget(RetryBudget(percent=50, window=Seconds(1), min_retries=0), clock, buckets=2)
+    for _ in range(4):
+        budget.record_request()
+    clock.now += 1.0  # two buckets later the same ring entry is reused: it starts afresh
+    for _ in range(2):
+        budget.record_request()
+    assert sum(budget.try_acquire() for _ in range(5)) == 1

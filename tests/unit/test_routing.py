@@ -119,3 +119,67 @@ def test_host_normalisation() -> None:
     assert normalise_host("[::1]") == "::1"
     assert split_authority("[::1]:8080") == ("::1", 8080)
     assert split_authority("a.example") == ("a.example", None)
+
+
+def test_forward_proxy_requests_keep_their_query_string() -> None:
+    target = ROUTER.resolve(scope(b"/x/y", host=b"api.example.com", query=b"a=1&b=%20c"))
+    assert (target.path, target.query) == ("/x/y", "a=1&b=%20c")
+    assert str(target.url()) == "https://api.example.com/x/y?a=1&b=%20c"
+    absolute = ROUTER.resolve(scope(b"http://api.example.com/x", host=None, query=b"q"))
+    assert (absolute.path, absolute.query) == ("/x", "q")
+
+
+@pytest.mark.parametrize(("request_scope", "url"), [
+    (scope(b"/github/repos/x", query=b"y=1"), "https://api.github.com/repos/x?y=1"),
+    (scope(b"/github/v2/items"), "https://v2.example.com:8443/base/items"),
+    (scope(b"/x", host=b"api.example.com:8443"), "https://api.example.com:8443/x"),
+    (scope(b"/x", host=b"plain.example.com"), "http://plain.example.com/x"),
+    (scope(b"/x", host=b"plain.example.com:8080"), "http://plain.example.com:8080/x"),
+    (scope(b"/a%2Fb", host=b"[2001:db8::1]"), "https://[2001:db8::1]/a%2Fb"),
+])
+def test_the_url_handed_to_httpx(request_scope: dict[str, Any], url: str) -> None:
+    target = ROUTER.resolve(request_scope)
+    handed = target.url()
+    assert str(handed) == url
+    assert handed.raw_path == (target.path + (f"?{target.query}" if target.query is not None else "")).encode()
+
+
+def test_without_plain_http_hosts_every_destination_goes_out_over_tls() -> None:
+    config = cfg.from_mapping({})
+    router = Router(config, [])
+    for request_scope in (scope(b"/x", host=b"plain.example.com"), scope(b"http://plain.example.com/x", host=None),
+                          scope(b"/x", host=b"10.0.0.1:80")):
+        target = router.resolve(request_scope)
+        assert (target.scheme, target.port) == ("https", 443)
+
+
+def test_plain_http_hosts_match_exactly_or_by_suffix_only() -> None:
+    config = cfg.from_mapping({"policy": {"plain_http_hosts": ["plain.example.com", "*.internal.test"]}})
+    router = Router(config, [])
+    assert router.resolve(scope(b"/x", host=b"a.internal.test")).scheme == "http"
+    assert router.resolve(scope(b"/x", host=b"PLAIN.example.com.")).scheme == "http"
+    assert router.resolve(scope(b"/x", host=b"other.example.com")).scheme == "https"
+    assert router.resolve(scope(b"/x", host=b"internal.test.evil")).scheme == "https"
+
+
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]", "localhost.", "0.0.0.0", "[::]"]
+
+
+@pytest.mark.parametrize("name", LOOPBACK_NAMES)
+def test_each_loopback_name_on_the_listen_port_is_the_sidecar_itself(name: str) -> None:
+    host = (f"[{name.strip('[]')}]" if ":" in name else name).encode()
+    target = ROUTER.resolve(scope(b"/github/x", host=host + b":15001"))
+    assert target.route is not None and target.route.name == "github"
+    with pytest.raises(EgressError) as error:
+        ROUTER.resolve(scope(b"/x", host=host + b":15090"))  # the admin listener
+    assert error.value.kind == "loop"
+
+
+def test_a_routes_own_timeouts_override_the_global_ones() -> None:
+    config = cfg.from_mapping({
+        "timeouts": {"connect": "2s", "read": "7s", "write": "8s", "pool": "1s"},
+        "routes": [{"name": "r", "prefix": "/r", "upstream": "https://r.test", "timeouts": {"read": "30s"}}],
+    })
+    route = compile_route(config.routes[0], config)
+    assert route.timeouts == {"connect": 2.0, "read": 30.0, "write": 8.0, "pool": 1.0}
+    assert Router(config, [route]).default_timeouts == {"connect": 2.0, "read": 7.0, "write": 8.0, "pool": 1.0}

@@ -182,3 +182,33 @@ def test_response_keep_alive_reads_every_connection_header() -> None:
     assert wire.response_keep_alive("1.1", [(b"Connection", b"upgrade"), (b"connection", b"close")]) is False
     assert wire.response_keep_alive("1.0", [(b"CONNECTION", b" Keep-Alive ")]) is True
     assert wire.response_keep_alive("1.1", []) is True
+
+
+# RFC 9110 9.2.2, one test per row: only these are sent again after the keep-alive race.
+IDEMPOTENT = ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"]
+
+
+def test_the_idempotent_methods_are_exactly_rfc_9110s() -> None:
+    assert wire.IDEMPOTENT_METHODS == frozenset(IDEMPOTENT)
+
+
+@pytest.mark.parametrize("method", [*IDEMPOTENT, "POST", "PATCH", "CONNECT", "PROPFIND"])
+def test_each_method_is_retried_after_the_race_only_if_idempotent(method: str) -> None:
+    assert wire.may_retry_on_fresh(method, True, False, True, True, False) is (method in IDEMPOTENT)
+
+
+@pytest.mark.parametrize("name", [b"accept-charset", b"x-forwarded-proto", b"content-lengthx", b"transfer-encodin"])
+def test_framing_ignores_other_names_of_the_framing_headers_lengths(name: bytes) -> None:
+    # 14 and 17 bytes, the lengths of content-length and transfer-encoding, and one either side
+    assert wire.body_framing([(name, b"5")]) == (None, -1)
+
+
+def test_framing_reads_the_names_in_any_case() -> None:
+    assert wire.body_framing([(b"Content-Length", b"7")]) == (wire.Framing.LENGTH, 7)
+    assert wire.body_framing([(b"TRANSFER-ENCODING", b"chunked")]) == (wire.Framing.CHUNKED, -1)
+
+
+def test_method_bytes_of_every_known_method() -> None:
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"):
+        assert wire.method_bytes(method) == method.encode()
+    assert wire.method_bytes("PROPFIND") == b"PROPFIND"
