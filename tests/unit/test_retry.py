@@ -187,3 +187,59 @@ def test_budget_counts_requests_in_the_current_bucket_after_a_wrap() -> None:
     for _ in range(2):
         budget.record_request()
     assert sum(budget.try_acquire() for _ in range(5)) == 1
+
+
+def test_budget_has_ten_buckets_per_window() -> None:
+    clock = Clock()
+    clock.now = 0.95  # bucket 0 of a 10 s window (1 s buckets); with 11 it would be bucket 1
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), clock)
+    budget.record_request()
+    clock.now = 10.5  # bucket 0 has left the window
+    assert not budget.try_acquire()
+
+
+def test_budget_window_of_under_a_second_keeps_its_own_length() -> None:
+    clock = Clock()
+    clock.now = 0.0
+    budget = Budget(RetryBudget(percent=100, window=Seconds(0.5), min_retries=0), clock)
+    budget.record_request()
+    clock.now = 0.55
+    assert not budget.try_acquire()
+
+
+def test_budget_of_a_route_never_used_allows_only_its_minimum() -> None:
+    clock = Clock()
+    clock.now = 0.0  # early in the clock's life the ring's unused entries lie inside the window
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), clock)
+    assert not budget.try_acquire()
+
+
+@pytest.mark.parametrize(("percent", "window"), [(100, 10), (50, 20), (25, 3)])
+def test_budget_grants_exactly_percent_of_the_requests(percent: int, window: int) -> None:
+    budget = Budget(RetryBudget(percent=percent, window=Seconds(window), min_retries=0), Clock())
+    for _ in range(100):
+        budget.record_request()
+    assert sum(budget.try_acquire() for _ in range(200)) == percent
+
+
+def test_a_body_of_exactly_the_limit_stays_replayable() -> None:
+    body = ReplayableBody(_source([b"x" * 30, b"y" * 34], []), limit=64)
+    assert asyncio.run(_collect(body)) == b"x" * 30 + b"y" * 34
+    assert body.replayable is True
+    over = ReplayableBody(_source([b"x" * 65], []), limit=64)
+    asyncio.run(_collect(over))
+    assert over.replayable is False
+    with pytest.raises(RuntimeError, match="already streamed and cannot be sent again"):
+        asyncio.run(_collect(over))
+
+
+def test_policy_keeps_its_config_and_clock() -> None:
+    clock = Clock()
+    config = Retries(attempts=2, max_body_bytes=123, budget=RetryBudget(percent=0, window=Seconds(10), min_retries=1))
+    policy = RetryPolicy(config, clock)
+    assert policy.max_body_bytes == 123
+    assert policy.budget.try_acquire() and not policy.budget.try_acquire()
+    clock.now += 11  # the policy's budget reads the policy's clock
+    assert policy.budget.try_acquire()
+    assert policy.backoff(2, rng=lambda: 0.5) == pytest.approx(full_jitter(2, policy.backoff_base,
+                                                                           policy.backoff_max, lambda: 0.5))
