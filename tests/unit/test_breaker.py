@@ -208,3 +208,21 @@ def test_a_breaker_with_no_failure_count_is_none() -> None:
     breakers = Breakers(Clock())
     assert breakers.add("api:443", CircuitBreaker(consecutive_failures=0)) is None
     assert breakers.states() == {}
+
+
+def test_the_registrys_breakers_read_its_clock_and_know_their_upstream() -> None:
+    clock = Clock()
+    breakers = Breakers(clock)
+    breaker = breakers.add("api:443", CircuitBreaker(consecutive_failures=1, window=Seconds(10),
+                                                     cooldown=Seconds(5)))
+    assert breaker is not None and breaker.upstream == "api:443"
+    fail(breaker, 1)
+    assert breakers.states() == {"api:443": OPEN}
+    clock.now += 5
+    assert breakers.states() == {"api:443": HALF_OPEN}
+
+
+def test_a_closed_breaker_asks_for_one_second_at_most() -> None:
+    clock = Clock()
+    clock.now = 1.0  # early in the clock's life: a cooldown computed from 0 would still be running
+    assert make(clock).retry_after() == 1

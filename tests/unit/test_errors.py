@@ -160,3 +160,34 @@ def test_a_want_read_in_the_chain_is_a_reset_not_tls() -> None:
             raise httpx.ReadError("reset") from inner
     except httpx.ReadError as outer:
         assert classify(outer) == "upstream_reset"
+
+
+@pytest.mark.parametrize(("exc", "kind"), [
+    (httpx.ConnectError("connection reset during handshake"), "connect_error"),  # no SSL: not TLS
+    (httpx.ReadError("[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed"), "upstream_reset"),
+])
+def test_only_a_handshake_failure_reads_as_tls_by_its_text(exc: BaseException, kind: str) -> None:
+    assert classify(exc) == kind
+
+
+def test_a_tls_error_found_through_an_implicit_context() -> None:
+    try:
+        try:
+            raise ssl.SSLError(1, "alert")
+        except ssl.SSLError:
+            raise httpx.ReadError("reset")
+    except httpx.ReadError as outer:
+        assert outer.__cause__ is None
+        assert classify(outer) == "tls_error"
+
+
+def test_a_cause_cycle_ends_the_search() -> None:
+    first, second = httpx.ReadError("a"), ConnectionResetError("b")
+    first.__cause__, second.__cause__ = second, first
+    assert classify(first) == "upstream_reset"
+
+
+def test_a_subject_outside_ascii_is_replaced_in_the_body() -> None:
+    _, headers, body = error_head("denied_host", "bücher.example")
+    assert body == b"egress-sidecar: denied_host: egress to this host is denied by policy (b?cher.example)\n"
+    assert dict(headers)[b"content-length"] == str(len(body)).encode()

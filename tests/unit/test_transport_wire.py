@@ -212,3 +212,39 @@ def test_method_bytes_of_every_known_method() -> None:
     for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"):
         assert wire.method_bytes(method) == method.encode()
     assert wire.method_bytes("PROPFIND") == b"PROPFIND"
+
+
+@pytest.mark.parametrize(("headers", "message"), [
+    ([(b"Content-Length", b"0"), (b"Content-Length", b"0")], "conflicting request framing headers"),
+    ([(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3")], "conflicting request framing headers"),
+    ([(b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked")], "conflicting request framing headers"),
+    ([(b"Content-Length", b"-1")], "invalid Content-Length b'-1'"),
+    ([(b"Content-Length", b"x")], "invalid Content-Length b'x'"),
+])
+def test_framing_refusals_say_why(headers: list[tuple[bytes, bytes]], message: str) -> None:
+    with pytest.raises(httpx.LocalProtocolError) as error:
+        wire.body_framing(headers)
+    assert str(error.value) == message
+
+
+def test_framing_of_an_empty_body_by_length() -> None:
+    assert wire.body_framing([(b"Content-Length", b"0")]) == (wire.Framing.LENGTH, 0)
+
+
+def test_head_refusal_says_why() -> None:
+    with pytest.raises(httpx.LocalProtocolError) as error:
+        wire.encode_head(b"GET", b"/\r\n", [])
+    assert str(error.value) == "CR or LF inside the request target or a header"
+
+
+def test_salvage_refuses_conflicting_lengths_even_when_the_first_is_zero() -> None:
+    headers = [(b"Content-Length", b"0"), (b"Content-Length", b"5")]
+    assert not wire.may_salvage(True, False, 200, "1.1", headers, 0, 0, 65536)
+
+
+def test_salvage_a_response_with_an_empty_body_by_length() -> None:
+    assert wire.may_salvage(True, False, 200, "1.1", [(b"Content-Length", b"0")], 0, 0, 0)
+
+
+def test_keep_alive_reads_comma_separated_tokens_without_spaces() -> None:
+    assert wire.response_keep_alive("1.1", [(b"Connection", b"keep-alive,close")]) is False
