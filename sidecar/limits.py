@@ -28,7 +28,7 @@ tail of the previous request: it errs towards refusing, by at most one read, and
 head already near the limit.
 
 Hot path: the common request head arrives in one read and arms no timer; the checks are a
-few integer operations per request, none per header (bench/limits_overhead.py measures it).
+few integer operations per request, none per header (bench/micro/limits_overhead.py measures it).
 
 The body idle timeout lives in forward.RequestBody: only there is it known that the sidecar
 is waiting for the client, and not the client for a slow upstream.

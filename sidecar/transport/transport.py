@@ -4,7 +4,7 @@ Why our own: through httpcore a request costs this proxy milliseconds of CPU (po
 anyio, per-request imports). A Protocol per connection, httptools' parser and a LIFO pool do
 the same job in ~60-75 us per request at concurrency 32 including httpx's Request/Response
 objects, against ~3,000 us for httpx's AsyncHTTPTransport in the same run; a bare TLS
-protocol without HTTP is the floor at ~15-25 us (bench/transport_micro.py; shared machine).
+protocol without HTTP is the floor at ~15-25 us (bench/micro/transport_micro.py; shared machine).
 The API stays httpx's: the caller hands an `httpx.Request` to `handle_async_request` and
 gets an `httpx.Response` whose stream yields the raw (de-chunked, never decompressed) body.
 

@@ -1,4 +1,4 @@
-"""RSS growth per failed request, our HTTP11Transport vs httpx's: `python -m bench.transport_reset_memory`.
+"""RSS growth per failed request, our HTTP11Transport vs httpx's: `python -m bench.micro.transport_reset_memory`.
 
 Found by the soak (tests/soak): with the own transport, requests that end in an upstream reset
 (and client-aborted downloads) grew the sidecar's RSS without bound while Python's object
