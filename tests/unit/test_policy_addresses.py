@@ -182,3 +182,8 @@ def test_reasons_outside_the_table(address: str, reason: str) -> None:
 ])
 def test_config_networks_are_read_leniently(text: str, network: str) -> None:
     assert parse_network(text) == ipaddress.ip_network(network)
+
+
+def test_config_networks_strip_only_brackets_and_spaces() -> None:
+    with pytest.raises(ValueError):
+        parse_network("X10.0.0.1X")

@@ -292,3 +292,49 @@ def test_an_ipv6_destination_gets_a_bracketed_host_header() -> None:
     assert (target.host, target.port, target.host_header) == ("2001:db8::1", 8443, b"[2001:db8::1]:8443")
     default_port = router().resolve(scope(b"/x", host=b"[2001:db8::1]"))
     assert default_port.host_header == b"[2001:db8::1]"
+
+
+@pytest.mark.parametrize(("upstream", "fields"), [
+    ("https://api.example.com", ("https", "api.example.com", 443, "", b"api.example.com")),
+    ("https://api.example.com:443/", ("https", "api.example.com", 443, "", b"api.example.com")),
+    ("http://api.example.com:8080/v1/", ("http", "api.example.com", 8080, "/v1", b"api.example.com:8080")),
+    ("https://[2001:db8::1]/a/b//", ("https", "2001:db8::1", 443, "/a/b", b"[2001:db8::1]")),
+    ("https://[2001:db8::1]:8443", ("https", "2001:db8::1", 8443, "", b"[2001:db8::1]:8443")),
+    ("https://api.example.com/p://q", ("https", "api.example.com", 443, "/p://q", b"api.example.com")),
+])
+def test_compile_route(upstream: str, fields: tuple[str, str, int, str, bytes]) -> None:
+    config = cfg.from_mapping({"routes": [{"name": "r", "prefix": "/r/", "upstream": upstream}]})
+    injected = ((b"authorization", lambda: b"x"),)
+    route = compile_route(config.routes[0], config, injected)
+    assert (route.scheme, route.host, route.port, route.base_path, route.host_header) == fields
+    assert (route.name, route.prefix, route.config, route.injected_headers) == ("r", b"/r", config.routes[0], injected)
+
+
+def test_a_scope_without_raw_path_or_query_string() -> None:
+    target = router().resolve({"path": "/github/x", "headers": [(b"host", b"127.0.0.1:15001")]})
+    assert (target.path, target.query) == ("/x", None)
+    with pytest.raises(EgressError) as error:
+        router().resolve({"path": "/gïthub", "headers": []})
+    assert error.value.detail == "no route prefix matches b'/g?thub'"
+
+
+def test_a_host_without_port_is_port_80() -> None:
+    config = cfg.from_mapping({"listen": {"port": 80},
+                               "routes": [{"name": "r", "prefix": "/r", "upstream": "https://r.test"}]})
+    own = Router(config, [compile_route(r, config) for r in config.routes])
+    assert own.resolve(scope(b"/r/x", host=b"127.0.0.1")).route is not None
+    assert own.resolve(scope(b"/r/x", host=b"localhost")).route is not None
+
+
+def test_any_127_address_on_the_listen_port_is_the_sidecar() -> None:
+    target = router().resolve(scope(b"/github/x", host=b"127.0.0.5:15001"))
+    assert target.route is not None and target.route.name == "github"
+
+
+def test_the_admin_listeners_name_is_the_sidecar_too() -> None:
+    config = cfg.from_mapping({"admin": {"host": "[FD00::1]", "port": 15090}})
+    own = Router(config, [])
+    for host in (b"[fd00::1]:15090", b"[FD00::1]:15090"):
+        with pytest.raises(EgressError) as error:
+            own.resolve(scope(b"/x", host=host))
+        assert error.value.kind == "loop"
