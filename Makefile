@@ -65,7 +65,7 @@ $(DEV_STAMP): pyproject.toml constraints.txt $(TEST_STAMP)
 
 # What CI checks besides the tests: lint and types (mypy --strict on the package).
 lint: $(DEV_STAMP)
-	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/ruff check sidecar tests bench scripts
 	$(VENV)/bin/mypy --strict sidecar
 
 # Mutation testing of the pure modules with only the unit tests (mutmut, scripts/mutation.py):
