@@ -155,16 +155,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # uvicorn's data_received, with our answers instead of its plain 400.
         if self._lingering:
             return  # refused: discard until the client closes (see _LINGER_SECONDS)
-        self._unset_keepalive_if_required()
+        self.stop_keepalive_timer()
         self._read_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # ws="none": the app answers 501 unsupported; uvicorn only logs here.
-            if self._should_upgrade():
+            if self.upgrade_requested():
                 self.handle_websocket_upgrade()
             else:
-                self._unsupported_upgrade_warning()
+                self.warn_unsupported_upgrade()
             return
         except httptools.HttpParserError as exc:
             kind, detail = self._refusal or ("bad_request", f"unparsable request: {exc}")

@@ -14,8 +14,9 @@ more (cycle.py, limits.py, server.py, accept.py say why). Touches (uvicorn 0.55;
   protocol factory nested in `Server.startup` (copied by `protocol_factory` for the
   BurstAcceptor);
 - protocol attributes read or written: `url`, `headers`, `cycle`, `parser`, `transport`,
-  `loop`, `_unset_keepalive_if_required()`, `_should_upgrade()`, `handle_websocket_upgrade()`,
-  `_unsupported_upgrade_warning()`;
+  `loop`, `handle_websocket_upgrade()`; and the private `_unset_keepalive_if_required()`,
+  `_should_upgrade()`, `_unsupported_upgrade_warning()`, which `HttpToolsProtocol` here names
+  `stop_keepalive_timer`, `upgrade_requested`, `warn_unsupported_upgrade`;
 - cycle attributes read or written: `flow` (`write_paused`, `drain()`), `disconnected`,
   `response_started`, `response_complete`, `waiting_for_100_continue`, `default_headers`,
   `chunked_encoding`, `expected_content_length`, `keep_alive`, `scope`, `transport`,
@@ -35,7 +36,8 @@ from collections.abc import Callable
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _UvicornHttpToolsProtocol
 
 __all__ = [
     "REWRITTEN",
@@ -76,6 +78,15 @@ REWRITTEN: dict[str, tuple[str, str]] = {
         "sidecar/_compat/uvicorn.py protocol_factory",
     ),
 }
+
+
+class HttpToolsProtocol(_UvicornHttpToolsProtocol):
+    """uvicorn's httptools protocol, with the private methods our rewrite of `data_received`
+    calls under names of ours (the same functions: no extra call per read)."""
+
+    stop_keepalive_timer = _UvicornHttpToolsProtocol._unset_keepalive_if_required
+    upgrade_requested = _UvicornHttpToolsProtocol._should_upgrade
+    warn_unsupported_upgrade = _UvicornHttpToolsProtocol._unsupported_upgrade_warning
 
 
 class SignalFreeServer(uvicorn.Server):

@@ -24,6 +24,7 @@ import httpx
 import pytest
 import uvicorn
 from packaging.requirements import Requirement
+from uvicorn.protocols.http import httptools_impl
 
 from sidecar._compat import h2 as compat_h2
 from sidecar._compat import httpcore as compat_httpcore
@@ -100,16 +101,24 @@ def test_source_hash_reads_a_nested_function_alone() -> None:
 
 
 @pytest.mark.parametrize(("cls", "names"), [
-    (compat_uvicorn.HttpToolsProtocol, [
+    (httptools_impl.HttpToolsProtocol, [
         "data_received", "on_url", "on_headers_complete", "on_message_begin", "connection_made",
         "connection_lost", "_unset_keepalive_if_required", "_should_upgrade", "handle_websocket_upgrade",
         "_unsupported_upgrade_warning"]),
-    (compat_uvicorn.RequestResponseCycle, ["send", "receive", "run_asgi"]),
+    (httptools_impl.RequestResponseCycle, ["send", "receive", "run_asgi"]),
     (uvicorn.Server, ["serve", "startup", "capture_signals", "shutdown"]),
 ])
 def test_uvicorn_methods_we_call_or_override_exist(cls: type, names: list[str]) -> None:
     missing = [name for name in names if not callable(getattr(cls, name, None))]
     assert not missing, f"uvicorn's {cls.__name__} lost {missing}: re-read sidecar/_compat/uvicorn.py's docstring"
+
+
+def test_our_names_for_uvicorns_private_methods_are_the_same_functions() -> None:
+    ours, theirs = compat_uvicorn.HttpToolsProtocol, httptools_impl.HttpToolsProtocol
+    assert ours.stop_keepalive_timer is theirs._unset_keepalive_if_required
+    assert ours.upgrade_requested is theirs._should_upgrade
+    assert ours.warn_unsupported_upgrade is theirs._unsupported_upgrade_warning
+    assert compat_uvicorn.RequestResponseCycle is httptools_impl.RequestResponseCycle
 
 
 PROTOCOL_ATTRIBUTES = ("url", "headers", "cycle", "parser", "transport", "loop")
