@@ -110,6 +110,7 @@ def test_request_ids_are_read_and_made() -> None:
     assert request_id_of([(b"x-a", b"1")]) is None
     ids = {new_request_id() for _ in range(100)}
     assert len(ids) == 100 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(i == i.lower() for i in ids)  # lower-case hex, as uuid4's text
 
 
 def test_a_response_of_only_hop_by_hop_headers_loses_them_all() -> None:

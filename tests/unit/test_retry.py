@@ -229,7 +229,7 @@ def test_a_body_of_exactly_the_limit_stays_replayable() -> None:
     over = ReplayableBody(_source([b"x" * 65], []), limit=64)
     asyncio.run(_collect(over))
     assert over.replayable is False
-    with pytest.raises(RuntimeError, match="already streamed and cannot be sent again"):
+    with pytest.raises(RuntimeError, match="^request body was already streamed and cannot be sent again$"):
         asyncio.run(_collect(over))
 
 
@@ -243,3 +243,30 @@ def test_policy_keeps_its_config_and_clock() -> None:
     assert policy.budget.try_acquire()
     assert policy.backoff(2, rng=lambda: 0.5) == pytest.approx(full_jitter(2, policy.backoff_base,
                                                                            policy.backoff_max, lambda: 0.5))
+
+
+def test_budget_of_a_young_clock_counts_only_what_happened() -> None:
+    clock = Clock()
+    clock.now = 0.0  # untouched ring entries lie inside the window: they must hold nothing
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), clock)
+    for _ in range(5):
+        budget.record_request()
+    assert sum(budget.try_acquire() for _ in range(10)) == 5
+
+
+def test_budget_percent_is_exact_over_many_requests() -> None:
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), Clock())
+    for _ in range(1000):
+        budget.record_request()
+    assert sum(budget.try_acquire() for _ in range(2000)) == 1000
+
+
+def test_budget_adds_up_retries_across_buckets() -> None:
+    clock = Clock()
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), clock)
+    budget.record_request()
+    budget.record_request()
+    assert budget.try_acquire()
+    clock.now += 1  # the next bucket
+    assert budget.try_acquire()
+    assert not budget.try_acquire()  # two retries (in two buckets) for two requests
