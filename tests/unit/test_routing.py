@@ -301,6 +301,7 @@ def test_an_ipv6_destination_gets_a_bracketed_host_header() -> None:
     ("https://[2001:db8::1]/a/b//", ("https", "2001:db8::1", 443, "/a/b", b"[2001:db8::1]")),
     ("https://[2001:db8::1]:8443", ("https", "2001:db8::1", 8443, "", b"[2001:db8::1]:8443")),
     ("https://api.example.com/p://q", ("https", "api.example.com", 443, "/p://q", b"api.example.com")),
+    ("https://api.example.com/V1X/", ("https", "api.example.com", 443, "/V1X", b"api.example.com")),
 ])
 def test_compile_route(upstream: str, fields: tuple[str, str, int, str, bytes]) -> None:
     config = cfg.from_mapping({"routes": [{"name": "r", "prefix": "/r/", "upstream": upstream}]})
@@ -338,3 +339,19 @@ def test_the_admin_listeners_name_is_the_sidecar_too() -> None:
         with pytest.raises(EgressError) as error:
             own.resolve(scope(b"/x", host=host))
         assert error.value.kind == "loop"
+
+
+def test_a_prefix_keeps_all_but_its_trailing_slash() -> None:
+    config = cfg.from_mapping({"routes": [{"name": "r", "prefix": "/apiX/", "upstream": "https://r.test"}]})
+    assert compile_route(config.routes[0], config).prefix == b"/apiX"
+
+
+@pytest.mark.parametrize("raw_path", [b"https://api.example.com/x://y", b"HTTPS://api.example.com/x://y"])
+def test_an_absolute_https_uri_splits_at_its_first_scheme_separator(raw_path: bytes) -> None:
+    target = router().resolve(scope(raw_path, host=None, query=b"q"))
+    assert (target.host, target.path, target.query) == ("api.example.com", "/x://y", "q")
+
+
+def test_a_route_without_a_host_header_keeps_the_query() -> None:
+    target = router().resolve(scope(b"/github/x", host=None, query=b"a=1"))
+    assert target.route is not None and target.query == "a=1"
