@@ -42,6 +42,7 @@ EQUIVALENT: dict[str, str] = {
     "sidecar.addresses.x__v4_part__mutmut_6": "the '0X' spelling: parse_ip_literal lower-cases first",
     "sidecar.addresses.x__v4_part__mutmut_18": "'0' read in base 8 is 0 as in base 10",
     "sidecar.addresses.x__v4_part__mutmut_31": "int(text) is int(text, 10)",
+    "sidecar.addresses.x_parse_network__mutmut_2": "strict=None is falsy like strict=False",
     # headers: which headers the Connection tokens are computed for (a shortcut, same result)
     "sidecar.headers.x_upstream_request_headers__mutmut_5": "tokens always computed: empty without Connection",
     "sidecar.headers.x_upstream_request_headers__mutmut_9": "tokens skipped only when nothing but Connection",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 
 import pytest
 from hypothesis import given
@@ -146,17 +145,18 @@ def test_boundary_spellings_are_addresses(spelling: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(("broken", "message"), [
-    ("1.2.3.4.5", "looks like an IPv4 address but is not one"),
-    ("1.x.3.4", "looks like an IPv4 address but is not one"),
-    ("1.256.1.1", "out of range for an IPv4 address"),
+    ("1.2.3.4.5", "'1.2.3.4.5' looks like an IPv4 address but is not one"),
+    ("1.x.3.4", "'1.x.3.4' looks like an IPv4 address but is not one"),
+    ("1.256.1.1", "'1.256.1.1' is out of range for an IPv4 address"),
     ("", "empty host"),
     ("  ", "empty host"),
     ("[::G]", "'::g' is not a valid IPv6 address"),
-    ("[::1", "not a valid IPv6 address"),
+    ("[::1", "'[::1' is not a valid IPv6 address"),
 ])
 def test_refusals_say_why(broken: str, message: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError) as error:
         parse_ip_literal(broken)
+    assert str(error.value) == message
 
 
 def test_one_number_with_a_trailing_dot_is_an_address() -> None:
