@@ -36,13 +36,19 @@ _GC_YOUNG = 10_000
 def _uvicorn_config(
     app: Any, host: str, port: int, config: Config, report: limits.Report, http: str = "httptools"
 ) -> uvicorn.Config:
+    if http == "httptools":
+        protocol: type[Any] = limits.protocol_class(config.limits, report)
+    else:
+        from sidecar import h11_protocol  # only when asked for: the run path does not load h11
+
+        protocol = h11_protocol.protocol_class(config.limits, report)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="none",
-        # httptools gets our head limits and deadline (limits.py); h11 only its own size guard.
-        http=limits.protocol_class(config.limits, report) if http == "httptools" else http,
+        # The same head limits, deadline and framing rules on both (limits.py, h11_protocol.py).
+        http=protocol,
         h11_max_incomplete_event_size=limits.HeadLimits.from_config(config.limits).max_head_bytes,
         ws="none",
         lifespan="off",

@@ -149,7 +149,10 @@ class Upstream:
         return _DeferredTransport(lambda: self._stock_transport(context))
 
     def _stock_transport(self, context: ssl.SSLContext) -> httpx.AsyncBaseTransport:
+        from sidecar._compat.httpcore import close_after_surplus
         from sidecar.guard import guard_transport  # imports httpcore (see _DeferredTransport)
+
+        close_after_surplus()  # HTTP/1.1 fallback: no reuse after surplus bytes
 
         pool = self.config.pool
         transport = httpx.AsyncHTTPTransport(

@@ -3,4 +3,4 @@
 Kept only so that branches written before the move still import; use tests.servers.nginx.
 """
 
-from tests.servers.nginx import *
+from tests.servers.nginx import *  # noqa: F403

@@ -3,4 +3,4 @@
 Kept only so that branches written before the move still import; use tests.servers.loop_upstream.
 """
 
-from tests.servers.loop_upstream import *
+from tests.servers.loop_upstream import *  # noqa: F403

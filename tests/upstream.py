@@ -3,4 +3,4 @@
 Kept only so that branches written before the move still import; use tests.servers.upstream.
 """
 
-from tests.servers.upstream import *
+from tests.servers.upstream import *  # noqa: F403

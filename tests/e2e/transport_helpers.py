@@ -3,4 +3,4 @@
 Kept only so that branches written before the move still import; use tests.transport.helpers.
 """
 
-from tests.transport.helpers import *
+from tests.transport.helpers import *  # noqa: F403

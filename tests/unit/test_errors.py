@@ -175,7 +175,7 @@ def test_a_tls_error_found_through_an_implicit_context() -> None:
         try:
             raise ssl.SSLError(1, "alert")
         except ssl.SSLError:
-            raise httpx.ReadError("reset")
+            raise httpx.ReadError("reset")  # noqa: B904 - the implicit __context__ is what is tested
     except httpx.ReadError as outer:
         assert outer.__cause__ is None
         assert classify(outer) == "tls_error"

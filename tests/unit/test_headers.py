@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from sidecar.headers import (
-    body_framing,
     connection_tokens,
     downstream_response_headers,
     is_upgrade,
@@ -42,11 +41,21 @@ def test_optional_forwarding_headers() -> None:
                    (b"x-forwarded-for", b"127.0.0.1"), (b"x-request-id", b"r1")]
 
 
-def test_body_framing() -> None:
-    assert body_framing([]) == (False, False)
-    assert body_framing([(b"content-length", b"0")]) == (False, False)
-    assert body_framing([(b"content-length", b"5")]) == (True, False)
-    assert body_framing([(b"transfer-encoding", b"chunked")]) == (True, True)
+def test_framing_look_alikes_are_dropped_in_any_case() -> None:
+    # uvicorn hands names lower-cased, whatever the app wrote (Transfer_Encoding, CONTENT_LENGTH).
+    headers = [(b"content-length", b"2"), (b"transfer_encoding", b"chunked"), (b"x-a", b"1"),
+               (b"content_length", b"99"), (b"x_under", b"kept")]
+    out = upstream_request_headers(headers, b"h", content_length=b"2")
+    assert out == [(b"host", b"h"), (b"content-length", b"2"), (b"x-a", b"1"), (b"x_under", b"kept")]
+
+
+def test_content_length_goes_as_the_normalised_number_in_its_place_and_once() -> None:
+    headers = [(b"x-a", b"1"), (b"content-length", b"0012"), (b"x-b", b"2"), (b"content-length", b"12")]
+    out = upstream_request_headers(headers, b"h", content_length=b"12")
+    assert out == [(b"host", b"h"), (b"x-a", b"1"), (b"content-length", b"12"), (b"x-b", b"2")]
+    # framing found no length to send (a chunked body): no Content-Length goes, whatever came.
+    assert upstream_request_headers([(b"content-length", b"5")], b"h", chunked=True) == [
+        (b"host", b"h"), (b"transfer-encoding", b"chunked")]
 
 
 def test_upgrade_detection() -> None:
@@ -81,7 +90,7 @@ def test_each_hop_by_hop_name_stops_at_the_sidecar_both_ways(name: bytes) -> Non
 
 
 def test_end_to_end_headers_pass_both_ways() -> None:
-    headers = [(b"authorization", b"a"), (b"te-x", b"1"), (b"x-upgrade", b"2"), (b"content-length", b"3")]
+    headers = [(b"authorization", b"a"), (b"te-x", b"1"), (b"x-upgrade", b"2"), (b"x-content-length", b"3")]
     assert upstream_request_headers(headers, b"h")[1:] == headers
     assert downstream_response_headers(headers) == headers
 
@@ -95,12 +104,6 @@ def test_a_name_listed_in_a_response_connection_header_is_dropped_in_any_case() 
 def test_the_apps_host_is_replaced_and_connection_tokens_read_only_when_present() -> None:
     headers = [(b"host", b"sidecar:15001"), (b"x-private", b"1")]
     assert upstream_request_headers(headers, b"api") == [(b"host", b"api"), (b"x-private", b"1")]
-
-
-def test_body_framing_reads_a_length_with_spaces_and_the_last_of_several() -> None:
-    assert body_framing([(b"content-length", b" 0 ")]) == (False, False)
-    assert body_framing([(b"content-length", b"10")]) == (True, False)
-    assert body_framing([(b"transfer-encoding", b"gzip, chunked"), (b"content-length", b"0")]) == (True, True)
 
 
 def test_request_ids_are_read_and_made() -> None:
