@@ -11,8 +11,10 @@ tests/unit/test_compat_contract.py fails on an upgrade naming what to re-read.
 |-------------|-----------|------------------------------------------------------------------|
 | `httpx`     | httpx     | `URL._uri_reference`, `_urlparse.ParseResult`, `Headers._list`,  |
 |             |           | `Request`/`Response` built with `__new__`, `ByteStream._stream`  |
-| `httpcore`  | httpcore  | `AsyncHTTPTransport._pool`, `AsyncConnectionPool._network_backend`|
+| `httpcore`  | httpcore  | `AsyncHTTPTransport._pool`, `AsyncConnectionPool._network_backend`,|
+|             |           | `AsyncHTTP11Connection._response_closed` (replaced)              |
 | `h2`        | h2        | exception/event class names, the text of a closed-state error    |
+| `h11`       | h11       | `Connection._receive_buffer`; uvicorn's `H11Protocol` (h11 listener)|
 | `uvicorn`   | uvicorn   | the httptools protocol and cycle we subclass and partly rewrite, |
 |             |           | `Server.capture_signals`, the protocol factory of `startup`      |
 

@@ -33,7 +33,7 @@ from sidecar._compat import uvicorn as compat_uvicorn
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 # The libraries whose internals sidecar/_compat/ uses: each must have an upper bound.
-BOUNDED = ("uvicorn", "httptools", "httpx", "httpcore", "h2")
+BOUNDED = ("uvicorn", "httptools", "httpx", "httpcore", "h2", "h11")
 
 
 def _requirements() -> dict[str, Requirement]:
