@@ -78,7 +78,7 @@ $(MUTATION_STAMP): pyproject.toml $(TEST_STAMP)
 	touch $@
 
 mutation: $(MUTATION_STAMP) compile
-	$(PY) scripts/mutation.py $(MODULES)
+	$(PY) scripts/mutation.py --fresh $(MODULES)
 
 # Pin the exact versions of everything this venv holds (runtime, test, lint, mutation and bench
 # extras), after an upgrade passed `make test` and tests/unit/test_compat_contract.py (issue 14).

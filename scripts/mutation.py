@@ -7,7 +7,10 @@ the tests do not notice (survived) is behaviour nothing pins. This runs each mod
 killed (a test failed, or the mutant hung past its timeout) over all mutants, less the
 equivalent mutants listed in EQUIVALENT (no test can tell them apart from the original).
 
-    python scripts/mutation.py [MODULE ...] [--children N] [--report-only]
+    python scripts/mutation.py [MODULE ...] [--children N] [--fresh] [--report-only] [--survivors]
+
+mutmut keeps each mutant's verdict while its function is unchanged, even when the tests change:
+`--fresh` (what `make mutation` uses) starts from nothing, so new tests count.
 
 Exit status 1 if a module scores below TARGET.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +132,10 @@ def main() -> int:
     parser.add_argument("--children", type=int, default=1, help="mutmut workers (default 1: a shared machine)")
     parser.add_argument("--report-only", action="store_true", help="print the last run's scores, run nothing")
     parser.add_argument("--survivors", action="store_true", help="list the surviving mutants")
+    parser.add_argument("--fresh", action="store_true", help="forget earlier verdicts (mutants/) first")
     args = parser.parse_args()
+    if args.fresh and not args.report_only:
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     below = False
     print(f"{'module':<16} {'killed':>7} {'mutants':>8} {'score':>7}")
     for module in args.modules:
