@@ -50,6 +50,7 @@ EQUIVALENT: dict[str, str] = {
     # headers: which headers the Connection tokens are computed for (a shortcut, same result)
     "sidecar.headers.x_upstream_request_headers__mutmut_5": "tokens always computed: empty without Connection",
     "sidecar.headers.x_upstream_request_headers__mutmut_9": "tokens skipped only when nothing but Connection",
+    "sidecar.headers.x_upstream_request_headers__mutmut_16": "length_sent None is falsy like False",
     # hostnames
     "sidecar.hostnames.x_canonical_host__mutmut_15": "'ASCII' and 'ascii' name the same codec",
     "sidecar.hostnames.x_canonical_host__mutmut_24": "an empty name also fails the label check",

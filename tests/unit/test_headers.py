@@ -118,3 +118,10 @@ def test_request_ids_are_read_and_made() -> None:
 
 def test_a_response_of_only_hop_by_hop_headers_loses_them_all() -> None:
     assert downstream_response_headers([(b"Connection", b"close"), (b"Keep-Alive", b"timeout=5")]) == []
+
+
+def test_a_repeated_or_unwanted_content_length_is_skipped_not_the_headers_after_it() -> None:
+    headers = [(b"content-length", b"05"), (b"content-length", b"05"), (b"x-after", b"1")]
+    assert upstream_request_headers(headers, b"h", content_length=b"5") == [
+        (b"host", b"h"), (b"content-length", b"5"), (b"x-after", b"1")]
+    assert upstream_request_headers(headers, b"h") == [(b"host", b"h"), (b"x-after", b"1")]

@@ -95,3 +95,10 @@ def test_a_wildcard_over_an_address_says_use_cidrs(pattern: str) -> None:
 def test_patterns_of_each_kind_are_truthy() -> None:
     assert HostPatterns(["*.example.com"]) and HostPatterns(["a.example.com"]) and HostPatterns(["*"])
     assert not HostPatterns([])
+
+
+def test_an_allow_all_is_dead_only_under_a_deny_all() -> None:
+    from sidecar.hostnames import never_applies
+
+    assert never_applies(["*"], [" * "]) == "*"
+    assert never_applies([" *"], ["*.example.com", "a.test"]) is None
