@@ -75,6 +75,9 @@ class Listen(_Section, frozen=True):
     allow_non_loopback: bool = False
     # uvicorn's HTTP parser: httptools (fast, the default) or h11 (pure Python).
     http: Literal["httptools", "h11"] = "httptools"
+    # The egress lock's transparent listener (on 127.0.0.1 and ::1): connections the lock's
+    # rules redirect arrive here. null: not opened.
+    transparent_port: int | None = 15006
 
 
 class AdminListen(_Section, frozen=True):
@@ -97,6 +100,9 @@ class Timeouts(_Section, frozen=True):
     read: Seconds = Seconds(30)
     write: Seconds = Seconds(30)
     pool: Seconds = Seconds(1)
+    # A CONNECT tunnel with no byte either way for this long is closed. Long, since clients
+    # keep their connections to an API open between calls (sidecar/tunnel.py).
+    tunnel_idle: Seconds = Seconds(3600)
 
 
 class RouteTimeouts(_Section, frozen=True):
@@ -123,6 +129,13 @@ class Policy(_Section, frozen=True):
     allow_cidrs: list[str] = []
     # Destinations reached over plain HTTP instead of HTTPS (forward-proxy form only).
     plain_http_hosts: list[str] = []
+    # Cloud metadata endpoints: deny (every request refused as denied_ip), or identity (only
+    # the workload's own credential paths, through the sidecar; sidecar/metadata.py).
+    metadata: Literal["deny", "identity"] = "deny"
+    # Ports a CONNECT tunnel may reach (403 denied_port otherwise).
+    connect_ports: list[int] = msgspec.field(default_factory=lambda: [443])
+    # A tunnel whose first client bytes are not a TLS ClientHello is refused unless this is true.
+    connect_plaintext: bool = False
 
 
 class RetryBudget(_Section, frozen=True):
@@ -208,6 +221,17 @@ class Limits(_Section, frozen=True):
     max_headers: int = 100  # header fields (431 header_too_large)
     header_timeout: Seconds = Seconds(10)  # the whole request head must arrive within this
     body_idle_timeout: Seconds = Seconds(60)  # longest silence inside a request body
+    max_tunnels: int = 1000  # open CONNECT tunnels; past it 503 overloaded
+
+
+class Lock(_Section, frozen=True):
+    """The egress lock (`egress-sidecar lock`, sidecar/lock.py): holes in it, and captured plain HTTP."""
+
+    skip_cidrs: list[str] = []  # destinations the lock leaves alone: a hole, not covered by policy
+    skip_ports: list[int] = []  # destination ports (TCP and UDP) left alone: a hole too
+    # Captured plain-HTTP calls to these hosts go out over HTTPS on 443 (TLS origination);
+    # any other captured plain-HTTP call goes to http:// on the port the app dialled.
+    originate_tls_hosts: list[str] = []
 
 
 class Config(_Section, frozen=True):
@@ -225,6 +249,7 @@ class Config(_Section, frozen=True):
     metrics: Metrics = Metrics()
     log: Log = Log()
     drain: Drain = Drain()
+    lock: Lock = Lock()
 
 
 # Environment variables for the fields a pod spec most often sets, and their key paths.
@@ -308,6 +333,23 @@ def check_semantics(config: Config) -> None:
             fail(key, f"port {port} is out of range 0-65535")
     if config.listen.port == config.admin.port and config.listen.port != 0:
         fail("admin.port", "the admin port must differ from listen.port")
+    transparent = config.listen.transparent_port
+    if transparent is not None:
+        if not 0 <= transparent <= 65535:
+            fail("listen.transparent_port", f"port {transparent} is out of range 0-65535")
+        if transparent != 0 and transparent in (config.listen.port, config.admin.port):
+            fail("listen.transparent_port", "must differ from listen.port and admin.port")
+    for index, cidr in enumerate(config.lock.skip_cidrs):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            fail(f"lock.skip_cidrs[{index}]", f"{cidr!r} is not a CIDR range")
+    for index, port in enumerate(config.lock.skip_ports):
+        if not 0 < port <= 65535:
+            fail(f"lock.skip_ports[{index}]", f"port {port} is out of range 1-65535")
+    problem = check_patterns(config.lock.originate_tls_hosts)
+    if problem is not None:
+        fail("lock.originate_tls_hosts", f"invalid host pattern {problem}")
     if not is_loopback_host(config.listen.host) and not config.listen.allow_non_loopback:
         fail("listen.host", f"{config.listen.host!r} is not loopback; set listen.allow_non_loopback: true "
              "to expose the proxy beyond the pod (other pods could use it as an open proxy)")
@@ -410,6 +452,13 @@ def check_semantics(config: Config) -> None:
                 fail(f"{where}.circuit_breaker.window", "must be longer than 0s")
     if config.limits.max_in_flight < 1:
         fail("limits.max_in_flight", "must be at least 1")
+    if config.limits.max_tunnels < 0:
+        fail("limits.max_tunnels", "cannot be negative (0: CONNECT refused)")
+    for index, port in enumerate(config.policy.connect_ports):
+        if not 0 < port < 65536:
+            fail(f"policy.connect_ports[{index}]", f"port {port} is out of range 1-65535")
+    if float(config.timeouts.tunnel_idle) <= 0:
+        fail("timeouts.tunnel_idle", "must be longer than 0s")
 
 
 def is_loopback_host(host: str) -> bool:

@@ -31,6 +31,7 @@ ERRORS: dict[str, ErrorSpec] = {
     "loop": ErrorSpec(508, "the request is addressed to the sidecar itself"),
     "denied_host": ErrorSpec(403, "egress to this host is denied by policy"),
     "denied_ip": ErrorSpec(403, "egress to this address is denied by policy"),
+    "denied_port": ErrorSpec(403, "CONNECT to this port is denied by policy"),
     "header_too_large": ErrorSpec(431, "request headers are too large or too many", close=True),
     "uri_too_long": ErrorSpec(414, "the request target is too long", close=True),
     "connect_error": ErrorSpec(502, "could not connect to the upstream"),
@@ -50,6 +51,12 @@ ERRORS: dict[str, ErrorSpec] = {
     "client_timeout": ErrorSpec(408, "the client was too slow sending its request", close=True),
     "internal": ErrorSpec(500, "internal sidecar error"),
 }
+
+
+# How a CONNECT tunnel ends when the policy refuses it after its 200 (tunnel.py): the first
+# client bytes are not TLS, carry no SNI for a named host, or name another host. Each is a
+# tunnel outcome and a reason of egress_denied_total.
+TUNNEL_REFUSALS = frozenset({"sni_mismatch", "no_sni", "not_tls"})
 
 
 class EgressError(Exception):

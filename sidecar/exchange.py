@@ -1,4 +1,4 @@
-"""What one request through the sidecar was, as the forward path records it: `Exchange`.
+"""What one request (`Exchange`) or tunnel (`TunnelRecord`) through the sidecar was, as recorded.
 
 The forward path (and the ingress, for requests it refuses) fills one `Exchange` per request
 and hands it to the observer (observe.py) at the end; metrics and the access log read it.
@@ -83,3 +83,27 @@ class Exchange:
             self.tls_start = now
         else:
             self.tls_end = now
+
+
+@dataclass(slots=True)
+class TunnelRecord:
+    """One tunnel as the observer sees it (perf_counter marks; 0.0: not reached)."""
+
+    start: float
+    host: str  # canonical: lower-case, no brackets, no trailing dot
+    port: int
+    source: str = "connect"  # or "transparent"
+    address: str | None = None  # the checked address the upstream connection went to
+    sni: str | None = None
+    connect_start: float = 0.0
+    connect_end: float = 0.0
+    bytes_up: int = 0  # client -> upstream
+    bytes_down: int = 0  # upstream -> client
+    outcome: str = ""  # how it ended: closed, client_closed, upstream_closed, client_reset, upstream_reset,
+    #                    idle_timeout, drained, intercepted, client_timeout, bad_hello, or a REFUSALS reason
+    detail: str = ""
+    end: float = 0.0
+
+    @property
+    def upstream(self) -> str:
+        return f"{self.host}:{self.port}"

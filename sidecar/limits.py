@@ -32,6 +32,11 @@ Hot path: the common request head arrives in one read and arms no timer; the che
 few integer operations per request, none per header (bench/micro/limits_overhead.py measures it),
 plus framing.request_framing's one pass over the header names (~0.6 us for 12 fields).
 
+Two request-target forms uvicorn does not serve are handled here too (RFC 9112 3.2):
+absolute-form keeps its URI in the scope's `raw_path` for routing (uvicorn keeps only the
+path), and a CONNECT (authority-form) gets no ASGI cycle: once its head is parsed the
+connection is handed to `tunnels` (tunnel.py), which owns it from then on.
+
 The body idle timeout lives in forward.RequestBody: only there is it known that the sidecar
 is waiting for the client, and not the client for a slow upstream.
 """
@@ -43,7 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httptools
 
@@ -54,6 +59,13 @@ from sidecar.errors import ERRORS, EgressError, error_head
 from sidecar.exchange import Exchange
 from sidecar.framing import parse_error_kind, request_framing
 from sidecar.observe import Observer
+
+
+class Tunnels(Protocol):
+    """What the protocol needs of tunnel.Tunnels (not imported: tunnel.py imports this module)."""
+
+    def connect(self, client: asyncio.Transport, authority: bytes, buffered: bytes) -> None:
+        """Take over `client`, whose `CONNECT authority` head is parsed; `buffered`: bytes after it."""
 
 # report(kind, method, target, detail): called once per refused request or connection.
 Report = Callable[[str, str, str, str], None]
@@ -93,12 +105,12 @@ class HeadLimits:
         )
 
 
-def render_error(kind: str) -> bytes:
+def render_error(kind: str, subject: str | None = None, retry_after: int | None = None) -> bytes:
     """The complete HTTP/1.1 error response for `kind`, as written when no ASGI cycle exists.
 
     Always `Connection: close`: the protocol closes the connection after writing it.
     """
-    status, headers, body = error_head(kind)
+    status, headers, body = error_head(kind, subject, retry_after)
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()]
     lines += [name + b": " + value + b"\r\n" for name, value in headers if name != b"connection"]
     lines.append(b"connection: close\r\n\r\n")
@@ -129,6 +141,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     _max_target: ClassVar[int]
     _max_headers: ClassVar[int]
     _max_header_bytes: ClassVar[int]
+    # CONNECT requests are handed to these (tunnel.py); None: 501 unsupported (admin listener).
+    tunnels: ClassVar[Tunnels | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -138,6 +152,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._read_size = 0  # bytes of the read being parsed
         self._refusal: tuple[str, str] | None = None  # (kind, detail) set by a parser callback
         self._lingering = False
+        self._connect = False  # the head just parsed is a CONNECT for self.tunnels
 
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -162,7 +177,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._read_size = len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            if self._connect:
+                self._hand_to_tunnel(data[exc.args[0] if exc.args else len(data):])
+                return
             # ws="none": the app answers 501 unsupported; uvicorn only logs here.
             if self.upgrade_requested():
                 self.handle_websocket_upgrade()
@@ -219,11 +237,45 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         except EgressError as exc:
             self._refusal = (exc.kind, exc.detail)
             raise _Refused from None
+        url = self.url
+        origin_form = url[:1] == b"/"  # the common case: one comparison, nothing else below
+        if not origin_form and self.tunnels is not None and self.parser.get_method() == b"CONNECT":
+            # No ASGI cycle: httptools raises HttpParserUpgrade once this callback returns,
+            # and data_received hands the connection to the tunnel (tunnel.py).
+            self._connect = True
+            return
         previous = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not previous and cycle is not None:
             adopt(cycle, ProxyCycle)  # uvicorn built its own cycle by name: make it ours
+            if not origin_form and url[:4].lower() == b"http":
+                # absolute-form (RFC 9112 3.2.2): uvicorn keeps only the path; routing reads the
+                # destination from the URI's authority, as under h11, never from Host.
+                self.scope["raw_path"] = url.partition(b"?")[0].partition(b"#")[0]
+
+    def on_body(self, body: bytes) -> None:
+        if not self._connect:  # a CONNECT has no cycle; httptools hands no body of it anyway
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._connect:
+            super().on_message_complete()
+
+    def _hand_to_tunnel(self, rest: bytes) -> None:
+        """The CONNECT head is parsed: the connection is the tunnel's from here on."""
+        self._connect = False
+        self._cancel_head_timer()
+        self.stop_keepalive_timer()
+        self.connections.discard(self)  # uvicorn's shutdown no longer concerns it: drain does
+        tunnels = self.tunnels
+        assert tunnels is not None
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A CONNECT pipelined behind a request still being answered: the tunnel's bytes
+            # would interleave with that response.
+            self._refuse("bad_request", "CONNECT pipelined behind an unfinished response")
+            return
+        tunnels.connect(self.transport, self.url, rest)
 
     # -- refusing --------------------------------------------------------------------------
     def _cancel_head_timer(self) -> None:
@@ -267,8 +319,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 _REFUSALS = ("uri_too_long", "header_too_large", "client_timeout", "bad_request", "unsupported")
 
 
-def protocol_class(limits: Limits, report: Report) -> type[LimitedHttpToolsProtocol]:
-    """A protocol class for `uvicorn.Config(http=...)` bound to these limits and reporter."""
+def protocol_class(limits: Limits, report: Report, tunnels: Tunnels | None = None) -> type[LimitedHttpToolsProtocol]:
+    """A protocol class for `uvicorn.Config(http=...)` bound to these limits and reporter,
+    handing CONNECT requests to `tunnels` (None: they get 501 unsupported)."""
     head = HeadLimits.from_config(limits)
     return type(
         "LimitedHttpToolsProtocol",
@@ -279,6 +332,7 @@ def protocol_class(limits: Limits, report: Report) -> type[LimitedHttpToolsProto
             "_max_headers": head.max_headers,
             "_max_header_bytes": head.max_header_bytes,
             "sink": _Sink(report),
+            "tunnels": tunnels,
             "responses": {kind: render_error(kind) for kind in _REFUSALS},
         },
     )

@@ -11,10 +11,10 @@ from collections.abc import Callable, Mapping
 
 from sidecar.access_log import AccessLog
 from sidecar.config import Config
-from sidecar.exchange import Exchange, Trace
+from sidecar.exchange import Exchange, Trace, TunnelRecord
 from sidecar.metrics import Metrics, PoolStats
 
-__all__ = ["Exchange", "Observer", "Trace"]
+__all__ = ["Exchange", "Observer", "Trace", "TunnelRecord"]
 
 
 class Observer:
@@ -62,3 +62,15 @@ class Observer:
         if self.metrics is not None:
             self.metrics.record(exchange)
         self.access.emit(exchange)
+
+    def watch_tunnels(self, active: Callable[[], float]) -> None:
+        """Export the open tunnels' count, read by `active` at scrape time (the tunnels are
+        built after the observer, which they report to)."""
+        if self.metrics is not None:
+            self.metrics.watch_tunnels(active)
+
+    def tunnel_finished(self, record: TunnelRecord) -> None:
+        """A tunnel that got its 200 (or its upstream connection) ended: metrics and one line."""
+        if self.metrics is not None:
+            self.metrics.tunnel(record)
+        self.access.tunnel(record)

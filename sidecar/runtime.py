@@ -12,6 +12,7 @@ from sidecar.policy import EgressPolicy
 from sidecar.resilience import Resilience, ResilientSender
 from sidecar.routing import Router, compile_route
 from sidecar.tls import TLSContexts
+from sidecar.tunnel import Tunnels, TunnelSettings
 from sidecar.upstream import Upstream
 
 
@@ -29,6 +30,7 @@ class Runtime:
     stopping: bool = False  # grace over or nothing in flight: new requests get 503 draining
     ready: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    tunnels: Tunnels | None = None  # CONNECT (and captured TLS) tunnels; set by build_runtime
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -59,5 +61,15 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
         resilience=resilience,
         sender=ResilientSender(resilience.plans, upstream.send, observer.retried),
     )
+    tunnels = runtime.tunnels = Tunnels(
+        TunnelSettings.from_config(config),
+        policy,
+        runtime.observer,
+        is_self=runtime.router.is_self,
+        stopping=lambda: runtime.stopping,
+        on_open=runtime.request_started,  # a tunnel holds the drain like a request
+        on_close=runtime.request_finished,
+    )
+    observer.watch_tunnels(lambda: tunnels.active)
     runtime.idle.set()
     return runtime

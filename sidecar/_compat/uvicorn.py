@@ -14,7 +14,8 @@ more (cycle.py, limits.py, server.py, accept.py say why). Touches (uvicorn 0.55;
   protocol factory nested in `Server.startup` (copied by `protocol_factory` for the
   BurstAcceptor);
 - protocol attributes read or written: `url`, `headers`, `cycle`, `parser`, `transport`,
-  `loop`, `handle_websocket_upgrade()`; and the private `_unset_keepalive_if_required()`,
+  `loop`, `scope`, `connections`, `handle_websocket_upgrade()`; `on_body` and
+  `on_message_complete` extended (skipped for a CONNECT); and the private `_unset_keepalive_if_required()`,
   `_should_upgrade()`, `_unsupported_upgrade_warning()`, which `HttpToolsProtocol` here names
   `stop_keepalive_timer`, `upgrade_requested`, `warn_unsupported_upgrade`;
 - cycle attributes read or written: `flow` (`write_paused`, `drain()`), `disconnected`,

@@ -28,7 +28,9 @@ LISTEN_PORT = PREFIX + "listen-port"
 ADMIN_PORT = PREFIX + "admin-port"
 DRAIN_GRACE = PREFIX + "drain-grace"
 SET_PROXY_ENV = PREFIX + "set-proxy-env"
+SET_HTTPS_PROXY = PREFIX + "set-https-proxy"  # "false": with set-proxy-env, HTTP_PROXY only
 NO_PROXY = PREFIX + "no-proxy"
+LOCK = PREFIX + "lock"  # "true" | "false": the egress lock's init container (default: the chart's)
 
 _RESOURCES = {
     CPU_REQUEST: ("requests", "cpu"),
@@ -45,7 +47,9 @@ KNOWN = frozenset(
         ADMIN_PORT,
         DRAIN_GRACE,
         SET_PROXY_ENV,
+        SET_HTTPS_PROXY,
         NO_PROXY,
+        LOCK,
         *_RESOURCES,
     }
 )
@@ -71,7 +75,9 @@ class Overrides:
     drain_grace: str | None = None  # kept as written: the sidecar parses the same syntax
     drain_grace_seconds: float | None = None
     set_proxy_env: bool = False
+    set_https_proxy: bool = True  # HTTPS_PROXY beside HTTP_PROXY (CONNECT tunnels)
     no_proxy: tuple[str, ...] = ()
+    lock: bool | None = None  # None: the chart's sidecar.lock.enabled
     unknown: tuple[str, ...] = ()  # our-prefix annotations we do not know: warned, not refused
 
 
@@ -129,6 +135,8 @@ def parse(annotations: Mapping[str, object]) -> Overrides:
         drain_grace=values.get(DRAIN_GRACE),
         drain_grace_seconds=grace_seconds,
         set_proxy_env=_bool(SET_PROXY_ENV, values[SET_PROXY_ENV]) if SET_PROXY_ENV in values else False,
+        set_https_proxy=_bool(SET_HTTPS_PROXY, values[SET_HTTPS_PROXY]) if SET_HTTPS_PROXY in values else True,
         no_proxy=extras,
+        lock=_bool(LOCK, values[LOCK]) if LOCK in values else None,
         unknown=tuple(sorted(k for k in values if k not in KNOWN)),
     )

@@ -21,9 +21,10 @@ from sidecar.inject.settings import (
     LISTEN_PORT_ENV,
     Settings,
 )
+from sidecar.metadata import NO_PROXY_ENTRIES as METADATA_NO_PROXY
 
 Patch = list[dict[str, Any]]
-PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")
 # Kubernetes' default when the pod does not say (PodSpec.terminationGracePeriodSeconds).
 DEFAULT_TERMINATION_GRACE = 30
 # Headroom between the end of the sidecar's drain and the kubelet's SIGKILL.
@@ -56,18 +57,16 @@ def decide(labels: Mapping[str, object], *, namespace_opted_in: bool) -> str:
     return "not-opted-in"
 
 
-def proxy_env(listen_port: int, no_proxy: tuple[str, ...]) -> list[dict[str, str]]:
-    """HTTP_PROXY/NO_PROXY for app containers, both spellings (curl reads only lower-case
-    http_proxy; Go and Python read either). Never HTTPS_PROXY: the sidecar cannot serve
-    CONNECT, so https:// calls must keep going direct."""
+def proxy_env(listen_port: int, no_proxy: tuple[str, ...], https: bool = True) -> list[dict[str, str]]:
+    """HTTP_PROXY, HTTPS_PROXY (unless `https` is off) and NO_PROXY for app containers, both
+    spellings (curl reads only lower-case http_proxy; Go and Python read either). HTTPS_PROXY
+    is the sidecar too (http://: the app's TLS goes through a CONNECT tunnel, tunnel.py)."""
     proxy = f"http://127.0.0.1:{listen_port}"
     skip = ",".join(dict.fromkeys(no_proxy))  # ordered, duplicates dropped
-    return [
-        {"name": "HTTP_PROXY", "value": proxy},
-        {"name": "http_proxy", "value": proxy},
-        {"name": "NO_PROXY", "value": skip},
-        {"name": "no_proxy", "value": skip},
-    ]
+    env = [{"name": "HTTP_PROXY", "value": proxy}, {"name": "http_proxy", "value": proxy}]
+    if https:
+        env += [{"name": "HTTPS_PROXY", "value": proxy}, {"name": "https_proxy", "value": proxy}]
+    return env + [{"name": "NO_PROXY", "value": skip}, {"name": "no_proxy", "value": skip}]
 
 
 def _set_env(container: dict[str, Any], name: str, value: str) -> None:
@@ -237,14 +236,31 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
     volume = sidecar_volume(settings, over)
     _refuse_conflicts(spec, apps + inits, listen, admin, volume["name"])
 
+    locked = settings.lock_default if over.lock is None else over.lock
+    lock_container = settings.fresh_lock_container() if locked else None
+    if lock_container is not None and any(c.get("name") == lock_container["name"] for c in apps + inits):
+        raise InjectError(f"the pod already has a container named {lock_container['name']!r}")
+    transparent = settings.transparent_port
+    if locked and transparent:
+        taken = _declared_ports(apps + inits)
+        if transparent in taken:
+            raise InjectError(f"port {transparent} is the egress lock's transparent listener "
+                              f"(listen.transparent_port) and already used by container {taken[transparent]!r}")
     patch: Patch = []
     if over.set_proxy_env:
-        env = proxy_env(listen, settings.no_proxy + over.no_proxy)
+        no_proxy = settings.no_proxy + over.no_proxy
+        if settings.metadata_identity and not locked:
+            # Without the lock the sidecar cannot see the app's metadata calls, and SDKs send them
+            # without a proxy anyway: let them go direct. With the lock they are captured and
+            # decided by policy.metadata: identity, so the proxy may see them too.
+            no_proxy += METADATA_NO_PROXY
+        env = proxy_env(listen, no_proxy, over.set_https_proxy)
+        ours = {e["name"] for e in env}  # set-https-proxy "false" leaves an app's own HTTPS_PROXY
         for index, container in enumerate(apps):
             kept = [
                 e
                 for e in container.get("env") or []
-                if not (isinstance(e, dict) and e.get("name") in PROXY_ENV_NAMES)
+                if not (isinstance(e, dict) and e.get("name") in ours)
             ]
             patch.append(
                 {"op": "add", "path": pointer("spec", "containers", index, "env"), "value": kept + env}
@@ -254,6 +270,12 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
         _append(patch, "/spec/initContainers", spec.get("initContainers"), container, first=True)
     else:
         _append(patch, "/spec/containers", spec.get("containers"), container, first=True)
+    if lock_container is not None:
+        # First of all init containers: before the native sidecar (so its rules are in before
+        # anything else of the pod runs). In fallback mode the pod's own init containers then
+        # run under the lock with no sidecar yet: their outbound TCP is refused (README).
+        initial = spec.get("initContainers") if not settings.native else [container]
+        _append(patch, "/spec/initContainers", initial, lock_container, first=True)
     _append(patch, "/spec/volumes", spec.get("volumes"), volume, first=False)
     grace = over.drain_grace_seconds if over.drain_grace_seconds is not None else settings.drain_grace
     needed = math.ceil(settings.pre_stop_seconds + grace) + GRACE_HEADROOM

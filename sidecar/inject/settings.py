@@ -39,6 +39,17 @@ class Settings:
     admin_port: int
     drain_grace: float
     pre_stop_seconds: float = 0.0  # a preStop `sleep N` delays SIGTERM (fallback mode)
+    # The egress lock's init container (chart: egress-sidecar.lockContainer), and whether pods
+    # get it by default (annotation egress-sidecar.io/lock decides per pod).
+    lock_container: dict[str, Any] | None = None
+    lock_default: bool = False
+    transparent_port: int | None = 15006  # listen.transparent_port of the sidecar config
+    metadata_identity: bool = False  # the sidecar config chose policy.metadata: identity
+
+    def fresh_lock_container(self) -> dict[str, Any]:
+        if self.lock_container is None:
+            raise SettingsError("the settings have no `lock.container`: re-render the chart")
+        return copy.deepcopy(self.lock_container)
 
     @property
     def name(self) -> str:
@@ -107,6 +118,19 @@ def from_mapping(raw: object) -> Settings:
     scrape = raw.get("prometheusAnnotations", True)
     if not isinstance(scrape, bool):
         raise SettingsError("`prometheusAnnotations` must be true or false")
+    lock = raw.get("lock", {})
+    if not isinstance(lock, dict) or not isinstance(lock.get("enabled", False), bool):
+        raise SettingsError("`lock` must be a mapping with `enabled` (true or false) and `container`")
+    lock_container = lock.get("container")
+    if lock_container is not None and not (isinstance(lock_container, dict) and lock_container.get("name")):
+        raise SettingsError("`lock.container` must be a container spec with a name")
+    transparent = lock.get("transparentPort", 15006)
+    if transparent is not None and (isinstance(transparent, bool) or not isinstance(transparent, (int, float))
+                                    or not 0 <= transparent < 65536):
+        raise SettingsError("`lock.transparentPort` must be a port number or null")
+    identity = raw.get("metadataIdentity", False)
+    if not isinstance(identity, bool):
+        raise SettingsError("`metadataIdentity` must be true or false")
     return Settings(
         container=container,
         volume=volume,
@@ -116,6 +140,10 @@ def from_mapping(raw: object) -> Settings:
         admin_port=_port(container, ADMIN_PORT_ENV),
         drain_grace=float(grace),
         pre_stop_seconds=_pre_stop_seconds(container),
+        lock_container=lock_container,
+        lock_default=bool(lock.get("enabled", False)),
+        transparent_port=int(transparent) if transparent is not None else None,
+        metadata_identity=identity,
     )
 
 

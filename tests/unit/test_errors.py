@@ -86,6 +86,7 @@ ERROR_TABLE = {
     "loop": (508, None, False),
     "denied_host": (403, None, False),
     "denied_ip": (403, None, False),
+    "denied_port": (403, None, False),
     "header_too_large": (431, None, True),
     "uri_too_long": (414, None, True),
     "connect_error": (502, None, False),

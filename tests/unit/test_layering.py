@@ -34,7 +34,7 @@ LAYERS: dict[str, Layer] = {
         ("sidecar.transport", "sidecar._compat"),
         "the HTTP/1.1 transport is an httpx transport, reusable without the sidecar around it"),
     "sidecar.inject": Layer(
-        ("sidecar.inject", "sidecar.config", "sidecar.log", "sidecar._compat"),
+        ("sidecar.inject", "sidecar.config", "sidecar.log", "sidecar.metadata", "sidecar._compat"),
         "the webhook (`egress-sidecar inject`) runs in another pod: nothing of the data path"),
 }
 

@@ -145,6 +145,32 @@ volumeMounts:
     readOnly: true
 {{- end }}
 
+{{/*
+egress-sidecar.lockContainer: the egress lock's init container (`egress-sidecar lock`), one YAML
+mapping. It goes FIRST under initContainers, before the native sidecar: it installs the rules
+and exits. The sidecar's UID (exempt from the rules) is its securityContext's runAsUser.
+
+  initContainers:
+    - {{- include "egress-sidecar.lockContainer" . | nindent 6 }}
+    - {{- include "egress-sidecar.container" . | nindent 6 }}
+*/}}
+{{- define "egress-sidecar.lockContainer" -}}
+{{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson }}
+{{- $s := $ctx.values.sidecar -}}
+name: egress-sidecar-lock
+image: {{ include "egress-sidecar.imageRef" . | quote }}
+imagePullPolicy: {{ $ctx.values.image.pullPolicy }}
+args: [lock, --config, /etc/egress-sidecar/config.yaml, --uid, {{ $s.securityContext.runAsUser | default 65532 | int | toString | quote }}]
+resources:
+  {{- toYaml $s.lock.resources | nindent 2 }}
+securityContext:
+  {{- toYaml $s.lock.securityContext | nindent 2 }}
+volumeMounts:
+  - name: egress-sidecar-config
+    mountPath: /etc/egress-sidecar
+    readOnly: true
+{{- end }}
+
 {{/* egress-sidecar.volume: the pod volume the container mounts (the config ConfigMap). */}}
 {{- define "egress-sidecar.volume" -}}
 {{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson -}}
@@ -155,7 +181,8 @@ configMap:
 
 {{/*
 egress-sidecar.proxyEnv: env entries for app containers (static injection), the same the webhook
-adds for egress-sidecar.io/set-proxy-env: "true". Never HTTPS_PROXY: the sidecar cannot serve CONNECT.
+adds for egress-sidecar.io/set-proxy-env: "true". HTTPS_PROXY too (CONNECT tunnels) unless
+sidecar.httpsProxy is false (the webhook's per-pod egress-sidecar.io/set-https-proxy: "false").
 */}}
 {{- define "egress-sidecar.proxyEnv" -}}
 {{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson }}
@@ -165,6 +192,12 @@ adds for egress-sidecar.io/set-proxy-env: "true". Never HTTPS_PROXY: the sidecar
   value: {{ $proxy | quote }}
 - name: http_proxy
   value: {{ $proxy | quote }}
+{{- if $ctx.values.sidecar.httpsProxy }}
+- name: HTTPS_PROXY
+  value: {{ $proxy | quote }}
+- name: https_proxy
+  value: {{ $proxy | quote }}
+{{- end }}
 - name: NO_PROXY
   value: {{ $noProxy | quote }}
 - name: no_proxy
@@ -189,4 +222,12 @@ volume:
   {{- include "egress-sidecar.volume" . | nindent 2 }}
 noProxy: {{ toJson .Values.sidecar.noProxy }}
 prometheusAnnotations: {{ .Values.sidecar.prometheusAnnotations }}
+lock:
+  enabled: {{ .Values.sidecar.lock.enabled }}
+  transparentPort: {{ dig "listen" "transparent_port" 15006 (include "egress-sidecar.configFile" . | fromYaml) | toJson }}
+  container:
+    {{- include "egress-sidecar.lockContainer" . | nindent 4 }}
+{{- /* Whether the sidecar config chose policy.metadata: identity (NO_PROXY then gets the
+metadata addresses, for pods without the lock). */}}
+metadataIdentity: {{ eq (dig "policy" "metadata" "deny" (include "egress-sidecar.configFile" . | fromYaml)) "identity" }}
 {{- end }}
