@@ -355,3 +355,13 @@ def test_an_absolute_https_uri_splits_at_its_first_scheme_separator(raw_path: by
 def test_a_route_without_a_host_header_keeps_the_query() -> None:
     target = router().resolve(scope(b"/github/x", host=None, query=b"a=1"))
     assert target.route is not None and target.query == "a=1"
+
+
+def test_the_transparent_listener_is_the_sidecar_too() -> None:
+    config = cfg.from_mapping({"listen": {"transparent_port": 15006}})
+    own = Router(config, [])
+    assert own.own_ports == {15001, 15090, 15006}
+    with pytest.raises(EgressError) as error:
+        own.resolve(scope(b"/x", host=b"127.0.0.1:15006"))
+    assert error.value.kind == "loop"
+    assert Router(cfg.from_mapping({"listen": {"transparent_port": None}}), []).own_ports == {15001, 15090}
