@@ -85,7 +85,7 @@ EQUIVALENT: dict[str, str] = {
     f"sidecar.routing.x{_C}Router{_C}resolve__mutmut_44": "both schemes fit in 8 bytes",
     f"sidecar.routing.x{_C}Router{_C}resolve__mutmut_66": "'ASCII' and 'ascii' name the same codec",
     f"sidecar.routing.x{_C}Router{_C}resolve__mutmut_71": "'ASCII' and 'ascii' name the same codec",
-    f"sidecar.routing.x{_C}Router{_C}__init____mutmut_27": "hosts are lower-cased: no X to strip",
+    f"sidecar.routing.x{_C}Router{_C}__init____mutmut_28": "hosts are lower-cased: no X to strip",
     f"sidecar.routing.x{_C}Router{_C}_forward_target__mutmut_60": "'ASCII' and 'ascii' name the same codec",
     f"sidecar.routing.x{_C}Router{_C}_route_target__mutmut_11": "'ASCII' and 'ascii' name the same codec",
     f"sidecar.routing.x{_C}Router{_C}resolve__mutmut_13": "'ASCII' and 'ascii' name the same codec",
