@@ -45,6 +45,7 @@ class Exchange:
     kind: str | None = None  # error kind, or None when the upstream's answer was relayed
     detail: str = ""
     reason: str | None = None  # a denial's named reason (EgressError.reason), when it has one
+    would_deny: str | None = None  # report mode: the host rule that would have refused it
     bytes_in: int = 0
     bytes_out: int = 0
     request_id: bytes | None = None
@@ -103,6 +104,7 @@ class TunnelRecord:
     #                    idle_timeout, drained, intercepted, client_timeout, bad_hello, or a REFUSALS reason
     detail: str = ""
     end: float = 0.0
+    would_deny: str | None = None  # report mode: the host rule that would have refused it
 
     @property
     def upstream(self) -> str:

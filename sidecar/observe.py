@@ -7,37 +7,35 @@ knows neither.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
 from sidecar.access_log import AccessLog
 from sidecar.config import Config
+from sidecar.errors import TUNNEL_REFUSALS
 from sidecar.exchange import Exchange, Trace, TunnelRecord
+from sidecar.inventory import Inventory
 from sidecar.metrics import Metrics, PoolStats
 
 __all__ = ["Exchange", "Observer", "Trace", "TunnelRecord"]
 
 
 class Observer:
-    """Turns finished exchanges into metrics and access-log lines."""
+    """Turns finished exchanges into metrics, access-log lines and the egress inventory."""
 
-    def __init__(
-        self,
-        config: Config | None = None,
-        pools: PoolStats | None = None,
-        breakers: Callable[[], Mapping[str, str]] | None = None,
-        abandoned: Callable[[], Mapping[str, tuple[int, int]]] | None = None,
-    ) -> None:
-        """`pools`, `breakers`, `abandoned`: what the metrics read at scrape time (Upstream.pool_stats,
-        Breakers.states, Upstream.abandoned_counts), handed in when the runtime is built."""
+    def __init__(self, config: Config | None = None, pools: PoolStats | None = None) -> None:
         config = config or Config()
         self.in_flight = 0
-        metrics = self.metrics = Metrics(config, self._in_flight, pools) if config.metrics.enabled else None
-        if metrics is not None:
-            if breakers is not None:
-                metrics.watch_breakers(breakers)
-            if abandoned is not None:
-                metrics.watch_abandoned(abandoned)
-        self.access = AccessLog(config.log.access)
+        self.metrics: Metrics | None = (
+            Metrics(config, self._in_flight, pools) if config.metrics.enabled else None
+        )
+        self.inventory = Inventory(config.inventory.max_entries)
+        self._inventory: Inventory | None = None
+        self.access: AccessLog
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config's observer settings: access log switch and level, inventory bound."""
+        self.access = AccessLog(config.log.access)  # binds the logger of the level now in force
+        self.inventory.resize(config.inventory.max_entries)
+        self._inventory = self.inventory if config.inventory.max_entries > 0 else None
 
     def _in_flight(self) -> float:
         return self.in_flight
@@ -61,16 +59,19 @@ class Observer:
             exchange.reused = not exchange.connect_start
         if self.metrics is not None:
             self.metrics.record(exchange)
+        if self._inventory is not None:
+            self._inventory.record(exchange)
         self.access.emit(exchange)
 
-    def watch_tunnels(self, active: Callable[[], float]) -> None:
-        """Export the open tunnels' count, read by `active` at scrape time (the tunnels are
-        built after the observer, which they report to)."""
-        if self.metrics is not None:
-            self.metrics.watch_tunnels(active)
-
     def tunnel_finished(self, record: TunnelRecord) -> None:
-        """A tunnel that got its 200 (or its upstream connection) ended: metrics and one line."""
+        """A tunnel that got its 200 (or its upstream connection) ended: metrics, inventory, one line."""
         if self.metrics is not None:
             self.metrics.tunnel(record)
+            if record.would_deny is not None:
+                self.metrics.would_deny(record.upstream, record.would_deny)
+        if self._inventory is not None:
+            self._inventory.record_tunnel(
+                record.upstream, bytes_sent=record.bytes_up, bytes_received=record.bytes_down,
+                denied=record.outcome if record.outcome in TUNNEL_REFUSALS else None,
+                would_deny=record.would_deny, end=record.end or None)
         self.access.tunnel(record)

@@ -48,10 +48,14 @@ class RoutePlan:
 class Resilience:
     """Everything stateful about resilience: plans per route, breakers per upstream, in-flight gates."""
 
-    def __init__(self, config: Config, routes: Sequence[CompiledRoute], clock: Clock = time.monotonic) -> None:
+    def __init__(self, config: Config, routes: Sequence[CompiledRoute], clock: Clock = time.monotonic,
+                 previous: Resilience | None = None) -> None:
         self.log = log_module.get("egress.resilience")
-        self.breakers = Breakers(clock)
-        self.shedding = Shedding(config.limits.max_in_flight, [(r.name, r.config.max_in_flight) for r in routes])
+        # After a reload, a breaker whose upstream and settings did not change keeps its state,
+        # and the in-flight gates carry on: a reload neither closes an open circuit nor resets a cap.
+        self.breakers: Breakers = Breakers(clock, previous.breakers if previous is not None else None)
+        self.shedding: Shedding = Shedding(config.limits.max_in_flight, [(r.name, r.config.max_in_flight) for r in routes],
+                                 previous.shedding if previous is not None else None)
         self.plans: dict[str, RoutePlan] = {}
         for route in routes:
             retries, breaker_config = route.config.retries, route.config.circuit_breaker
