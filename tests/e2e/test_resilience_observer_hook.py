@@ -41,7 +41,7 @@ def run(ca_file: str, routes: list[dict[str, Any]], paths: list[tuple[str, str]]
                 request = httpx.Request("GET", f"{route.scheme}://{route.host}:{route.port}{path}",
                                         extensions={"timeout": route.timeouts})
                 try:
-                    response = await runtime.sender.send(request, route)
+                    response = await runtime.active.sender.send(request, route)
                 except httpx.HTTPError:
                     statuses.append(0)
                     continue
