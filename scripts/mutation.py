@@ -56,10 +56,10 @@ EQUIVALENT: dict[str, str] = {
     f"sidecar.hostnames.x{_C}HostPatterns{_C}__init____mutmut_3": "match_all None is falsy like False",
     f"sidecar.hostnames.x{_C}HostPatterns{_C}matches__mutmut_21": "a canonical name has no empty label",
     # breaker
-    f"sidecar.breaker.x{_C}Breaker{_C}__init____mutmut_14": "maxlen 2 with threshold 1: the length test is the same",
-    f"sidecar.breaker.x{_C}Breaker{_C}__init____mutmut_16": "_opened_at is read only once opened",
+    f"sidecar.breaker.x{_C}Breaker{_C}__init____mutmut_15": "maxlen 2 with threshold 1: the length test is the same",
     f"sidecar.breaker.x{_C}Breaker{_C}__init____mutmut_17": "_opened_at is read only once opened",
-    f"sidecar.breaker.x{_C}Breaker{_C}__init____mutmut_18": "_probing None is falsy like False",
+    f"sidecar.breaker.x{_C}Breaker{_C}__init____mutmut_18": "_opened_at is read only once opened",
+    f"sidecar.breaker.x{_C}Breaker{_C}__init____mutmut_19": "_probing None is falsy like False",
     f"sidecar.breaker.x{_C}Breaker{_C}record_failure__mutmut_2": "_probing is True only while half-open",
     f"sidecar.breaker.x{_C}Breaker{_C}record_failure__mutmut_4": "_probing None is falsy like False",
     f"sidecar.breaker.x{_C}Breaker{_C}record_success__mutmut_1": "_probing None is falsy like False",

@@ -226,3 +226,18 @@ def test_a_closed_breaker_asks_for_one_second_at_most() -> None:
     clock = Clock()
     clock.now = 1.0  # early in the clock's life: a cooldown computed from 0 would still be running
     assert make(clock).retry_after() == 1
+
+
+def test_a_reload_keeps_a_breaker_whose_upstream_and_settings_did_not_change() -> None:
+    clock = Clock()
+    settings = CircuitBreaker(consecutive_failures=1, window=Seconds(10), cooldown=Seconds(5))
+    before = Breakers(clock)
+    kept = before.add("api:443", settings)
+    changed = before.add("other:443", settings)
+    assert kept is not None and changed is not None and kept.config == settings
+    fail(kept, 1)
+    after = Breakers(clock, previous=before)
+    assert after.add("api:443", settings) is kept and after.states() == {"api:443": OPEN}
+    stricter = CircuitBreaker(consecutive_failures=2, window=Seconds(10), cooldown=Seconds(5))
+    assert after.add("other:443", stricter) is not changed
+    assert Breakers(clock).add("api:443", settings) is not kept  # no previous: a fresh one
