@@ -7,13 +7,14 @@ FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+# constraints.txt: the exact versions the tests passed with (`make constraints`), never newest-on-build-day.
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY sidecar ./sidecar
 # The venv gets no pip of its own; the build stage's pip installs into it (pip --python).
 # uvloop, httptools and msgspec come as manylinux wheels: no compiler is needed.
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && python -m venv --without-pip /opt/egress-sidecar \
- && python -m pip --python /opt/egress-sidecar/bin/python install --no-cache-dir --compile /wheels/egress_sidecar-*.whl
+ && python -m pip --python /opt/egress-sidecar/bin/python install --no-cache-dir --compile -c constraints.txt /wheels/egress_sidecar-*.whl
 
 # `egress-sidecar lock` (the egress lock's init container) drives nft: its binary and the shared
 # libraries it links, gathered here so the runtime stage gets them without a package manager run.

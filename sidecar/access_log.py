@@ -22,8 +22,7 @@ import msgspec
 from sidecar import log as log_module
 
 if TYPE_CHECKING:
-    from sidecar.observe import Exchange
-    from sidecar.tunnel import TunnelRecord
+    from sidecar.exchange import Exchange, TunnelRecord
 
 
 def _ms(start: float, end: float) -> float | None:
@@ -120,7 +119,7 @@ class AccessLog:
 
     An `access` line in JSON (the sidecar's format whenever stdout is not a terminal) skips
     structlog: rendered by `render_access_line` straight into the log output, ~1.5 us instead
-    of ~6 (bench/observe_cost.py). Errors, and console output, go through structlog.
+    of ~6 (bench/micro/observe_cost.py). Errors, and console output, go through structlog.
     """
 
     def __init__(self, enabled: bool = True) -> None:

@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
+from sidecar._compat.uvicorn import STATUS_LINE, RequestResponseCycle
 
 # In an `http.response.start` message: the first body chunk follows at once (this same step).
 BODY_READY = "egress.body_ready"

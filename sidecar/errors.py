@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from sidecar._compat.h2 import is_connection_end as h2_connection_end
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorSpec:
@@ -130,35 +132,6 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return False
 
 
-# How httpcore reports an HTTP/2 upstream dropping a stream before its response head; all three
-# are a reset before headers, not a malformed response (RFC 9113 sections 6.8 and 8.7):
-# - the h2 events GOAWAY (ConnectionTerminated, e.g. nginx's keepalive_requests) and RST_STREAM
-#   (StreamReset, e.g. REFUSED_STREAM), wrapped in RemoteProtocolError;
-# - h2's own ProtocolError "Invalid input ConnectionInputs.RECV_HEADERS in state
-#   ConnectionState.CLOSED", wrapped in LocalProtocolError: h2 closes its state machine on GOAWAY
-#   and rejects the response frames the server may still send for streams up to last_stream_id
-#   (nginx sends GOAWAY before the last response; encode/httpcore#46), or a request was started
-#   on a connection h2 already saw closed (encode/httpcore#679).
-_H2_RESET_EVENTS = frozenset({"ConnectionTerminated", "StreamReset"})
-
-
-def _is_h2_connection_end(exc: BaseException) -> bool:
-    current: BaseException | None = exc
-    for _ in range(4):  # httpx's exception, then httpcore's as its __cause__
-        if current is None:
-            return False
-        for arg in current.args:
-            kind = type(arg)
-            if not kind.__module__.startswith("h2."):
-                continue
-            if kind.__name__ in _H2_RESET_EVENTS:
-                return True
-            if kind.__name__ == "ProtocolError" and "ConnectionState.CLOSED" in str(arg):
-                return True
-        current = current.__cause__
-    return False
-
-
 def classify(exc: BaseException) -> str:
     """Map an exception raised while proxying to an error kind (the one place that does)."""
     if isinstance(exc, EgressError):
@@ -173,7 +146,7 @@ def classify(exc: BaseException) -> str:
         return "write_timeout"
     if isinstance(exc, httpx.ConnectError):
         return "tls_error" if _is_tls_failure(exc) else "connect_error"
-    if isinstance(exc, httpx.ProtocolError) and _is_h2_connection_end(exc):
+    if isinstance(exc, httpx.ProtocolError) and h2_connection_end(exc):
         return "upstream_reset"
     if isinstance(exc, httpx.RemoteProtocolError):
         # h11/httptools say "Server disconnected without sending a response" when the

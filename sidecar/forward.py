@@ -18,8 +18,10 @@ from typing import Any
 
 import httpx
 
+from sidecar._compat.httpx import build_request
 from sidecar.cycle import BODY_READY, ProxyCycle
 from sidecar.errors import ClientDisconnected, EgressError, classify, error_head, error_subject
+from sidecar.exchange import Exchange
 from sidecar.framing import request_framing
 from sidecar.headers import (
     downstream_response_headers,
@@ -28,9 +30,7 @@ from sidecar.headers import (
     request_id_of,
     upstream_request_headers,
 )
-from sidecar.observe import Exchange
 from sidecar.policy import PolicyDenied
-from sidecar.resilience import send_resilient
 from sidecar.routing import Target
 from sidecar.runtime import Runtime, Snapshot
 from sidecar.shedding import Gate
@@ -151,38 +151,6 @@ class DisconnectWatch:
         return True
 
 
-def _url(target_parts: Any) -> httpx.URL:
-    # The app's raw path and query, exactly as sent: build httpx's parsed form directly so
-    # nothing is re-parsed or re-quoted (httpx would percent-encode some bytes).
-    url = httpx.URL.__new__(httpx.URL)
-    url._uri_reference = target_parts
-    return url
-
-
-def build_request(
-    method: str,
-    url: httpx.URL,
-    headers: list[tuple[bytes, bytes]],
-    stream: httpx.AsyncByteStream,
-    extensions: dict[str, Any],
-) -> httpx.Request:
-    """An `httpx.Request` without re-normalising what the server already normalised.
-
-    uvicorn hands header names lower-cased as bytes and the header rules only add lower-case
-    names, so httpx's per-header normalisation (about 5 µs a request) would change nothing.
-    """
-    request = httpx.Request.__new__(httpx.Request)
-    request.method = method
-    request.url = url
-    request_headers = httpx.Headers.__new__(httpx.Headers)
-    request_headers._list = [(name, name, value) for name, value in headers]
-    request_headers._encoding = None
-    request.headers = request_headers
-    request.extensions = extensions
-    request.stream = stream
-    return request
-
-
 class ForwardApp:
     """Raw ASGI app for the data listener."""
 
@@ -265,12 +233,12 @@ class ForwardApp:
                 watch.start()
             request = build_request(
                 scope["method"],
-                _url(target.url_parts()),
+                target.url(),
                 upstream_headers,
                 body if body is not None else _EMPTY_BODY,
                 extensions,
             )
-            response = await send_resilient(active, request, route, exchange.mark_sent)
+            response = await active.sender.send(request, route, exchange.mark_sent)
             exchange.headers = time.perf_counter()
         except asyncio.CancelledError:
             watch.stop()

@@ -20,6 +20,7 @@ import httpcore
 import httpx
 from httpcore import AsyncNetworkBackend, AsyncNetworkStream
 
+from sidecar._compat.httpcore import set_network_backend
 from sidecar.transport.connect import Resolve  # one definition for both transports
 
 
@@ -79,11 +80,8 @@ def guard_transport(transport: httpx.AsyncHTTPTransport, resolve: Resolve) -> ht
     """Make `transport` dial through GuardedBackend; returns it. Call before first use.
 
     httpx's AsyncHTTPTransport takes no network backend, so the one its connection pool hands
-    to each new connection is replaced. httpx is pinned <0.29; this fails loudly at start if
-    the attribute ever moves.
+    to each new connection is replaced (sidecar/_compat/httpcore.py); this fails loudly if the
+    attribute ever moves.
     """
-    pool = getattr(transport, "_pool", None)
-    if not isinstance(pool, httpcore.AsyncConnectionPool) or not hasattr(pool, "_network_backend"):
-        raise RuntimeError("httpx transport layout changed: cannot install the egress connect guard")
-    pool._network_backend = GuardedBackend(resolve)
+    set_network_backend(transport, GuardedBackend(resolve))
     return transport

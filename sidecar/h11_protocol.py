@@ -23,10 +23,8 @@ in bytes, server.py), a head not complete `header_timeout` after its first bytes
 the connection opened) 408, and a new connection that sends nothing is closed unanswered.
 
 Imported only when `listen.http` is h11: the run path does not load h11 otherwise.
-Contract (tests/unit/test_framing.py fails if it moves): uvicorn's `H11Protocol.__init__`
-builds `self.conn`, its `handle_events` catches `h11.RemoteProtocolError` from
-`conn.next_event()` and calls `send_400_response(msg)`; h11 0.16 keeps unparsed bytes in
-`Connection._receive_buffer._data`, a bytearray.
+What this relies on of uvicorn's `H11Protocol` and of h11's buffer lives in
+sidecar/_compat/h11.py (tests/unit/test_framing.py fails if it moves).
 """
 
 from __future__ import annotations
@@ -36,8 +34,8 @@ import logging
 from typing import Any, ClassVar
 
 import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sidecar._compat.h11 import H11Protocol, buffered
 from sidecar.config import Limits
 from sidecar.errors import EgressError
 from sidecar.framing import head_problem, request_framing
@@ -89,7 +87,7 @@ class StrictH11Connection(h11.Connection):
             self._unchecked = False
             # h11's own buffer, not a copy (`trailing_data` copies it all): a read full of
             # tiny pipelined requests would be copied once per request.
-            problem = head_problem(self._receive_buffer._data)
+            problem = head_problem(buffered(self))
             if problem is not None:
                 self._refuse("bad_request", "-", "-", problem)
         try:
@@ -97,7 +95,7 @@ class StrictH11Connection(h11.Connection):
         except h11.RemoteProtocolError as exc:
             if self.refusal is None:
                 kind = _KINDS.get(exc.error_status_hint, "bad_request")
-                detail = (f"request head incomplete after {len(self._receive_buffer)} bytes"
+                detail = (f"request head incomplete after {len(buffered(self))} bytes"
                           if kind == "header_too_large" else f"unparsable request: {exc}")
                 self.refusal = (kind, "-", "-", detail)
             raise
@@ -176,7 +174,7 @@ class StrictH11Protocol(H11Protocol):
         self._head_timer = None
         if self.transport.is_closing() or self._strict.their_state is not h11.IDLE:
             return
-        if self._strict._receive_buffer:
+        if buffered(self._strict):
             self._answer("client_timeout", "-", "-",
                          f"request head incomplete after {self.limits.header_timeout:g}s")
         elif self.cycle is None:

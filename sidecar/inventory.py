@@ -19,7 +19,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sidecar.observe import Exchange
+    from sidecar.exchange import Exchange
 
 # Methods counted by name; any other token counts as OTHER, so a client cannot grow the dicts.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})

@@ -29,7 +29,7 @@ tail of the previous request: it errs towards refusing, by at most one read, and
 head already near the limit.
 
 Hot path: the common request head arrives in one read and arms no timer; the checks are a
-few integer operations per request, none per header (bench/limits_overhead.py measures it),
+few integer operations per request, none per header (bench/micro/limits_overhead.py measures it),
 plus framing.request_framing's one pass over the header names (~0.6 us for 12 fields).
 
 Two request-target forms uvicorn does not serve are handled here too (RFC 9112 3.2):
@@ -48,19 +48,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from sidecar._compat.uvicorn import HttpToolsProtocol, adopt
 from sidecar.config import Limits
 from sidecar.cycle import ProxyCycle
 from sidecar.errors import ERRORS, EgressError, error_head
+from sidecar.exchange import Exchange
 from sidecar.framing import parse_error_kind, request_framing
-from sidecar.observe import Exchange, Observer
+from sidecar.observe import Observer
 
-if TYPE_CHECKING:
-    from sidecar.tunnel import Tunnels
+
+class Tunnels(Protocol):
+    """What the protocol needs of tunnel.Tunnels (not imported: tunnel.py imports this module)."""
+
+    def connect(self, client: asyncio.Transport, authority: bytes, buffered: bytes) -> None:
+        """Take over `client`, whose `CONNECT authority` head is parsed; `buffered`: bytes after it."""
 
 # report(kind, method, target, detail): called once per refused request or connection.
 Report = Callable[[str, str, str, str], None]
@@ -168,7 +173,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # uvicorn's data_received, with our answers instead of its plain 400.
         if self._lingering:
             return  # refused: discard until the client closes (see _LINGER_SECONDS)
-        self._unset_keepalive_if_required()
+        self.stop_keepalive_timer()
         self._read_size = len(data)
         try:
             self.parser.feed_data(data)
@@ -177,10 +182,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._hand_to_tunnel(data[exc.args[0] if exc.args else len(data):])
                 return
             # ws="none": the app answers 501 unsupported; uvicorn only logs here.
-            if self._should_upgrade():
+            if self.upgrade_requested():
                 self.handle_websocket_upgrade()
             else:
-                self._unsupported_upgrade_warning()
+                self.warn_unsupported_upgrade()
             return
         except httptools.HttpParserError as exc:
             kind, detail = self._refusal or (parse_error_kind(str(exc)), f"unparsable request: {exc}")
@@ -243,9 +248,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not previous and cycle is not None:
-            # uvicorn builds its RequestResponseCycle by name inside on_headers_complete; the
-            # request's task has not run yet, so changing the class here is all it takes.
-            cycle.__class__ = ProxyCycle
+            adopt(cycle, ProxyCycle)  # uvicorn built its own cycle by name: make it ours
             if not origin_form and url[:4].lower() == b"http":
                 # absolute-form (RFC 9112 3.2.2): uvicorn keeps only the path; routing reads the
                 # destination from the URI's authority, as under h11, never from Host.
@@ -263,7 +266,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """The CONNECT head is parsed: the connection is the tunnel's from here on."""
         self._connect = False
         self._cancel_head_timer()
-        self._unset_keepalive_if_required()
+        self.stop_keepalive_timer()
         self.connections.discard(self)  # uvicorn's shutdown no longer concerns it: drain does
         tunnels = self.tunnels
         assert tunnels is not None

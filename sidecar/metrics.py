@@ -38,8 +38,7 @@ from sidecar.errors import TUNNEL_REFUSALS
 from sidecar.policy import REASONS as DENIAL_REASONS
 
 if TYPE_CHECKING:
-    from sidecar.observe import Exchange
-    from sidecar.tunnel import TunnelRecord, Tunnels
+    from sidecar.exchange import Exchange, TunnelRecord
 
 # Seconds. A proxy's latencies span loopback connects (~0.1 ms, all in the first bucket),
 # TLS handshakes and typical API calls (5-500 ms), up to long downloads and read timeouts
@@ -385,9 +384,9 @@ class Metrics:
         """Export what became of connections whose app went away (Upstream.abandoned_counts)."""
         self.registry.register(AbandonedCollector(counts))
 
-    def watch_tunnels(self, tunnels: Tunnels) -> None:
-        """Export the number of open tunnels (`egress_tunnels_active`) at scrape time."""
-        self._tunnels_active = lambda: tunnels.active
+    def watch_tunnels(self, active: Callable[[], float]) -> None:
+        """Export the number of open tunnels (`egress_tunnels_active`, read by `active`) at scrape time."""
+        self._tunnels_active = active
 
     # -- label handling -------------------------------------------------------------------
 

@@ -1,17 +1,17 @@
 """Sending one request with the route's resilience rules: circuit breaker, retries, budget.
 
-forward.py calls `send_resilient` where it would call `upstream.send`. The rules themselves are
-pure objects (retry.py, breaker.py, shedding.py); this module only sequences them around the
-tries. A route with neither retries nor a breaker (and the forward-proxy form, which has no
-route) goes straight to `upstream.send`: no cost on that path.
+forward.py calls `ResilientSender.send` where it would call `upstream.send`; the sender is handed
+the route plans, the upstream's `send` and the observer's `retried` when the runtime is built.
+The rules themselves are pure objects (retry.py, breaker.py, shedding.py); this module only
+sequences them around the tries. A route with neither retries nor a breaker (and the
+forward-proxy form, which has no route) goes straight to `upstream.send`: no cost on that path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import httpx
 
@@ -24,8 +24,10 @@ from sidecar.retry import Clock, ReplayableBody, RetryPolicy
 from sidecar.routing import CompiledRoute
 from sidecar.shedding import Shedding
 
-if TYPE_CHECKING:
-    from sidecar.runtime import Runtime, Snapshot
+# upstream.send: one try, the response body not read.
+Send = Callable[[httpx.Request, CompiledRoute | None], Awaitable[httpx.Response]]
+# observer.retried(route, reason): a try failed and is retried.
+Retried = Callable[[str, str], None]
 
 # A response that will be retried has its body read (up to this much, for this long) so its
 # connection goes back to the pool instead of being closed; past either, it is closed.
@@ -73,65 +75,75 @@ class Resilience:
         log("circuit_state", upstream=upstream, state=state)
 
 
-async def send_resilient(
-    runtime: Runtime | Snapshot,
-    request: httpx.Request,
-    route: CompiledRoute | None,
-    on_attempt: Callable[[], None] | None = None,
-) -> httpx.Response:
-    """Send `request` upstream under the route's breaker and retry rules; the body is not read.
+class ResilientSender:
+    """Sends requests upstream under their route's breaker and retry rules (built once at start)."""
 
-    `on_attempt` is called right before each try goes to the pool (timings restart per try).
-    """
-    plan = runtime.resilience.plans.get(route.name) if route is not None else None
-    if plan is None:
-        if on_attempt is not None:
-            on_attempt()
-        return await runtime.upstream.send(request, route)
-    policy, breaker = plan.retry, plan.breaker
-    body: ReplayableBody | None = None
-    if policy is not None:
-        policy.budget.record_request()  # every request on the route grows the budget, retryable or not
-        if policy.allows_method(request.method):
-            body = _keep_body(request, policy.max_body_bytes)
-        else:
-            policy = None
-    attempt = 0
-    while True:
-        if breaker is not None and not breaker.admit():
-            raise EgressError("circuit_open", f"upstream {breaker.upstream}", retry_after=breaker.retry_after())
-        if on_attempt is not None:
-            on_attempt()
-        try:
-            response = await runtime.upstream.send(request, route)
-        except Exception as exc:
-            kind = classify(exc)
-            if breaker is not None:
-                if kind in FAILURE_KINDS:
-                    breaker.record_failure()
-                else:
+    __slots__ = ("_plans", "_retried", "_send")
+
+    def __init__(self, plans: Mapping[str, RoutePlan], send: Send, retried: Retried) -> None:
+        self._plans = plans
+        self._send = send
+        self._retried = retried
+
+    async def send(
+        self,
+        request: httpx.Request,
+        route: CompiledRoute | None,
+        on_attempt: Callable[[], None] | None = None,
+    ) -> httpx.Response:
+        """Send `request` upstream under the route's breaker and retry rules; the body is not read.
+
+        `on_attempt` is called right before each try goes to the pool (timings restart per try).
+        """
+        plan = self._plans.get(route.name) if route is not None else None
+        if plan is None:
+            if on_attempt is not None:
+                on_attempt()
+            return await self._send(request, route)
+        policy, breaker = plan.retry, plan.breaker
+        body: ReplayableBody | None = None
+        if policy is not None:
+            policy.budget.record_request()  # every request on the route grows the budget, retryable or not
+            if policy.allows_method(request.method):
+                body = _keep_body(request, policy.max_body_bytes)
+            else:
+                policy = None
+        attempt = 0
+        while True:
+            if breaker is not None and not breaker.admit():
+                raise EgressError("circuit_open", f"upstream {breaker.upstream}", retry_after=breaker.retry_after())
+            if on_attempt is not None:
+                on_attempt()
+            try:
+                response = await self._send(request, route)
+            except Exception as exc:
+                kind = classify(exc)
+                if breaker is not None:
+                    if kind in FAILURE_KINDS:
+                        breaker.record_failure()
+                    else:
+                        breaker.release()
+                reason = policy.reason_for_error(kind) if policy is not None else None
+                if reason is None or not _may_retry(policy, attempt, body, breaker):
+                    raise
+            except BaseException:  # cancelled (the app left, or the drain ended): no verdict on the upstream
+                if breaker is not None:
                     breaker.release()
-            reason = policy.reason_for_error(kind) if policy is not None else None
-            if reason is None or not _may_retry(policy, attempt, body, breaker):
                 raise
-        except BaseException:  # cancelled (the app left, or the drain ended): no verdict on the upstream
-            if breaker is not None:
-                breaker.release()
-            raise
-        else:
-            if breaker is not None:
-                if is_failure_status(response.status_code):
-                    breaker.record_failure()
-                else:
-                    breaker.record_success()
-            reason = policy.reason_for_status(response.status_code) if policy is not None else None
-            if reason is None or not _may_retry(policy, attempt, body, breaker):
-                return response
-            await _discard(response)
-        assert policy is not None and route is not None
-        runtime.observer.retried(route.name, reason)
-        await asyncio.sleep(policy.backoff(attempt))
-        attempt += 1
+            else:
+                if breaker is not None:
+                    if is_failure_status(response.status_code):
+                        breaker.record_failure()
+                    else:
+                        breaker.record_success()
+                reason = policy.reason_for_status(response.status_code) if policy is not None else None
+                if reason is None or not _may_retry(policy, attempt, body, breaker):
+                    return response
+                await _discard(response)
+            assert policy is not None and route is not None
+            self._retried(route.name, reason)
+            await asyncio.sleep(policy.backoff(attempt))
+            attempt += 1
 
 
 def _keep_body(request: httpx.Request, limit: int) -> ReplayableBody | None:

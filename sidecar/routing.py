@@ -19,8 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from httpx._urlparse import ParseResult
+import httpx
 
+from sidecar._compat.httpx import raw_url
 from sidecar.config import Config, Route, Timeouts
 from sidecar.errors import EgressError
 from sidecar.hostnames import HostPatterns, canonical_host, endpoint
@@ -71,10 +72,11 @@ class Target:
         """`host:port` as labels and log lines show it: `[::1]:8443`, not the ambiguous `::1:8443`."""
         return endpoint(self.host, self.port)
 
-    def url_parts(self) -> ParseResult:
-        """httpx's parsed-URL tuple, built without re-parsing or re-quoting the app's bytes."""
+    def url(self) -> httpx.URL:
+        """The URL handed to httpx: the app's raw path and query exactly as sent, nothing
+        re-parsed or re-quoted (httpx would percent-encode some bytes)."""
         port = None if self.port == DEFAULT_PORTS[self.scheme] else self.port
-        return ParseResult(self.scheme, "", self.host, port, self.path, self.query, None)
+        return raw_url(self.scheme, self.host, port, self.path, self.query)
 
 
 def split_authority(authority: str) -> tuple[str, int | None]:

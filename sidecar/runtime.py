@@ -19,7 +19,7 @@ from sidecar.config import Config, config_sha256
 from sidecar.credentials import injected_headers
 from sidecar.observe import Observer
 from sidecar.policy import EgressPolicy
-from sidecar.resilience import Resilience
+from sidecar.resilience import Resilience, ResilientSender
 from sidecar.routing import Router, compile_route
 from sidecar.tls import TLSContexts
 from sidecar.tunnel import Tunnels, TunnelSettings
@@ -52,6 +52,7 @@ class Snapshot:
     policy: EgressPolicy
     upstream: Upstream
     resilience: Resilience
+    sender: ResilientSender  # upstream.send under this snapshot's resilience rules
     observer: Observer
     sha256: str
     # forwarding and body limits, read per request
@@ -84,12 +85,14 @@ def build_snapshot(
     upstream = Upstream(config, routes, resolve=resolve, contexts=contexts, on_retry=observer.retried,
                         previous=previous.upstream if previous is not None else None)
     forwarding = config.forwarding
+    resilience = Resilience(config, routes, previous=previous.resilience if previous is not None else None)
     return Snapshot(
         config=config,
         router=Router(config, routes),
         policy=policy,
         upstream=upstream,
-        resilience=Resilience(config, routes, previous=previous.resilience if previous is not None else None),
+        resilience=resilience,
+        sender=ResilientSender(resilience.plans, upstream.send, observer.retried),
         observer=observer,
         sha256=config_sha256(config),
         via=forwarding.via,
@@ -177,7 +180,7 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
     snapshot = build_snapshot(config, observer, resolve, contexts=contexts)
     runtime = Runtime(active=snapshot, observer=observer, resolve=resolve)
     resolve.policy = snapshot.policy
-    runtime.tunnels = Tunnels(
+    tunnels = runtime.tunnels = Tunnels(
         TunnelSettings.from_config(config),
         snapshot.policy,
         observer,
@@ -191,7 +194,7 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
         metrics.watch_pools(runtime.pool_stats, config.pool.max_connections)
         metrics.watch_breakers(runtime.breaker_states)
         metrics.watch_abandoned(runtime.abandoned_counts)
-        metrics.watch_tunnels(runtime.tunnels)
+        metrics.watch_tunnels(lambda: tunnels.active)
         metrics.config_loaded(snapshot.sha256)
     runtime.idle.set()
     return runtime

@@ -23,6 +23,7 @@ import uvloop
 import sidecar
 from sidecar import lifecycle, limits
 from sidecar import log as log_module
+from sidecar._compat.uvicorn import SignalFreeServer, protocol_factory
 from sidecar.accept import BurstAcceptor
 from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
@@ -37,15 +38,6 @@ from sidecar.tls import TLSContexts
 _FORCE_CLOSE_AFTER = 1
 # Allocations between young collections (CPython's default: 700); see _tune_gc.
 _GC_YOUNG = 10_000
-
-
-class SignalFreeServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to us: one process, two listeners, one drain."""
-
-    def capture_signals(self) -> Any:
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 def _uvicorn_config(
@@ -213,10 +205,7 @@ def _transparent_server(config: Config, runtime: Runtime) -> tuple[SignalFreeSer
 
 def _burst_acceptor(server: SignalFreeServer) -> BurstAcceptor:
     """Accept bursts of new connections at once on the data listener (see accept.py)."""
-    config = server.config
-    protocol: Any = config.http_protocol_class  # uvicorn's protocols take these keywords
-    acceptor = BurstAcceptor(functools.partial(
-        protocol, config=config, server_state=server.server_state, app_state=server.lifespan.state))
+    acceptor = BurstAcceptor(protocol_factory(server))
     for listener in server.servers:
         for sock in listener.sockets:
             acceptor.watch(sock)
@@ -231,7 +220,7 @@ def _tune_gc() -> None:
     requests allocated. Young collections run every `_GC_YOUNG` allocations instead of 700:
     with 256 requests in flight their objects survived the young collections and were
     promoted, and full collections took ~9 % of the CPU (py-spy, c256). The data path makes
-    no reference cycles (tests/e2e/test_transport_memory.py runs it with the collector off),
+    no reference cycles (tests/transport/test_memory.py runs it with the collector off),
     so collecting less often holds back little memory.
     """
     gc.collect()

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 from sidecar.addresses import parse_ip_literal
 from sidecar.config import Config
 from sidecar.errors import TUNNEL_REFUSALS
-from sidecar.observe import Exchange
+from sidecar.exchange import Exchange, TunnelRecord
 from sidecar.policy import PolicyDenied
 from sidecar.sni import MAX_HELLO_BYTES, ClientHello, Incomplete, names_match, parse_client_hello
 from sidecar.transport.connect import dial
@@ -75,32 +75,6 @@ class TunnelSettings:
             connect_timeout=float(config.timeouts.connect),
             max_tunnels=config.limits.max_tunnels,
         )
-
-
-
-@dataclass(slots=True)
-class TunnelRecord:
-    """One tunnel as the observer sees it (perf_counter marks; 0.0: not reached)."""
-
-    start: float
-    host: str  # canonical: lower-case, no brackets, no trailing dot
-    port: int
-    source: str = "connect"  # or "transparent"
-    address: str | None = None  # the checked address the upstream connection went to
-    sni: str | None = None
-    connect_start: float = 0.0
-    connect_end: float = 0.0
-    bytes_up: int = 0  # client -> upstream
-    bytes_down: int = 0  # upstream -> client
-    outcome: str = ""  # how it ended: closed, client_closed, upstream_closed, client_reset, upstream_reset,
-    #                    idle_timeout, drained, intercepted, client_timeout, bad_hello, or a REFUSALS reason
-    detail: str = ""
-    end: float = 0.0
-    would_deny: str | None = None  # report mode: the host rule that would have refused it
-
-    @property
-    def upstream(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 

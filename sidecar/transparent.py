@@ -25,10 +25,11 @@ from collections.abc import Callable
 
 from sidecar import capture
 from sidecar.errors import ERRORS, EgressError
+from sidecar.exchange import Exchange
 from sidecar.forward import ForwardApp, Scope
 from sidecar.hostnames import HostPatterns
 from sidecar.limits import LimitedHttpToolsProtocol
-from sidecar.observe import Exchange, Observer
+from sidecar.observe import Observer
 from sidecar.routing import Target
 from sidecar.runtime import Runtime
 

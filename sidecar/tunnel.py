@@ -65,11 +65,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from sidecar.errors import ERRORS, EgressError, classify
+from sidecar.exchange import Exchange, TunnelRecord
 from sidecar.limits import render_error
-from sidecar.observe import Exchange
 from sidecar.policy import PolicyDenied
 from sidecar.routing import normalise_host, split_authority
-from sidecar.splice import REFUSALS, Intercept, Tunnel, TunnelRecord, TunnelSettings
+from sidecar.splice import REFUSALS, Intercept, Tunnel, TunnelSettings
 
 if TYPE_CHECKING:
     from sidecar.observe import Observer

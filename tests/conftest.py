@@ -22,7 +22,7 @@ import trustme
 import yaml
 
 from tests.processes import stop_process
-from tests.upstream import Upstream, UpstreamServer, wait_until
+from tests.servers.upstream import Upstream, UpstreamServer, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from sidecar.transport.origin import Origin
 from sidecar.transport.wire import HeadRole, is_surplus, response_head_role, response_keep_alive
-
-if TYPE_CHECKING:
-    from sidecar.transport.pool import Origin
 
 # Buffered response body at which the socket stops being read. With uvloop a read is at
 # most 256 KiB, so one connection holds at most HIGH_WATER + 256 KiB of body.
@@ -65,7 +64,6 @@ class Connection(asyncio.Protocol):
         "deadline",
         "drain_waiter",
         "error",
-        "expiry_handle",
         "got_bytes",
         "head_bytes",
         "head_done",
@@ -73,17 +71,14 @@ class Connection(asyncio.Protocol):
         "header_bytes",
         "headers",
         "http_version",
-        "idle",
-        "idle_since",
         "informational",
         "keep_alive",
         "loop",
         "max_buffered",
         "new_parser_needed",
-        "on_idle_lost",
+        "on_lost",
         "origin",
         "parser",
-        "pooled",
         "reading_paused",
         "reason",
         "refused_body",
@@ -107,13 +102,8 @@ class Connection(asyncio.Protocol):
         self.parser: HttpResponseParser | None = HttpResponseParser(self)
         self.http_version = "1.1"  # of the last response head, read after the parser may be gone
         self.closed = False
-        # Pool bookkeeping: `pooled` while it holds one of the pool's slots, `idle` while it
-        # sits in its origin's idle stack.
-        self.pooled = False
-        self.idle = False
-        self.idle_since = 0.0
-        self.expiry_handle: asyncio.TimerHandle | None = None
-        self.on_idle_lost: Any = None
+        # Called with this connection when the peer closes it; set by the pool while it is idle.
+        self.on_lost: Callable[[Any], None] | None = None
         self.requests = 0
         # The exchange in flight.
         self.active = False
@@ -202,12 +192,19 @@ class Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.expiry_handle is not None:
-            # The pool's idle-expiry timer holds this connection in its arguments: cancelled
-            # here so a dead connection is not kept alive (with its socket and TLS state)
-            # until the timer would have fired.
-            self.expiry_handle.cancel()
-            self.expiry_handle = None
+
+    def end_exchange(self) -> bool:
+        """The whole response came off the wire: throw away what nobody will read; True if the
+        connection may carry another request (the response allows it and the request went out whole)."""
+        self.active = False
+        self.drop_body()  # resumes reading if it was paused
+        return self.keep_alive and self.request_sent
+
+    def fail(self) -> None:
+        """The exchange did not end cleanly: abort, and let go of its error and unread bytes."""
+        self.abort()
+        self.forget_error()  # see forget_error
+        self.chunks.clear()
 
     def forget_error(self) -> Exception | None:
         """Take the stored error when the connection is being dropped because of it.
@@ -395,8 +392,9 @@ class Connection(asyncio.Protocol):
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(_WOKEN)
-        if self.idle and self.on_idle_lost is not None:
-            self.on_idle_lost(self)
+        on_lost = self.on_lost
+        if on_lost is not None:
+            on_lost(self)
 
     # ---- httptools callbacks ----
 

@@ -67,7 +67,7 @@ class Salvage:
 
     __slots__ = ("closed", "contended", "kept", "limit", "pool", "tasks", "timeout")
 
-    def __init__(self, pool: Pool, limit: int = SALVAGE_BYTES, timeout: float = SALVAGE_TIMEOUT,
+    def __init__(self, pool: Pool[Connection], limit: int = SALVAGE_BYTES, timeout: float = SALVAGE_TIMEOUT,
                  contended: float = SALVAGE_CONTENDED) -> None:
         self.pool = pool
         self.limit = limit
@@ -112,7 +112,7 @@ class Salvage:
                 if conn.body_done and conn.error is None:
                     finished = True
                     self.pool.finish(conn)  # released if keep-alive, closed otherwise
-                    if conn.pooled:
+                    if self.pool.holds(conn):
                         self.kept += 1
                     else:
                         self.closed += 1

@@ -4,7 +4,7 @@ Why our own: through httpcore a request costs this proxy milliseconds of CPU (po
 anyio, per-request imports). A Protocol per connection, httptools' parser and a LIFO pool do
 the same job in ~60-75 us per request at concurrency 32 including httpx's Request/Response
 objects, against ~3,000 us for httpx's AsyncHTTPTransport in the same run; a bare TLS
-protocol without HTTP is the floor at ~15-25 us (bench/transport_micro.py; shared machine).
+protocol without HTTP is the floor at ~15-25 us (bench/micro/transport_micro.py; shared machine).
 The API stays httpx's: the caller hands an `httpx.Request` to `handle_async_request` and
 gets an `httpx.Response` whose stream yields the raw (de-chunked, never decompressed) body.
 
@@ -22,14 +22,15 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 
+from sidecar._compat.httpx import build_response, in_memory_body
 from sidecar.transport import wire
 from sidecar.transport.connect import Resolve, Trace, open_connection
 from sidecar.transport.connection import DISCONNECTED, Connection, ServerDisconnected
-from sidecar.transport.pool import Origin, OriginKey, Pool, PoolClosed, PoolWaitTimeout
+from sidecar.transport.origin import Origin, OriginKey
+from sidecar.transport.pool import Pool, PoolClosed, PoolWaitTimeout
 from sidecar.transport.salvage import SALVAGE_BYTES, SALVAGE_CONTENDED, SALVAGE_TIMEOUT, Salvage
 
 _DEFAULT_PORTS = {b"https": 443, b"http": 80}
@@ -76,7 +77,8 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         self._ssl_context = ssl_context
         self._resolve = resolve
         self._retry_stale = retry_stale
-        self._pool = Pool(max_connections, max_connections if max_idle is None else max_idle, keepalive_expiry)
+        self._pool: Pool[Connection] = Pool(
+            max_connections, max_connections if max_idle is None else max_idle, keepalive_expiry)
         self._salvage = Salvage(self._pool, salvage_bytes, salvage_timeout, salvage_contended)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -131,7 +133,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
     def _origin(self, request: httpx.Request) -> Origin:
         url = request.url
         key: OriginKey = (url.raw_scheme, url.raw_host, url.port)
-        origin = self._pool.origins.get(key)
+        origin = self._pool.origin(key)
         if origin is None:
             scheme, host, port = key
             if scheme not in _DEFAULT_PORTS:
@@ -171,7 +173,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
                     return granted, True, waited
                 pool.reclaim(granted)  # dead (or we need a fresh one): its slot is ours
         conn = Connection(loop, origin)
-        conn.pooled = True
+        pool.adopt(conn)  # it holds the slot reserved above
         try:
             await open_connection(conn, origin, self._ssl_context, self._resolve, timeouts.get("connect"), trace)
         except BaseException:
@@ -233,31 +235,6 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         )
 
 
-def build_response(
-    status: int, headers: list[tuple[bytes, bytes]], stream: httpx.AsyncByteStream, extensions: dict[str, Any],
-) -> httpx.Response:
-    """The `httpx.Response(status, headers=..., stream=..., extensions=...)` the constructor would
-    build, without its per-header normalisation (~3 us for ten headers): httptools hands names and
-    values as bytes, so only the lower-cased name is missing. tests/unit/test_transport_wire.py
-    checks the result equals the constructor's, attribute for attribute."""
-    response = httpx.Response.__new__(httpx.Response)
-    response.status_code = status
-    response_headers = httpx.Headers.__new__(httpx.Headers)
-    response_headers._list = [(name, name.lower(), value) for name, value in headers]
-    response_headers._encoding = None
-    response.headers = response_headers
-    response._request = None
-    response.next_request = None
-    response.extensions = extensions
-    response.history = []
-    response.is_closed = False
-    response.is_stream_consumed = False
-    response.default_encoding = "utf-8"
-    response.stream = stream
-    response._num_bytes_downloaded = 0
-    return response
-
-
 class _Outgoing:
     """A request made ready for the wire once, so a retry sends the very same bytes."""
 
@@ -285,7 +262,7 @@ async def _prepare(request: httpx.Request) -> _Outgoing:
     """
     headers = request.headers.raw
     framing, length = wire.body_framing(headers)
-    body = _in_memory_body(request.stream)
+    body = in_memory_body(request.stream)
     stream: AsyncIterator[bytes] | None = None
     first = b""
     extra: tuple[bytes, bytes] | None = None
@@ -391,19 +368,6 @@ async def _send_stream(
     elif sent != length:
         raise httpx.LocalProtocolError("request body is shorter than its Content-Length")
     conn.request_sent = True
-
-
-def _in_memory_body(stream: object) -> bytes | None:
-    """The body when it is already bytes in memory (httpx.ByteStream), else None.
-
-    httpx builds a ByteStream for `content=bytes` and for no content at all; reading its
-    bytes directly lets head and body leave in one write and makes the body replayable.
-    """
-    if type(stream) is httpx.ByteStream:
-        data = getattr(stream, "_stream", None)
-        if isinstance(data, bytes):
-            return data
-    return None
 
 
 class ResponseStream(httpx.AsyncByteStream):

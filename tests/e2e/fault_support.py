@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import Sidecar
-from tests.upstream import random_bytes
+from tests.servers.upstream import random_bytes
 
 # A pool small enough that one leaked slot shows: 4 connections, and a pool wait of 0.5 s.
 SMALL_POOL: dict[str, Any] = {

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import Sidecar
-from tests.upstream import Upstream
+from tests.servers.upstream import Upstream
 
 SECRET = "s3cr3t"
 FIELDS = {"time", "level", "event", "request_id", "route", "upstream", "method", "path", "status", "kind",

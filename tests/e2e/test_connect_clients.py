@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.conftest import Sidecar
-from tests.upstream import Upstream, random_bytes, wait_until
+from tests.servers.upstream import Upstream, random_bytes, wait_until
 
 SIZE = 1024 * 1024
 SEED = 15

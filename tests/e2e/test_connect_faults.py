@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import Sidecar
 from tests.e2e.connect_support import TcpUpstream, client_hello, connect, open_fds, read_to_eof, reset
 from tests.e2e.test_connect_policy import metric, tunnel_config, tunnel_line
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 
 @pytest.fixture

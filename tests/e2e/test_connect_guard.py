@@ -14,7 +14,7 @@ import trustme
 from sidecar.guard import guard_transport
 from sidecar.policy import EgressPolicy, PolicyDenied
 from tests.conftest import Sidecar, server_context
-from tests.upstream import Upstream, UpstreamServer
+from tests.servers.upstream import Upstream, UpstreamServer
 
 
 def test_static_name_is_dialled_at_its_checked_address_with_sni_and_cert_for_the_name(

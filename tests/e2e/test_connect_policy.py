@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import Sidecar
 from tests.e2e.connect_support import TcpUpstream, client_hello, connect, read_head, read_to_eof
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 
 @pytest.fixture

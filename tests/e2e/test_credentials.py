@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import ROOT, Sidecar, base_config
 from tests.k8s_secret import create_secret_volume, rotate_secret_volume
-from tests.upstream import Upstream, wait_until
+from tests.servers.upstream import Upstream, wait_until
 
 TOKEN_1 = "tok-1-9f8e7d6c5b4a"
 TOKEN_2 = "tok-2-0a1b2c3d4e5f"

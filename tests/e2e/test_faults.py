@@ -21,7 +21,7 @@ import trustme
 from tests.conftest import Sidecar
 from tests.e2e.fault_support import SMALL_POOL, assert_pool_healthy, assert_sidecar_error, established_to
 from tests.e2e.test_transparency import raw_request, split_response
-from tests.upstream import SilentTLSServer, Upstream, UpstreamServer, wait_until
+from tests.servers.upstream import SilentTLSServer, Upstream, UpstreamServer, wait_until
 
 
 @pytest.fixture

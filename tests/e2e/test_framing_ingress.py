@@ -22,7 +22,7 @@ from tests.e2e.framing_support import Exchange, exchange
 from tests.e2e.smuggling_vectors import CLOSED, VECTORS, Vector, payload
 from tests.processes import stop_process
 from tests.prometheus import samples, scrape, total
-from tests.upstream import Upstream, UpstreamServer, wait_until
+from tests.servers.upstream import Upstream, UpstreamServer, wait_until
 
 PARSERS = ["httptools", "h11"]
 

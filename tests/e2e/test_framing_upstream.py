@@ -14,10 +14,10 @@ import trustme
 from sidecar.errors import classify
 from tests.conftest import Sidecar, server_context
 from tests.e2e.framing_support import exchange
-from tests.e2e.transport_helpers import certs, fetch, make_request, server, transport_for
 from tests.prometheus import samples, scrape, total
-from tests.transport_upstream import Certs, Upstream, run, seeded_bytes, upstream
-from tests.upstream import wait_until
+from tests.servers.loop_upstream import Certs, Upstream, run, seeded_bytes, upstream
+from tests.servers.upstream import wait_until
+from tests.transport.helpers import certs, fetch, make_request, server, transport_for
 
 __all__ = ["certs", "server"]  # fixtures used by name below
 
@@ -140,7 +140,7 @@ def test_a_101_or_ambiguous_response_framing_is_a_502_protocol_error_with_nothin
 def test_on_an_http2_route_falling_back_to_http11_surplus_bytes_never_answer_the_next_request(
     make_sidecar: Callable[..., Sidecar], hostile: Upstream, path: str
 ) -> None:
-    """httpcore speaks HTTP/1.1 when the upstream's ALPN picks it (sidecar/httpcore_surplus.py):
+    """httpcore speaks HTTP/1.1 when the upstream's ALPN picks it (sidecar/_compat/httpcore.py close_after_surplus):
     without the rule, the bytes after the first response answered the next request."""
     sidecar = make_sidecar(routes=[{"name": "up", "prefix": "/up", "http2": True,
                                     "upstream": f"https://localhost:{hostile.port}"}])

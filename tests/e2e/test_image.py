@@ -22,7 +22,7 @@ import trustme
 from tests.conftest import free_port
 from tests.e2e.k8s_support import documents, injector_settings, render
 from tests.processes import stop_process
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
@@ -77,7 +77,13 @@ def test_dockerfile_is_multi_stage_non_root_and_exposes_both_ports() -> None:
 def test_dockerignore_sends_only_the_package_and_its_metadata() -> None:
     lines = [x for x in (REPO / ".dockerignore").read_text().splitlines() if x and not x.startswith("#")]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!sidecar/"} <= set(lines)
+    assert {"!pyproject.toml", "!README.md", "!constraints.txt", "!sidecar/"} <= set(lines)
+
+
+def test_dockerfile_installs_the_pinned_versions() -> None:
+    build = " ".join(_stages((REPO / "Dockerfile").read_text())[0])
+    assert "constraints.txt" in build.split("COPY", 1)[1]
+    assert "install --no-cache-dir --compile -c constraints.txt" in build
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +120,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 "--no-cache-dir",
                 "--disable-pip-version-check",
                 "--compile",
+                "-c",
+                str(REPO / "constraints.txt"),  # as the Dockerfile does: the tested versions
                 str(wheel),
             ],
             capture_output=True,

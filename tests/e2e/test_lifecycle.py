@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 
 from tests.conftest import Sidecar
-from tests.upstream import Upstream, random_bytes, wait_until
+from tests.servers.upstream import Upstream, random_bytes, wait_until
 
 
 def test_aborted_downloads_free_every_pool_slot(make_sidecar: Callable[..., Sidecar], upstream: Upstream) -> None:

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import Sidecar
 from tests.e2e.test_errors import assert_error
 from tests.e2e.test_transparency import raw_request, split_response
-from tests.upstream import Upstream, wait_until
+from tests.servers.upstream import Upstream, wait_until
 
 LIMITS = {"max_request_line": 1024, "max_headers": 20, "max_header_bytes": 4096,
           "header_timeout": "1s", "body_idle_timeout": "2s"}

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-_TREE = ("sidecar", "tests", "bench", "scripts", "examples", "pyproject.toml", "Makefile")
+_TREE = ("sidecar", "tests", "bench", "scripts", "examples", "pyproject.toml", "Makefile", "constraints.txt")
 
 
 @pytest.fixture(scope="module")

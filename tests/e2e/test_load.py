@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import Sidecar
 from tests.e2e.fault_support import assert_pool_healthy, established_on, established_to, fd_count, run_load
-from tests.upstream import Upstream, random_bytes, wait_until
+from tests.servers.upstream import Upstream, random_bytes, wait_until
 
 # 256 concurrent requests over 32 connections: most of the burst waits in the pool's queue,
 # which is part of what is tested (no request lost or stuck there, no slot leaked).

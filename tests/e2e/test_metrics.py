@@ -10,7 +10,7 @@ import httpx
 
 from tests.conftest import Sidecar
 from tests.prometheus import promtool_check, samples, scrape, total
-from tests.upstream import Upstream, wait_until
+from tests.servers.upstream import Upstream, wait_until
 
 
 def closed_port() -> int:

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import ROOT, Sidecar, free_port
 from tests.e2e.test_metrics import closed_port
 from tests.prometheus import Prometheus, start_prometheus
-from tests.upstream import Upstream, random_bytes, wait_until
+from tests.servers.upstream import Upstream, random_bytes, wait_until
 
 DASHBOARD = ROOT / "helm" / "egress-sidecar" / "files" / "grafana-dashboard.json"
 

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import Sidecar
 from tests.e2e.test_errors import assert_error
 from tests.e2e.test_transparency import raw_request, split_response
-from tests.upstream import Upstream
+from tests.servers.upstream import Upstream
 
 PARSERS = ["httptools", "h11"]
 

@@ -25,7 +25,7 @@ from sidecar.runtime import build_runtime
 from sidecar.server import SignalFreeServer, _uvicorn_config
 from sidecar.transport.transport import ResponseStream
 from tests.conftest import base_config
-from tests.upstream import Upstream
+from tests.servers.upstream import Upstream
 
 REQUESTS = 60
 # The sidecar's per-request objects (the test's client is raw sockets: it makes none of these).

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import Sidecar
-from tests.upstream import Upstream, wait_until
+from tests.servers.upstream import Upstream, wait_until
 
 COOLDOWN = 2
 

@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from tests.conftest import Sidecar
-from tests.nginx_upstream import NginxUpstream
+from tests.servers.nginx import NginxUpstream
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ import uvloop
 
 from sidecar import config as cfg
 from sidecar.observe import Observer
-from sidecar.resilience import send_resilient
 from sidecar.runtime import build_runtime
 from tests.conftest import base_config
-from tests.upstream import ResettingServer, Upstream
+from tests.servers.upstream import ResettingServer, Upstream
 
 
 class Recording(Observer):
@@ -42,7 +41,7 @@ def run(ca_file: str, routes: list[dict[str, Any]], paths: list[tuple[str, str]]
                 request = httpx.Request("GET", f"{route.scheme}://{route.host}:{route.port}{path}",
                                         extensions={"timeout": route.timeouts})
                 try:
-                    response = await send_resilient(runtime, request, route)
+                    response = await runtime.active.sender.send(request, route)
                 except httpx.HTTPError:
                     statuses.append(0)
                     continue

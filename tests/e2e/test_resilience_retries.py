@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import Sidecar
-from tests.upstream import ResettingServer, Upstream, random_bytes
+from tests.servers.upstream import ResettingServer, Upstream, random_bytes
 
 FAST_BACKOFF = {"backoff_base": "1ms", "backoff_max": "5ms"}
 

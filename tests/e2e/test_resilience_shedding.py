@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from tests.conftest import Sidecar
-from tests.upstream import Upstream, wait_until
+from tests.servers.upstream import Upstream, wait_until
 
 
 def route(upstream: Upstream, **extra: object) -> dict[str, object]:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import Sidecar
-from tests.upstream import GZIP_PAYLOAD, Upstream, random_bytes, wait_until
+from tests.servers.upstream import GZIP_PAYLOAD, Upstream, random_bytes, wait_until
 
 
 def raw_request(port: int, request: bytes, timeout: float = 10.0) -> bytes:

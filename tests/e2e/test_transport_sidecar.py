@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Sidecar
 from tests.prometheus import samples, scrape, total
-from tests.upstream import Upstream, random_bytes, wait_until
+from tests.servers.upstream import Upstream, random_bytes, wait_until
 
 
 def test_upstream_tls_handshakes_never_exceed_the_pool_size(
@@ -58,7 +58,7 @@ def test_apps_disconnecting_while_waiting_do_not_cost_new_upstream_handshakes(
     to a slow upstream (0.3 s to the head) and disconnect while the first ones wait for it (the
     rest wait for a slot). The sidecar reads the abandoned responses and keeps the connections.
     (Rounds do not overlap: with requests queued for a slot, a salvage gives the slot up after
-    SALVAGE_CONTENDED instead, tests/e2e/test_transport_salvage.py.)"""
+    SALVAGE_CONTENDED instead, tests/transport/test_salvage.py.)"""
     sidecar = make_sidecar(
         routes=[{"name": "up", "prefix": "/up", "upstream": f"https://localhost:{fresh_upstream.port}"}],
         pool={"max_connections": POOL, "max_keepalive_connections": POOL},

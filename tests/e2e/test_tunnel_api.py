@@ -26,7 +26,7 @@ from sidecar.server import SignalFreeServer, _uvicorn_config
 from sidecar.splice import Tunnel, TunnelRecord, _UpstreamSide
 from tests.conftest import base_config
 from tests.e2e.connect_support import TcpUpstream, client_hello
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 
 def runtime_for(ca_file: str, upstream: TcpUpstream, **policy: Any) -> Runtime:

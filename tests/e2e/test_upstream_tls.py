@@ -14,7 +14,7 @@ import pytest
 import trustme
 
 from tests.conftest import Sidecar, server_context
-from tests.upstream import Upstream, UpstreamServer, wait_until
+from tests.servers.upstream import Upstream, UpstreamServer, wait_until
 
 
 class MTLSUpstream:

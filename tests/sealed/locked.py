@@ -23,7 +23,7 @@ import yaml
 from tests.conftest import ROOT
 from tests.processes import stop_process
 from tests.sealed import pod
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 SIDECAR_UID = 65532
 APP_UID = 1000

@@ -21,7 +21,7 @@ from tests.e2e.connect_support import connect, read_to_eof
 from tests.sealed.catchers import Catchers
 from tests.sealed.dns import DNSServer
 from tests.sealed.test_ssrf import ADMIN, LISTEN, SIDECAR_CONFIG, VECTORS, Vector, error_lines
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 
 def authority(vector: Vector, sidecar: Sidecar) -> str:

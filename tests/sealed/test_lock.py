@@ -18,7 +18,7 @@ import trustme
 from tests.sealed import pod
 from tests.sealed.catchers import Catchers, remember_sni
 from tests.sealed.locked import PORTS, SIDECAR_UID, LockedPod, UDPCatcher, start
-from tests.upstream import Upstream, UpstreamServer, random_bytes, wait_until
+from tests.servers.upstream import Upstream, UpstreamServer, random_bytes, wait_until
 
 MIB = 1024 * 1024
 ALLOWED_V4, ALLOWED_V6 = "93.184.216.34", "2001:4860:4860::8888"

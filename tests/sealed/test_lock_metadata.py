@@ -16,7 +16,7 @@ import trustme
 
 from tests.sealed import pod
 from tests.sealed.locked import LockedPod, start
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 ANSWERS = {
     ("PUT", "/latest/api/token"): b"TOKEN-1",

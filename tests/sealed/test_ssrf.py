@@ -21,7 +21,7 @@ from tests.conftest import Sidecar, base_config, start_sidecar
 from tests.e2e.test_transparency import raw_request, split_response
 from tests.sealed.catchers import Catchers
 from tests.sealed.dns import DNSServer
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 LISTEN = "{listen}"  # replaced by the sidecar's data port
 ADMIN = "{admin}"  # replaced by the sidecar's admin port

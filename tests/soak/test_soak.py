@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ROOT, Sidecar
 from tests.e2e.fault_support import established_to, fd_count
-from tests.upstream import Upstream
+from tests.servers.upstream import Upstream
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
 WARM_UP = min(60.0, SOAK_SECONDS / 5)  # imports, pool fill, allocator arenas: not counted

@@ -114,3 +114,118 @@ def test_the_resolver_error_is_found_through_a_re_raise_from_none_but_not_an_imp
             raise httpx.ConnectError("127.0.0.1:1: connection refused")  # noqa: B904 - the case under test
     except httpx.ConnectError as later:
         assert error_subject(later) is None
+
+
+# Every row of the error table as DESIGN.md specifies it: (status, Retry-After, close).
+ERROR_TABLE = {
+    "bad_request": (400, None, True),
+    "no_route": (404, None, False),
+    "loop": (508, None, False),
+    "denied_host": (403, None, False),
+    "denied_ip": (403, None, False),
+    "denied_port": (403, None, False),
+    "header_too_large": (431, None, True),
+    "uri_too_long": (414, None, True),
+    "connect_error": (502, None, False),
+    "tls_error": (502, None, False),
+    "protocol_error": (502, None, False),
+    "upstream_reset": (502, None, False),
+    "connect_timeout": (504, None, False),
+    "read_timeout": (504, None, False),
+    "write_timeout": (504, None, False),
+    "pool_timeout": (503, 1, False),
+    "overloaded": (503, 1, False),
+    "circuit_open": (503, 5, False),
+    "draining": (503, 1, True),
+    "unsupported": (501, None, True),
+    "client_timeout": (408, None, True),
+    "internal": (500, None, False),
+}
+
+
+def test_the_error_table_has_exactly_the_specified_kinds() -> None:
+    assert set(ERRORS) >= set(ERROR_TABLE)
+    assert set(ERRORS) - set(ERROR_TABLE) == set(), "a new kind needs its row here and in DESIGN.md"
+
+
+@pytest.mark.parametrize(("kind", "row"), sorted(ERROR_TABLE.items()))
+def test_each_error_kind_answers_its_status_retry_after_and_close(kind: str, row: tuple[int, int | None, bool]) -> None:
+    status, retry_after, close = row
+    answered, headers, body = error_head(kind)
+    fields = dict(headers)
+    assert answered == status
+    assert fields.get(b"retry-after") == (str(retry_after).encode() if retry_after is not None else None)
+    assert fields.get(b"connection") == (b"close" if close else None)
+    assert fields[b"content-length"] == str(len(body)).encode()
+    assert fields[b"content-type"] == b"text/plain; charset=utf-8"
+    assert body == f"egress-sidecar: {kind}: {ERRORS[kind].message}\n".encode()
+
+
+def test_a_producer_may_override_retry_after_and_name_a_subject() -> None:
+    status, headers, body = error_head("circuit_open", "api.example.com:443", retry_after=3)
+    assert (status, dict(headers)[b"retry-after"]) == (503, b"3")
+    assert body.endswith(b" (api.example.com:443)\n")
+    error = EgressError("circuit_open", "upstream x", subject="x", retry_after=3)
+    assert (error.kind, error.detail, error.subject, error.retry_after, str(error)) == (
+        "circuit_open", "upstream x", "x", 3, "circuit_open: upstream x")
+    assert str(EgressError("loop")) == "loop"
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (httpx.WriteTimeout("x"), "write_timeout"),
+        (httpx.WriteError("broken pipe"), "upstream_reset"),
+        (ConnectionResetError("reset"), "upstream_reset"),
+        (httpx.RemoteProtocolError("peer closed connection without sending complete message body"), "protocol_error"),
+        (httpx.RemoteProtocolError("connection closed while reading"), "upstream_reset"),
+        (httpx.LocalProtocolError("illegal header"), "protocol_error"),
+        (httpx.UnsupportedProtocol("ftp"), "bad_request"),
+        (OSError("no route"), "connect_error"),
+        (httpx.ReadError("[SSL: ALERT] during the SSL handshake"), "tls_error"),
+        (httpx.ConnectError("SSL handshake failed"), "tls_error"),
+    ],
+)
+def test_classify_the_rest(exc: BaseException, kind: str) -> None:
+    assert classify(exc) == kind
+
+
+def test_a_want_read_in_the_chain_is_a_reset_not_tls() -> None:
+    try:
+        try:
+            raise ssl.SSLWantReadError("The operation did not complete")
+        except ssl.SSLError as inner:
+            raise httpx.ReadError("reset") from inner
+    except httpx.ReadError as outer:
+        assert classify(outer) == "upstream_reset"
+
+
+@pytest.mark.parametrize(("exc", "kind"), [
+    (httpx.ConnectError("connection reset during handshake"), "connect_error"),  # no SSL: not TLS
+    (httpx.ReadError("[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed"), "upstream_reset"),
+])
+def test_only_a_handshake_failure_reads_as_tls_by_its_text(exc: BaseException, kind: str) -> None:
+    assert classify(exc) == kind
+
+
+def test_a_tls_error_found_through_an_implicit_context() -> None:
+    try:
+        try:
+            raise ssl.SSLError(1, "alert")
+        except ssl.SSLError:
+            raise httpx.ReadError("reset")  # noqa: B904 - the implicit __context__ is what is tested
+    except httpx.ReadError as outer:
+        assert outer.__cause__ is None
+        assert classify(outer) == "tls_error"
+
+
+def test_a_cause_cycle_ends_the_search() -> None:
+    first, second = httpx.ReadError("a"), ConnectionResetError("b")
+    first.__cause__, second.__cause__ = second, first
+    assert classify(first) == "upstream_reset"
+
+
+def test_a_subject_outside_ascii_is_replaced_in_the_body() -> None:
+    _, headers, body = error_head("denied_host", "bücher.example")
+    assert body == b"egress-sidecar: denied_host: egress to this host is denied by policy (b?cher.example)\n"
+    assert dict(headers)[b"content-length"] == str(len(body)).encode()

@@ -9,8 +9,8 @@ import inspect
 import h11
 import httptools
 import pytest
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sidecar._compat.h11 import H11Protocol, buffered
 from sidecar.config import Limits
 from sidecar.errors import EgressError
 from sidecar.framing import head_problem, parse_error_kind, request_framing
@@ -176,5 +176,5 @@ def test_uvicorn_h11_seams_are_where_h11_protocol_expects_them() -> None:
 def test_h11_keeps_unparsed_bytes_where_the_head_check_reads_them() -> None:
     conn = StrictH11Connection(_LIMITS)
     conn.receive_data(b"GET / HTTP/1.1\r\n")
-    assert isinstance(conn._receive_buffer._data, bytearray)
-    assert bytes(conn._receive_buffer._data) == conn.trailing_data[0]
+    assert isinstance(buffered(conn), bytearray)
+    assert bytes(buffered(conn)) == conn.trailing_data[0]

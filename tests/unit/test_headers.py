@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sidecar.headers import (
     connection_tokens,
     downstream_response_headers,
@@ -68,17 +70,58 @@ def test_downstream_headers_drop_hop_by_hop_keep_the_rest() -> None:
         (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"Content-Encoding", b"gzip")]
 
 
-def test_fast_request_equals_httpx_request() -> None:
-    import httpx
+# Every hop-by-hop name (RFC 9110 7.6.1), one test per row.
+HOP_BY_HOP_NAMES = [b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+                    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"]
 
-    from sidecar.forward import build_request
 
-    headers = [(b"host", b"api.example.com"), (b"x-a", b"1"), (b"x-a", b"2"), (b"content-type", b"text/plain")]
-    url = httpx.URL("https://api.example.com/x?y=1")
-    stream = httpx.ByteStream(b"")
-    fast = build_request("POST", url, headers, stream, {"timeout": {}})
-    slow = httpx.Request("POST", url, headers=headers, stream=stream, extensions={"timeout": {}})
-    assert (fast.method, fast.url, fast.headers.raw, fast.extensions) == (
-        slow.method, slow.url, slow.headers.raw, slow.extensions)
-    assert fast.headers.get_list("x-a") == ["1", "2"] and fast.headers["Content-Type"] == "text/plain"
-    assert fast.headers.multi_items() == slow.headers.multi_items()
+def test_the_hop_by_hop_table_is_exactly_rfc_9110s() -> None:
+    from sidecar.headers import HOP_BY_HOP
+
+    assert HOP_BY_HOP == frozenset(HOP_BY_HOP_NAMES)
+
+
+@pytest.mark.parametrize("name", HOP_BY_HOP_NAMES)
+def test_each_hop_by_hop_name_stops_at_the_sidecar_both_ways(name: bytes) -> None:
+    headers = [(b"x-before", b"1"), (name, b"v"), (b"x-after", b"2")]
+    assert upstream_request_headers(headers, b"h") == [(b"host", b"h"), (b"x-before", b"1"), (b"x-after", b"2")]
+    upper = [(b"X-Before", b"1"), (name.upper(), b"v"), (b"X-After", b"2")]
+    assert downstream_response_headers(upper) == [(b"X-Before", b"1"), (b"X-After", b"2")]
+
+
+def test_end_to_end_headers_pass_both_ways() -> None:
+    headers = [(b"authorization", b"a"), (b"te-x", b"1"), (b"x-upgrade", b"2"), (b"x-content-length", b"3")]
+    assert upstream_request_headers(headers, b"h")[1:] == headers
+    assert downstream_response_headers(headers) == headers
+
+
+def test_a_name_listed_in_a_response_connection_header_is_dropped_in_any_case() -> None:
+    headers = [(b"Connection", b"X-Private , ,close"), (b"X-Private", b"1"), (b"X-Kept", b"2")]
+    assert downstream_response_headers(headers) == [(b"X-Kept", b"2")]
+    assert connection_tokens(headers) == {b"x-private", b"close"}
+
+
+def test_the_apps_host_is_replaced_and_connection_tokens_read_only_when_present() -> None:
+    headers = [(b"host", b"sidecar:15001"), (b"x-private", b"1")]
+    assert upstream_request_headers(headers, b"api") == [(b"host", b"api"), (b"x-private", b"1")]
+
+
+def test_request_ids_are_read_and_made() -> None:
+    from sidecar.headers import new_request_id, request_id_of
+
+    assert request_id_of([(b"x-a", b"1"), (b"x-request-id", b"abc"), (b"x-request-id", b"def")]) == b"abc"
+    assert request_id_of([(b"x-a", b"1")]) is None
+    ids = {new_request_id() for _ in range(100)}
+    assert len(ids) == 100 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(i == i.lower() for i in ids)  # lower-case hex, as uuid4's text
+
+
+def test_a_response_of_only_hop_by_hop_headers_loses_them_all() -> None:
+    assert downstream_response_headers([(b"Connection", b"close"), (b"Keep-Alive", b"timeout=5")]) == []
+
+
+def test_a_repeated_or_unwanted_content_length_is_skipped_not_the_headers_after_it() -> None:
+    headers = [(b"content-length", b"05"), (b"content-length", b"05"), (b"x-after", b"1")]
+    assert upstream_request_headers(headers, b"h", content_length=b"5") == [
+        (b"host", b"h"), (b"content-length", b"5"), (b"x-after", b"1")]
+    assert upstream_request_headers(headers, b"h") == [(b"host", b"h"), (b"x-after", b"1")]

@@ -127,3 +127,63 @@ def test_mapped_form_is_judged_like_the_ipv4(value: int) -> None:
     v4 = ipaddress.IPv4Address(value)
     mapped = ipaddress.IPv6Address(f"::ffff:{v4}")
     assert denial_reason(mapped) == denial_reason(v4)
+
+
+@pytest.mark.parametrize("broken", ["1.1.256.1", "1.256.1.1", "1.1.1.256", "1.65536.1", "1.1.65536", "0x100.1.1.1"])
+def test_out_of_range_parts_are_not_addresses(broken: str) -> None:
+    with pytest.raises(ValueError):
+        parse_ip_literal(broken)
+
+
+@pytest.mark.parametrize(("spelling", "expected"), [
+    ("1.1.255.1", "1.1.255.1"), ("1.255.65535", "1.255.255.255"), ("1.16777215", "1.255.255.255"),
+    ("0x", "0.0.0.0"), ("0x0a.0", "10.0.0.0"), ("012.0.0.1", "10.0.0.1"), ("4294967295", "255.255.255.255"),
+    ("1.1.1.1.", "1.1.1.1"),  # WHATWG drops one empty last part
+])
+def test_boundary_spellings_are_addresses(spelling: str, expected: str) -> None:
+    assert parse_ip_literal(spelling) == ipaddress.ip_address(expected)
+
+
+@pytest.mark.parametrize(("broken", "message"), [
+    ("1.2.3.4.5", "'1.2.3.4.5' looks like an IPv4 address but is not one"),
+    ("1.x.3.4", "'1.x.3.4' looks like an IPv4 address but is not one"),
+    ("1.256.1.1", "'1.256.1.1' is out of range for an IPv4 address"),
+    ("", "empty host"),
+    ("  ", "empty host"),
+    ("[::G]", "'::g' is not a valid IPv6 address"),
+    ("[::1", "'[::1' is not a valid IPv6 address"),
+])
+def test_refusals_say_why(broken: str, message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        parse_ip_literal(broken)
+    assert str(error.value) == message
+
+
+def test_one_number_with_a_trailing_dot_is_an_address() -> None:
+    assert parse_ip_literal("1.") == ipaddress.ip_address("0.0.0.1")
+
+
+def test_a_zone_id_is_dropped_up_to_its_first_percent() -> None:
+    assert parse_ip_literal("fe80::1%eth0%x") == ipaddress.ip_address("fe80::1")
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("2001:2::1", "reserved"),  # not globally reachable, not in our table: IANA's registry decides
+    ("::2", "unspecified"),  # IPv4-compatible ::0.0.0.2 is judged as 0.0.0.2
+])
+def test_reasons_outside_the_table(address: str, reason: str) -> None:
+    assert denial_reason(ipaddress.ip_address(address)) == reason
+
+
+@pytest.mark.parametrize(("text", "network"), [
+    ("10.1.2.3/8", "10.0.0.0/8"),  # host bits allowed (not strict)
+    (" [fd00::1] ", "fd00::1/128"),
+    ("192.0.2.7", "192.0.2.7/32"),
+])
+def test_config_networks_are_read_leniently(text: str, network: str) -> None:
+    assert parse_network(text) == ipaddress.ip_network(network)
+
+
+def test_config_networks_strip_only_brackets_and_spaces() -> None:
+    with pytest.raises(ValueError):
+        parse_network("X10.0.0.1X")

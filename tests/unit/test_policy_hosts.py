@@ -67,3 +67,38 @@ def test_invalid_patterns_are_reported(pattern: str) -> None:
 
 def test_valid_patterns_pass_the_config_check() -> None:
     assert check_patterns(["api.github.com", "*.stripe.com", "*", "10.0.0.1"]) is None
+
+
+def test_a_name_of_253_characters_is_the_longest() -> None:
+    longest = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters
+    assert canonical_host(longest) == longest
+    with pytest.raises(ValueError, match="^not a valid host name$"):
+        canonical_host(longest + "b")
+
+
+@pytest.mark.parametrize(("host", "message"), [
+    ("a..b", "not a valid host name"),
+    ("xn--a.b\u0301", "invalid international host name: "),
+])
+def test_refused_hosts_say_why(host: str, message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        canonical_host(host)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("pattern", ["*.1", "*.10.0.0.1", "*.[::1]"])
+def test_a_wildcard_over_an_address_says_use_cidrs(pattern: str) -> None:
+    assert check_patterns([pattern]) == (
+        f"{pattern!r}: a wildcard applies to names, not addresses (use allow_cidrs)")
+
+
+def test_patterns_of_each_kind_are_truthy() -> None:
+    assert HostPatterns(["*.example.com"]) and HostPatterns(["a.example.com"]) and HostPatterns(["*"])
+    assert not HostPatterns([])
+
+
+def test_an_allow_all_is_dead_only_under_a_deny_all() -> None:
+    from sidecar.hostnames import never_applies
+
+    assert never_applies(["*"], [" * "]) == "*"
+    assert never_applies([" *"], ["*.example.com", "a.test"]) is None

@@ -157,3 +157,116 @@ def test_body_never_pulled_is_replayable_even_with_limit_zero() -> None:
     assert body.replayable  # a connect failure: nothing went out
     assert asyncio.run(_collect(body)) == b"x" * 100
     assert not body.replayable
+
+
+def test_budget_window_slides_bucket_by_bucket() -> None:
+    """Traffic spread over the window leaves it a bucket (window/10) at a time, not all at once."""
+    clock = Clock()
+    budget = Budget(RetryBudget(percent=10, window=Seconds(10), min_retries=0), clock)
+    start = clock.now
+    for second in range(10):  # 10 requests in each one-second bucket
+        clock.now = start + second
+        for _ in range(10):
+            budget.record_request()
+    clock.now = start + 9.5
+    assert sum(budget.try_acquire() for _ in range(20)) == 10  # 10 % of the 100 in the window
+    clock.now = start + 14.5  # the first five buckets (50 requests, no retries) left the window
+    assert sum(budget.try_acquire() for _ in range(20)) == 0  # 10 retries against 10 % of 50: none
+    clock.now = start + 19.5  # everything left: the retries too
+    assert not budget.try_acquire()
+    budget.record_request()
+    assert budget.try_acquire() and not budget.try_acquire()  # room while retries < 10 % of requests
+
+
+def test_budget_counts_requests_in_the_current_bucket_after_a_wrap() -> None:
+    clock = Clock()
+    budget = Budget(RetryBudget(percent=50, window=Seconds(1), min_retries=0), clock, buckets=2)
+    for _ in range(4):
+        budget.record_request()
+    clock.now += 1.0  # two buckets later the same ring entry is reused: it starts afresh
+    for _ in range(2):
+        budget.record_request()
+    assert sum(budget.try_acquire() for _ in range(5)) == 1
+
+
+def test_budget_has_ten_buckets_per_window() -> None:
+    clock = Clock()
+    clock.now = 0.95  # bucket 0 of a 10 s window (1 s buckets); with 11 it would be bucket 1
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), clock)
+    budget.record_request()
+    clock.now = 10.5  # bucket 0 has left the window
+    assert not budget.try_acquire()
+
+
+def test_budget_window_of_under_a_second_keeps_its_own_length() -> None:
+    clock = Clock()
+    clock.now = 0.0
+    budget = Budget(RetryBudget(percent=100, window=Seconds(0.5), min_retries=0), clock)
+    budget.record_request()
+    clock.now = 0.55
+    assert not budget.try_acquire()
+
+
+def test_budget_of_a_route_never_used_allows_only_its_minimum() -> None:
+    clock = Clock()
+    clock.now = 0.0  # early in the clock's life the ring's unused entries lie inside the window
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), clock)
+    assert not budget.try_acquire()
+
+
+@pytest.mark.parametrize(("percent", "window"), [(100, 10), (50, 20), (25, 3)])
+def test_budget_grants_exactly_percent_of_the_requests(percent: int, window: int) -> None:
+    budget = Budget(RetryBudget(percent=percent, window=Seconds(window), min_retries=0), Clock())
+    for _ in range(100):
+        budget.record_request()
+    assert sum(budget.try_acquire() for _ in range(200)) == percent
+
+
+def test_a_body_of_exactly_the_limit_stays_replayable() -> None:
+    body = ReplayableBody(_source([b"x" * 30, b"y" * 34], []), limit=64)
+    assert asyncio.run(_collect(body)) == b"x" * 30 + b"y" * 34
+    assert body.replayable is True
+    over = ReplayableBody(_source([b"x" * 65], []), limit=64)
+    asyncio.run(_collect(over))
+    assert over.replayable is False
+    with pytest.raises(RuntimeError, match="^request body was already streamed and cannot be sent again$"):
+        asyncio.run(_collect(over))
+
+
+def test_policy_keeps_its_config_and_clock() -> None:
+    clock = Clock()
+    config = Retries(attempts=2, max_body_bytes=123, budget=RetryBudget(percent=0, window=Seconds(10), min_retries=1))
+    policy = RetryPolicy(config, clock)
+    assert policy.max_body_bytes == 123
+    assert policy.budget.try_acquire() and not policy.budget.try_acquire()
+    clock.now += 11  # the policy's budget reads the policy's clock
+    assert policy.budget.try_acquire()
+    assert policy.backoff(2, rng=lambda: 0.5) == pytest.approx(full_jitter(2, policy.backoff_base,
+                                                                           policy.backoff_max, lambda: 0.5))
+
+
+def test_budget_of_a_young_clock_counts_only_what_happened() -> None:
+    clock = Clock()
+    clock.now = 0.0  # untouched ring entries lie inside the window: they must hold nothing
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), clock)
+    for _ in range(5):
+        budget.record_request()
+    assert sum(budget.try_acquire() for _ in range(10)) == 5
+
+
+def test_budget_percent_is_exact_over_many_requests() -> None:
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), Clock())
+    for _ in range(1000):
+        budget.record_request()
+    assert sum(budget.try_acquire() for _ in range(2000)) == 1000
+
+
+def test_budget_adds_up_retries_across_buckets() -> None:
+    clock = Clock()
+    budget = Budget(RetryBudget(percent=100, window=Seconds(10), min_retries=0), clock)
+    budget.record_request()
+    budget.record_request()
+    assert budget.try_acquire()
+    clock.now += 1  # the next bucket
+    assert budget.try_acquire()
+    assert not budget.try_acquire()  # two retries (in two buckets) for two requests

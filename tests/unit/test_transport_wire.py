@@ -184,22 +184,70 @@ def test_response_keep_alive_reads_every_connection_header() -> None:
     assert wire.response_keep_alive("1.1", []) is True
 
 
-def test_fast_response_equals_httpx_response() -> None:
-    import httpx
+# RFC 9110 9.2.2, one test per row: only these are sent again after the keep-alive race.
+IDEMPOTENT = ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"]
 
-    from sidecar.transport.transport import build_response
 
-    headers = [(b"Content-Type", b"text/plain"), (b"X-A", b"1"), (b"x-a", b"2"), (b"Content-Length", b"5")]
-    stream = httpx.ByteStream(b"hello")
-    extensions = {"http_version": b"HTTP/1.1", "reason_phrase": b"OK"}
-    fast = build_response(200, headers, stream, dict(extensions))
-    slow = httpx.Response(200, headers=headers, stream=stream, extensions=dict(extensions))
-    fast_state, slow_state = vars(fast), vars(slow)
-    assert fast_state.keys() == slow_state.keys()  # catches a new attribute in a later httpx
-    assert {k: v for k, v in fast_state.items() if k != "headers"} == {
-        k: v for k, v in slow_state.items() if k != "headers"}
-    assert vars(fast.headers) == vars(slow.headers)
-    assert fast.headers.get_list("x-a") == ["1", "2"] and fast.headers["content-type"] == "text/plain"
+def test_the_idempotent_methods_are_exactly_rfc_9110s() -> None:
+    assert wire.IDEMPOTENT_METHODS == frozenset(IDEMPOTENT)
+
+
+@pytest.mark.parametrize("method", [*IDEMPOTENT, "POST", "PATCH", "CONNECT", "PROPFIND"])
+def test_each_method_is_retried_after_the_race_only_if_idempotent(method: str) -> None:
+    assert wire.may_retry_on_fresh(method, True, False, True, True, False) is (method in IDEMPOTENT)
+
+
+@pytest.mark.parametrize("name", [b"accept-charset", b"x-forwarded-proto", b"content-lengthx", b"transfer-encodin"])
+def test_framing_ignores_other_names_of_the_framing_headers_lengths(name: bytes) -> None:
+    # 14 and 17 bytes, the lengths of content-length and transfer-encoding, and one either side
+    assert wire.body_framing([(name, b"5")]) == (None, -1)
+
+
+def test_framing_reads_the_names_in_any_case() -> None:
+    assert wire.body_framing([(b"Content-Length", b"7")]) == (wire.Framing.LENGTH, 7)
+    assert wire.body_framing([(b"TRANSFER-ENCODING", b"chunked")]) == (wire.Framing.CHUNKED, -1)
+
+
+def test_method_bytes_of_every_known_method() -> None:
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"):
+        assert wire.method_bytes(method) == method.encode()
+    assert wire.method_bytes("PROPFIND") == b"PROPFIND"
+
+
+@pytest.mark.parametrize(("headers", "message"), [
+    ([(b"Content-Length", b"0"), (b"Content-Length", b"0")], "conflicting request framing headers"),
+    ([(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3")], "conflicting request framing headers"),
+    ([(b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked")], "conflicting request framing headers"),
+    ([(b"Content-Length", b"-1")], "invalid Content-Length b'-1'"),
+    ([(b"Content-Length", b"x")], "invalid Content-Length b'x'"),
+])
+def test_framing_refusals_say_why(headers: list[tuple[bytes, bytes]], message: str) -> None:
+    with pytest.raises(httpx.LocalProtocolError) as error:
+        wire.body_framing(headers)
+    assert str(error.value) == message
+
+
+def test_framing_of_an_empty_body_by_length() -> None:
+    assert wire.body_framing([(b"Content-Length", b"0")]) == (wire.Framing.LENGTH, 0)
+
+
+def test_head_refusal_says_why() -> None:
+    with pytest.raises(httpx.LocalProtocolError) as error:
+        wire.encode_head(b"GET", b"/\r\n", [])
+    assert str(error.value) == "CR or LF inside the request target or a header"
+
+
+def test_salvage_refuses_conflicting_lengths_even_when_the_first_is_zero() -> None:
+    headers = [(b"Content-Length", b"0"), (b"Content-Length", b"5")]
+    assert not wire.may_salvage(True, False, 200, "1.1", headers, 0, 0, 65536)
+
+
+def test_salvage_a_response_with_an_empty_body_by_length() -> None:
+    assert wire.may_salvage(True, False, 200, "1.1", [(b"Content-Length", b"0")], 0, 0, 0)
+
+
+def test_keep_alive_reads_comma_separated_tokens_without_spaces() -> None:
+    assert wire.response_keep_alive("1.1", [(b"Connection", b"keep-alive,close")]) is False
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,8 @@ def test_active_gauge_reads_the_open_tunnels_at_scrape_time() -> None:
         active = 7
 
     metrics = Metrics(Config(), lambda: 0)
-    metrics.watch_tunnels(Open())  # type: ignore[arg-type]
+    tunnels = Open()
+    metrics.watch_tunnels(lambda: tunnels.active)
     assert samples(metrics, "egress_tunnels_active") == {(): 7}
 
 

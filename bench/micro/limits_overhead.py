@@ -1,4 +1,4 @@
-"""What the head limits (sidecar/limits.py) cost per request, in process: `python -m bench.limits_overhead`.
+"""What the head limits (sidecar/limits.py) cost per request, in process: `python -m bench.micro.limits_overhead`.
 
 Feeds the same keep-alive request (12 header fields, one read) to uvicorn's HttpToolsProtocol
 and to our LimitedHttpToolsProtocol over a transport that discards writes, with a trivial ASGI

@@ -14,8 +14,16 @@ import httpx
 import pytest
 
 from sidecar.transport.connection import HIGH_WATER
-from tests.e2e.transport_helpers import certs, fetch, make_request, server, transport_for
-from tests.transport_upstream import Certs, Upstream, big_body_sha256, rss_bytes, run, seeded_bytes, wait_for
+from tests.servers.loop_upstream import (
+    Certs,
+    Upstream,
+    big_body_sha256,
+    rss_bytes,
+    run,
+    seeded_bytes,
+    wait_for,
+)
+from tests.transport.helpers import certs, fetch, make_request, server, transport_for
 
 __all__ = ["certs", "server"]  # fixtures used by name below
 

@@ -8,7 +8,7 @@ per second at concurrency 1 and 32, next to a floor: a bare uvloop TLS protocol 
 request and waiting for the fixed answer (no HTTP parsing, no httpx objects). Every run is
 bounded in count and in time.
 
-    .venv/bin/python bench/transport_micro.py [--requests 5000] [--seconds 10] [--json out.json]
+    .venv/bin/python -m bench.micro.transport_micro [--requests 5000] [--seconds 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import httpx
 import trustme
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 from sidecar.transport import HTTP11Transport
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

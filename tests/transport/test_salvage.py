@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from sidecar.transport import HTTP11Transport
-from tests.e2e.transport_helpers import certs, fetch, make_request, server, transport_for
-from tests.transport_upstream import Certs, Upstream, run, seeded_bytes, wait_for
+from tests.servers.loop_upstream import Certs, Upstream, run, seeded_bytes, wait_for
+from tests.transport.helpers import certs, fetch, make_request, server, transport_for
 
 __all__ = ["certs", "server"]  # fixtures used by name below
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from sidecar.transport import HTTP11Transport
-from tests.e2e.transport_helpers import certs, fetch, make_request, plain_server, server, transport_for
-from tests.transport_upstream import GZIP_BODY, Certs, Upstream, rss_bytes, run, seeded_bytes
+from tests.servers.loop_upstream import GZIP_BODY, Certs, Upstream, rss_bytes, run, seeded_bytes
+from tests.transport.helpers import certs, fetch, make_request, plain_server, server, transport_for
 
 __all__ = ["certs", "plain_server", "server"]  # fixtures used by name below
 

@@ -21,8 +21,8 @@ import pytest
 
 from sidecar.transport import HTTP11Transport
 from sidecar.transport.connection import Connection
-from tests.e2e.transport_helpers import certs, make_request, server, transport_for
-from tests.transport_upstream import Certs, Upstream, run
+from tests.servers.loop_upstream import Certs, Upstream, run
+from tests.transport.helpers import certs, make_request, server, transport_for
 
 __all__ = ["certs", "server"]  # fixtures used by name below
 

@@ -12,8 +12,8 @@ import pytest
 
 from sidecar.errors import classify
 from sidecar.transport import HTTP11Transport
-from tests.e2e.transport_helpers import certs, fetch, make_request, server, transport_for
-from tests.transport_upstream import Certs, Upstream, run, seeded_bytes, upstream
+from tests.servers.loop_upstream import Certs, Upstream, run, seeded_bytes, upstream
+from tests.transport.helpers import certs, fetch, make_request, server, transport_for
 
 __all__ = ["certs", "server"]  # fixtures used by name below
 

@@ -1,4 +1,4 @@
-"""RSS growth per failed request, our HTTP11Transport vs httpx's: `python -m bench.transport_reset_memory`.
+"""RSS growth per failed request, our HTTP11Transport vs httpx's: `python -m bench.micro.transport_reset_memory`.
 
 Found by the soak (tests/soak): with the own transport, requests that end in an upstream reset
 (and client-aborted downloads) grew the sidecar's RSS without bound while Python's object
@@ -37,7 +37,7 @@ import trustme
 import uvloop
 
 from sidecar.transport.transport import HTTP11Transport
-from tests.upstream import UpstreamServer
+from tests.servers.upstream import UpstreamServer
 
 WARM_UP, COUNT, SECONDS = 300, int(os.environ.get("BENCH_COUNT", "20000")), 90.0
 TIMEOUTS = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}

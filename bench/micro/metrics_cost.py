@@ -1,6 +1,6 @@
-"""CPU cost of the per-request metrics update, `Metrics.record`, alone: `python -m bench.metrics_cost`.
+"""CPU cost of the per-request metrics update, `Metrics.record`, alone: `python -m bench.micro.metrics_cost`.
 
-    .venv/bin/python -m bench.metrics_cost [--count 50000]
+    .venv/bin/python -m bench.micro.metrics_cost [--count 50000]
 
 Times (process CPU time, best of 5 rounds, the cost of an empty call taken off) two shapes of
 finished exchange, made up front so only `record` is timed:
@@ -9,7 +9,7 @@ finished exchange, made up front so only `record` is timed:
   pool wait observed, reused and response bytes counted): most requests under load;
 - new connection: the same plus TCP connect and TLS handshake observed and an open counted.
 
-Durations cycle over the histogram's range so every bucket is hit. `bench.observe_cost` times
+Durations cycle over the histogram's range so every bucket is hit. `bench.micro.observe_cost` times
 the whole `Observer.finished` (metrics and the access line); this isolates the metrics part.
 """
 
@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from bench.observe_cost import per_call_us
+from bench.micro.observe_cost import per_call_us
 from sidecar.config import Config
 from sidecar.metrics import BUCKETS, Metrics
 from sidecar.observe import Exchange

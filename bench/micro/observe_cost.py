@@ -1,6 +1,6 @@
 """CPU cost of observing one request: the trace callback, the metrics update, the access line.
 
-    .venv/bin/python -m bench.observe_cost [--lines 10000] [--out FILE]
+    .venv/bin/python -m bench.micro.observe_cost [--lines 10000] [--out FILE]
 
 Runs in one process with no sockets: it times (CPU time, best of 3) `Observer.finished` (metrics + access log) on
 realistic exchanges and structlog's stock set-up against ours for 10,000 lines. The log
