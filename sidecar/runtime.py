@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from sidecar.config import Config
 from sidecar.credentials import injected_headers
+from sidecar.intercept import Interceptor, build_interceptor
 from sidecar.observe import Observer
 from sidecar.policy import EgressPolicy
 from sidecar.resilience import Resilience
@@ -23,6 +24,7 @@ class Runtime:
     upstream: Upstream
     observer: Observer
     resilience: Resilience
+    interceptor: Interceptor | None = None  # TLS interception, when configured
     in_flight: int = 0
     draining: bool = False  # SIGTERM seen: not ready, still serving
     stopping: bool = False  # grace over or nothing in flight: new requests get 503 draining
@@ -53,6 +55,7 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
         upstream=upstream,
         observer=observer or Observer(config, upstream.pool_stats),
         resilience=Resilience(config, routes),
+        interceptor=build_interceptor(config),
     )
     metrics = getattr(runtime.observer, "metrics", None)
     if metrics is not None:

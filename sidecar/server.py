@@ -69,6 +69,18 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     log = log_module.get("egress.server")
     started = time.perf_counter()
     runtime = runtime or build_runtime(config, contexts=contexts)
+    if runtime.interceptor is not None:
+        from sidecar.intercept_ca import trust_roots
+
+        try:
+            bundle = runtime.interceptor.write_files(trust_roots(config.tls.ca_file))
+        except OSError as exc:
+            log.error("startup_failed", key="intercept.ca_dir", ca_dir=config.intercept.ca_dir,
+                      problem=f"cannot write the interception CA bundle: {exc.strerror}")
+            await runtime.upstream.aclose()
+            return 2
+        log.info("intercept_ca_written", bundle=str(bundle), hosts=[str(h) for h in
+                 runtime.interceptor.hosts_listed], not_after=runtime.interceptor.ca.not_after.isoformat())
     data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
                                             limits.observer_report(runtime.observer, "-"), config.listen.http))
     admin = SignalFreeServer(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config,

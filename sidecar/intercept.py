@@ -1,0 +1,82 @@
+"""Opt-in TLS interception: which tunnels the sidecar terminates, and the CA it does it with.
+
+A CONNECT tunnel carries the app's own TLS, so none of the sidecar's per-request work applies
+to it. For the names listed in `intercept.hosts` or a route's `match_hosts` (exact names or
+`*.suffix`, matched like host rules) the sidecar completes the app's TLS handshake itself with
+a leaf of its per-pod CA (sidecar/intercept_ca.py) and serves the decrypted requests like a
+forwarded `http://` request. Every other name stays a plain tunnel, byte for byte.
+
+Nothing here is imported, and no CA exists, unless interception is configured.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sidecar.addresses import parse_ip_literal
+from sidecar.config import Config
+from sidecar.hostnames import HostPatterns, canonical_host
+
+if TYPE_CHECKING:
+    import ssl
+
+    from sidecar.intercept_ca import InterceptCA
+
+
+def intercepted_patterns(config: Config) -> list[str]:
+    """`intercept.hosts` plus every route's `match_hosts`, in order, duplicates and IP literals dropped.
+
+    An IP literal in `match_hosts` still selects the route for forwarded requests; it is never
+    intercepted (the CA excludes every address, so the app could not trust such a leaf).
+    """
+    patterns: dict[str, None] = {}
+    for pattern in [*config.intercept.hosts, *(h for r in config.routes for h in r.match_hosts)]:
+        text = pattern.strip()
+        wildcard = text.startswith("*.")
+        bare = text[2:] if wildcard else text
+        if parse_ip_literal(bare) is None:
+            # The canonical form (lower case, IDNA, no trailing dot): what the CA's constraints name.
+            patterns[("*." if wildcard else "") + canonical_host(bare)] = None
+    return list(patterns)
+
+
+class Interceptor:
+    """The interception decision and the CA; built once at start when interception is on."""
+
+    def __init__(self, config: Config, ca: InterceptCA) -> None:
+        self.hosts_listed = intercepted_patterns(config)
+        self.hosts = HostPatterns(self.hosts_listed)
+        self.ca = ca
+        self.ca_dir = config.intercept.ca_dir
+        self.bundle: Path | None = None
+
+    def intercepts(self, canonical_host: str) -> bool:
+        """Whether a tunnel to this host (canonical form, sidecar.hostnames) is terminated here."""
+        return self.hosts.matches(canonical_host)
+
+    def context_for(self, canonical_host: str) -> ssl.SSLContext:
+        """The TLS server context to complete the app's handshake for this host."""
+        return self.ca.context_for(canonical_host)
+
+    def write_files(self, roots_pem: bytes) -> Path:
+        """Write the CA certificate and the trust bundle to `intercept.ca_dir` (at start, before ready)."""
+        self.bundle = self.ca.write(self.ca_dir, roots_pem)
+        return self.bundle
+
+    def files_present(self) -> bool:
+        """For /readyz: the bundle the app containers wait for is in place."""
+        return self.bundle is not None and self.bundle.is_file()
+
+
+def build_interceptor(config: Config) -> Interceptor | None:
+    """The Interceptor for `config`, or None (and `cryptography` never imported) when off."""
+    patterns = intercepted_patterns(config)
+    if not patterns:
+        return None
+    from sidecar.intercept_ca import InterceptCA  # lazily: see intercept_ca's module doc
+
+    ca = InterceptCA(patterns, float(config.intercept.ca_validity), config.intercept.leaf_cache,
+                     label=socket.gethostname())
+    return Interceptor(config, ca)
