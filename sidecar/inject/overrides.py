@@ -29,6 +29,7 @@ ADMIN_PORT = PREFIX + "admin-port"
 DRAIN_GRACE = PREFIX + "drain-grace"
 SET_PROXY_ENV = PREFIX + "set-proxy-env"
 NO_PROXY = PREFIX + "no-proxy"
+SET_TRUST_ENV = PREFIX + "set-trust-env"  # "false": no TLS trust variables for the interception CA
 
 _RESOURCES = {
     CPU_REQUEST: ("requests", "cpu"),
@@ -46,6 +47,7 @@ KNOWN = frozenset(
         DRAIN_GRACE,
         SET_PROXY_ENV,
         NO_PROXY,
+        SET_TRUST_ENV,
         *_RESOURCES,
     }
 )
@@ -72,6 +74,7 @@ class Overrides:
     drain_grace_seconds: float | None = None
     set_proxy_env: bool = False
     no_proxy: tuple[str, ...] = ()
+    set_trust_env: bool = True  # only matters when interception is on
     unknown: tuple[str, ...] = ()  # our-prefix annotations we do not know: warned, not refused
 
 
@@ -130,5 +133,6 @@ def parse(annotations: Mapping[str, object]) -> Overrides:
         drain_grace_seconds=grace_seconds,
         set_proxy_env=_bool(SET_PROXY_ENV, values[SET_PROXY_ENV]) if SET_PROXY_ENV in values else False,
         no_proxy=extras,
+        set_trust_env=_bool(SET_TRUST_ENV, values[SET_TRUST_ENV]) if SET_TRUST_ENV in values else True,
         unknown=tuple(sorted(k for k in values if k not in KNOWN)),
     )
