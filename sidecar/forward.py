@@ -31,6 +31,7 @@ from sidecar.headers import (
 from sidecar.observe import Exchange
 from sidecar.policy import PolicyDenied
 from sidecar.resilience import send_resilient
+from sidecar.routing import INTERCEPTED
 from sidecar.runtime import Runtime
 from sidecar.shedding import Gate
 
@@ -198,6 +199,8 @@ class ForwardApp:
             return  # lifespan is off; websockets are not served (ws="none")
         runtime = self.runtime
         exchange = Exchange(start=time.perf_counter(), method=scope["method"], path=scope["path"])
+        if INTERCEPTED in scope:
+            exchange.intercepted = True
         runtime.request_started()
         runtime.observer.started(exchange)
         try:

@@ -11,9 +11,10 @@ Nothing here is imported, and no CA exists, unless interception is configured.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidecar.addresses import parse_ip_literal
 from sidecar.config import Config
@@ -59,6 +60,33 @@ class Interceptor:
     def context_for(self, canonical_host: str) -> ssl.SSLContext:
         """The TLS server context to complete the app's handshake for this host."""
         return self.ca.context_for(canonical_host)
+
+    def take_over(self, transport: asyncio.BaseTransport, client_hello: bytes, host: str, authority: str,
+                  listener: Any) -> asyncio.Future[None]:
+        """Terminate the app's TLS on a tunnel's client `transport` (after the 200; `client_hello`:
+        the bytes already read) and serve what it carries with a new instance of the `listener`
+        protocol's class, its requests marked with the tunnel's `authority` (`host:port`).
+
+        `host` is the SNI's canonical form. Returns the handshake's future; a failed handshake
+        (typically: the app does not trust the CA) is reported through the listener's sink as a
+        `tls_error`, so it gets a log line and a metric like any other error.
+        """
+        from sidecar.intercept_tls import intercepting_protocol, terminate
+
+        protocol = intercepting_protocol(type(listener))(
+            config=listener.config, server_state=listener.server_state, app_state=listener.app_state)
+        protocol.authority = authority
+        handshake = terminate(transport, client_hello, self.context_for(host), protocol,
+                              listener.limits.header_timeout)
+        sink = listener.sink
+
+        def finished(future: asyncio.Future[None]) -> None:
+            error = None if future.cancelled() else future.exception()
+            if error is not None:
+                sink.report("tls_error", "CONNECT", authority, f"interception handshake with the app failed: {error}")
+
+        handshake.add_done_callback(finished)
+        return handshake
 
     def write_files(self, roots_pem: bytes) -> Path:
         """Write the CA certificate and the trust bundle to `intercept.ca_dir` (at start, before ready)."""
