@@ -20,7 +20,6 @@ runs a real handshake through it and fails, naming this module, if that moves.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 from asyncio import sslproto
 from typing import Any
@@ -41,9 +40,15 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     return sslproto.SSLProtocol
 
 
-@functools.cache
+_INTERCEPTING: dict[type[Any], type[Any]] = {}
+
+
 def intercepting_protocol(base: type[Any]) -> type[Any]:
-    """The listener's protocol class, marking each request's scope with the tunnel's authority."""
+    """The listener's protocol class, marking each request's scope with the tunnel's authority
+    (made once per listener class)."""
+    made = _INTERCEPTING.get(base)
+    if made is not None:
+        return made
 
     class InterceptingProtocol(base):  # type: ignore[misc]
         authority = ""  # set per instance, before connection_made
@@ -53,6 +58,7 @@ def intercepting_protocol(base: type[Any]) -> type[Any]:
             self.scope[INTERCEPTED] = self.authority
 
     InterceptingProtocol.__name__ = f"Intercepting{base.__name__}"
+    _INTERCEPTING[base] = InterceptingProtocol
     return InterceptingProtocol
 
 
