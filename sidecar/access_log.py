@@ -23,6 +23,7 @@ from sidecar import log as log_module
 
 if TYPE_CHECKING:
     from sidecar.observe import Exchange
+    from sidecar.tunnel import TunnelRecord
 
 
 def _ms(start: float, end: float) -> float | None:
@@ -52,6 +53,30 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
     if ex.intercepted:
         fields["intercepted"] = True
     return fields
+
+
+# Tunnel outcomes logged at warning, with their reason: refusals after the 200 and failures.
+_TUNNEL_WARNINGS = frozenset({"sni_mismatch", "no_sni", "not_tls", "bad_hello", "client_timeout", "upstream_reset"})
+
+
+def tunnel_fields(record: TunnelRecord) -> dict[str, Any]:
+    """The `tunnel` line's fields: the access line's keys where they mean the same (route,
+    upstream, method, path = the CONNECT target, status, duration_ms, connect_ms, bytes_in =
+    client to upstream, bytes_out = upstream to client), then the tunnel's own."""
+    return {
+        "route": "-",
+        "upstream": record.upstream,
+        "method": "CONNECT" if record.source == "connect" else record.source,
+        "path": record.upstream,
+        "status": 200,
+        "duration_ms": _ms(record.start, record.end),
+        "connect_ms": _ms(record.connect_start, record.connect_end),
+        "bytes_in": record.bytes_up,
+        "bytes_out": record.bytes_down,
+        "address": record.address,
+        "sni": record.sni,
+        "outcome": record.outcome,
+    }
 
 
 class _AccessLine(msgspec.Struct, gc=False):
@@ -123,6 +148,14 @@ class AccessLog:
         # not the lazy proxy, which costs ~0.6 us more per call.
         self.log = log_module.get("egress.access").bind()
         self.sink = log_module.json_sink(logging.INFO)
+
+    def tunnel(self, record: TunnelRecord) -> None:
+        """One line per tunnel (structlog: a tunnel is long-lived, the line is not hot)."""
+        fields = tunnel_fields(record)
+        if record.outcome in _TUNNEL_WARNINGS:
+            self.log.warning("tunnel", reason=record.outcome, detail=record.detail, **fields)
+        elif self.enabled:
+            self.log.info("tunnel", **fields)
 
     def emit(self, ex: Exchange) -> None:
         if ex.kind is None:

@@ -97,6 +97,9 @@ class Timeouts(_Section, frozen=True):
     read: Seconds = Seconds(30)
     write: Seconds = Seconds(30)
     pool: Seconds = Seconds(1)
+    # A CONNECT tunnel with no byte either way for this long is closed. Long, since clients
+    # keep their connections to an API open between calls (sidecar/tunnel.py).
+    tunnel_idle: Seconds = Seconds(3600)
 
 
 class RouteTimeouts(_Section, frozen=True):
@@ -123,6 +126,10 @@ class Policy(_Section, frozen=True):
     allow_cidrs: list[str] = []
     # Destinations reached over plain HTTP instead of HTTPS (forward-proxy form only).
     plain_http_hosts: list[str] = []
+    # Ports a CONNECT tunnel may reach (403 denied_port otherwise).
+    connect_ports: list[int] = msgspec.field(default_factory=lambda: [443])
+    # A tunnel whose first client bytes are not a TLS ClientHello is refused unless this is true.
+    connect_plaintext: bool = False
 
 
 class RetryBudget(_Section, frozen=True):
@@ -213,6 +220,7 @@ class Limits(_Section, frozen=True):
     max_headers: int = 100  # header fields (431 header_too_large)
     header_timeout: Seconds = Seconds(10)  # the whole request head must arrive within this
     body_idle_timeout: Seconds = Seconds(60)  # longest silence inside a request body
+    max_tunnels: int = 1000  # open CONNECT tunnels; past it 503 overloaded
 
 
 class Intercept(_Section, frozen=True):
@@ -405,6 +413,13 @@ def check_semantics(config: Config) -> None:
                 fail(f"{where}.circuit_breaker.window", "must be longer than 0s")
     if config.limits.max_in_flight < 1:
         fail("limits.max_in_flight", "must be at least 1")
+    if config.limits.max_tunnels < 0:
+        fail("limits.max_tunnels", "cannot be negative (0: CONNECT refused)")
+    for index, port in enumerate(config.policy.connect_ports):
+        if not 0 < port < 65536:
+            fail(f"policy.connect_ports[{index}]", f"port {port} is out of range 1-65535")
+    if float(config.timeouts.tunnel_idle) <= 0:
+        fail("timeouts.tunnel_idle", "must be longer than 0s")
     intercept = config.intercept
     problem = check_patterns(intercept.hosts)
     if problem is not None or "*" in (h.strip() for h in intercept.hosts):

@@ -29,6 +29,7 @@ ERRORS: dict[str, ErrorSpec] = {
     "loop": ErrorSpec(508, "the request is addressed to the sidecar itself"),
     "denied_host": ErrorSpec(403, "egress to this host is denied by policy"),
     "denied_ip": ErrorSpec(403, "egress to this address is denied by policy"),
+    "denied_port": ErrorSpec(403, "CONNECT to this port is denied by policy"),
     "header_too_large": ErrorSpec(431, "request headers are too large or too many", close=True),
     "uri_too_long": ErrorSpec(414, "the request target is too long", close=True),
     "connect_error": ErrorSpec(502, "could not connect to the upstream"),

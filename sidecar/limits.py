@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -50,6 +50,9 @@ from sidecar.config import Limits
 from sidecar.cycle import ProxyCycle
 from sidecar.errors import ERRORS, error_head
 from sidecar.observe import Exchange, Observer
+
+if TYPE_CHECKING:
+    from sidecar.tunnel import Tunnels
 
 # report(kind, method, target, detail): called once per refused request or connection.
 Report = Callable[[str, str, str, str], None]
@@ -89,12 +92,12 @@ class HeadLimits:
         )
 
 
-def render_error(kind: str) -> bytes:
+def render_error(kind: str, subject: str | None = None, retry_after: int | None = None) -> bytes:
     """The complete HTTP/1.1 error response for `kind`, as written when no ASGI cycle exists.
 
     Always `Connection: close`: the protocol closes the connection after writing it.
     """
-    status, headers, body = error_head(kind)
+    status, headers, body = error_head(kind, subject, retry_after)
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()]
     lines += [name + b": " + value + b"\r\n" for name, value in headers if name != b"connection"]
     lines.append(b"connection: close\r\n\r\n")
@@ -125,6 +128,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     _max_target: ClassVar[int]
     _max_headers: ClassVar[int]
     _max_header_bytes: ClassVar[int]
+    # CONNECT requests are handed to these (tunnel.py); None: 501 unsupported (admin listener).
+    tunnels: ClassVar[Tunnels | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -134,6 +139,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._read_size = 0  # bytes of the read being parsed
         self._refusal: tuple[str, str] | None = None  # (kind, detail) set by a parser callback
         self._lingering = False
+        self._connect = False  # the head just parsed is a CONNECT for self.tunnels
 
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -158,7 +164,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._read_size = len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            if self._connect:
+                self._hand_to_tunnel(data[exc.args[0] if exc.args else len(data):])
+                return
             # ws="none": the app answers 501 unsupported; uvicorn only logs here.
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
@@ -208,6 +217,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                       f"(limits {limits.max_headers} fields, {limits.max_header_bytes} bytes)")
             self._refusal = ("header_too_large", detail)
             raise _Refused
+        if self.tunnels is not None and self.parser.get_method() == b"CONNECT":
+            # No ASGI cycle: httptools raises HttpParserUpgrade once this callback returns,
+            # and data_received hands the connection to the tunnel (tunnel.py).
+            self._connect = True
+            return
         previous = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
@@ -215,6 +229,34 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # uvicorn builds its RequestResponseCycle by name inside on_headers_complete; the
             # request's task has not run yet, so changing the class here is all it takes.
             cycle.__class__ = ProxyCycle
+            url = self.url
+            if url[:1] != b"/" and url[:4].lower() == b"http":
+                # absolute-form (RFC 9112 3.2.2): uvicorn keeps only the path; routing reads the
+                # destination from the URI's authority, as under h11, never from Host.
+                self.scope["raw_path"] = url.partition(b"?")[0].partition(b"#")[0]
+
+    def on_body(self, body: bytes) -> None:
+        if not self._connect:  # a CONNECT has no cycle; httptools hands no body of it anyway
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._connect:
+            super().on_message_complete()
+
+    def _hand_to_tunnel(self, rest: bytes) -> None:
+        """The CONNECT head is parsed: the connection is the tunnel's from here on."""
+        self._connect = False
+        self._cancel_head_timer()
+        self._unset_keepalive_if_required()
+        self.connections.discard(self)  # uvicorn's shutdown no longer concerns it: drain does
+        tunnels = self.tunnels
+        assert tunnels is not None
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A CONNECT pipelined behind a request still being answered: the tunnel's bytes
+            # would interleave with that response.
+            self._refuse("bad_request", "CONNECT pipelined behind an unfinished response")
+            return
+        tunnels.connect(self.transport, self.url, rest)
 
     # -- refusing --------------------------------------------------------------------------
     def _cancel_head_timer(self) -> None:
@@ -258,8 +300,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 _REFUSALS = ("uri_too_long", "header_too_large", "client_timeout", "bad_request")
 
 
-def protocol_class(limits: Limits, report: Report) -> type[LimitedHttpToolsProtocol]:
-    """A protocol class for `uvicorn.Config(http=...)` bound to these limits and reporter."""
+def protocol_class(limits: Limits, report: Report, tunnels: Tunnels | None = None) -> type[LimitedHttpToolsProtocol]:
+    """A protocol class for `uvicorn.Config(http=...)` bound to these limits and reporter,
+    handing CONNECT requests to `tunnels` (None: they get 501 unsupported)."""
     head = HeadLimits.from_config(limits)
     return type(
         "LimitedHttpToolsProtocol",
@@ -270,6 +313,7 @@ def protocol_class(limits: Limits, report: Report) -> type[LimitedHttpToolsProto
             "_max_headers": head.max_headers,
             "_max_header_bytes": head.max_header_bytes,
             "sink": _Sink(report),
+            "tunnels": tunnels,
             "responses": {kind: render_error(kind) for kind in _REFUSALS},
         },
     )

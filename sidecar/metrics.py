@@ -37,6 +37,7 @@ from sidecar.config import Config
 
 if TYPE_CHECKING:
     from sidecar.observe import Exchange
+    from sidecar.tunnel import TunnelRecord, Tunnels
 
 # Seconds. A proxy's latencies span loopback connects (~0.1 ms, all in the first bucket),
 # TLS handshakes and typical API calls (5-500 ms), up to long downloads and read timeouts
@@ -52,7 +53,7 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
 OTHER = "other"
 
 # Error kinds that are policy decisions; they also count in egress_denied_total{reason}.
-DENIALS = frozenset({"denied_host", "denied_ip"})
+DENIALS = frozenset({"denied_host", "denied_ip", "denied_port"})
 
 PoolStats = Callable[[], Mapping[str, tuple[int, int]]]
 
@@ -256,6 +257,39 @@ def _families(series: list[_Series], requests: Mapping[tuple[str, str, str, str]
     return families
 
 
+# Seconds. Tunnels live from a refused handshake (ms) to a client's kept connection (an
+# hour: timeouts.tunnel_idle), so their buckets span further than the requests'.
+TUNNEL_BUCKETS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+_TUNNEL_LE: tuple[str, ...] = (*(floatToGoString(b) for b in TUNNEL_BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
+# Tunnel outcomes that are policy refusals (tunnel.REFUSALS): also egress_denied_total{reason}.
+_TUNNEL_DENIALS = frozenset({"sni_mismatch", "no_sni", "not_tls"})
+
+
+class _TunnelFamilies(Collector):
+    """The tunnel families, from `Metrics`' plain numbers when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        yield _counter("egress_tunnels", "CONNECT tunnels ended, by how they ended", ["upstream", "outcome"],
+                       m._tunnels)
+        active = GaugeMetricFamily("egress_tunnels_active", "CONNECT tunnels open now (connecting included)")
+        active.add_metric([], m._tunnels_active())
+        yield active
+        yield _counter("egress_tunnel_bytes", "Bytes carried by tunnels: up (app to upstream) and down",
+                       ["upstream", "direction"], m._tunnel_bytes)
+        histogram = HistogramMetricFamily("egress_tunnel_duration_seconds",
+                                          "Tunnel lifetime, from the CONNECT to the close")
+        counts = m._tunnel_durations
+        histogram.add_metric([], list(zip(_TUNNEL_LE, accumulate(counts), strict=True)), m._tunnel_seconds)
+        yield histogram
+
+
 class Metrics:
     """The registry and every family; one instance per process, made at start.
 
@@ -287,6 +321,12 @@ class Metrics:
         for kind in sorted(DENIALS):
             self._denied[("-", kind)] = 0
         registry.register(_Families(self))
+        self._tunnels: dict[tuple[str, str], int] = {}  # (upstream, outcome)
+        self._tunnel_bytes: dict[tuple[str, str], int] = {}  # (upstream, direction)
+        self._tunnel_durations = [0] * len(_TUNNEL_LE)
+        self._tunnel_seconds = 0.0
+        self._tunnels_active: Callable[[], float] = lambda: 0
+        registry.register(_TunnelFamilies(self))
 
         Info("egress_build", "Build information", registry=registry).info(
             # The packages' own version attributes, not importlib.metadata: that import and its scan
@@ -304,6 +344,10 @@ class Metrics:
     def watch_abandoned(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
         """Export what became of connections whose app went away (Upstream.abandoned_counts)."""
         self.registry.register(AbandonedCollector(counts))
+
+    def watch_tunnels(self, tunnels: Tunnels) -> None:
+        """Export the number of open tunnels (`egress_tunnels_active`) at scrape time."""
+        self._tunnels_active = lambda: tunnels.active
 
     # -- label handling -------------------------------------------------------------------
 
@@ -406,6 +450,20 @@ class Metrics:
             self.error(ex.route, series.upstream, kind)
             if kind in DENIALS:
                 self.deny(ex.route, ex.reason or kind)
+
+    def tunnel(self, record: TunnelRecord) -> None:
+        """Count one ended tunnel (once per tunnel, not per chunk)."""
+        upstream = self.upstream_label(record.upstream)
+        key = (upstream, record.outcome)
+        self._tunnels[key] = self._tunnels.get(key, 0) + 1
+        for direction, size in (("up", record.bytes_up), ("down", record.bytes_down)):
+            key = (upstream, direction)
+            self._tunnel_bytes[key] = self._tunnel_bytes.get(key, 0) + size
+        duration = record.end - record.start
+        self._tunnel_durations[_bucket(TUNNEL_BUCKETS, duration)] += 1
+        self._tunnel_seconds += duration
+        if record.outcome in _TUNNEL_DENIALS:
+            self.deny("-", record.outcome)
 
     # -- exposition -----------------------------------------------------------------------
 

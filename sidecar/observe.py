@@ -15,11 +15,14 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.access_log import AccessLog
 from sidecar.config import Config
 from sidecar.metrics import Metrics, PoolStats
+
+if TYPE_CHECKING:
+    from sidecar.tunnel import TunnelRecord
 
 _now = time.perf_counter
 
@@ -123,3 +126,9 @@ class Observer:
         if self.metrics is not None:
             self.metrics.record(exchange)
         self.access.emit(exchange)
+
+    def tunnel_finished(self, record: TunnelRecord) -> None:
+        """A tunnel that got its 200 (or its upstream connection) ended: metrics and one line."""
+        if self.metrics is not None:
+            self.metrics.tunnel(record)
+        self.access.tunnel(record)

@@ -36,7 +36,7 @@ from sidecar.config import Config, is_loopback_host
 from sidecar.errors import EgressError
 from sidecar.hostnames import HostPatterns, canonical_host
 
-DenialKind = Literal["denied_host", "denied_ip"]
+DenialKind = Literal["denied_host", "denied_ip", "denied_port"]
 
 # reason -> how the one-line body describes it: host reasons as a predicate ("x is on the deny
 # list"), address reasons as a noun ("x is / resolves to a private address"). The body names
@@ -46,6 +46,7 @@ REASONS: Mapping[str, str] = {
     "not_allowed": "is not on the allow list",
     "invalid_host": "is not a valid host name or address",
     "listener": "is this sidecar's own listener",
+    "port": "is not a port CONNECT may reach (policy.connect_ports)",
     "metadata": "a cloud metadata address",
     "loopback": "a loopback address",
     "unspecified": "an unspecified address",
@@ -55,7 +56,7 @@ REASONS: Mapping[str, str] = {
     "multicast": "a multicast address",
     "reserved": "a reserved address",
 }
-_HOST_REASONS = frozenset({"host_denied", "not_allowed", "invalid_host", "listener"})
+_HOST_REASONS = frozenset({"host_denied", "not_allowed", "invalid_host", "listener", "port"})
 
 _WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 

@@ -13,6 +13,7 @@ from sidecar.policy import EgressPolicy
 from sidecar.resilience import Resilience
 from sidecar.routing import Router, compile_route
 from sidecar.tls import TLSContexts
+from sidecar.tunnel import Tunnels, TunnelSettings
 from sidecar.upstream import Upstream
 
 
@@ -30,6 +31,7 @@ class Runtime:
     stopping: bool = False  # grace over or nothing in flight: new requests get 503 draining
     ready: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    tunnels: Tunnels | None = None  # CONNECT (and captured TLS) tunnels; set by build_runtime
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -57,9 +59,19 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
         resilience=Resilience(config, routes),
         interceptor=build_interceptor(config),
     )
+    runtime.tunnels = Tunnels(
+        TunnelSettings.from_config(config),
+        policy,
+        runtime.observer,
+        is_self=runtime.router.is_self,
+        stopping=lambda: runtime.stopping,
+        on_open=runtime.request_started,  # a tunnel holds the drain like a request
+        on_close=runtime.request_finished,
+    )
     metrics = getattr(runtime.observer, "metrics", None)
     if metrics is not None:
         metrics.watch_breakers(runtime.resilience.breakers.states)
         metrics.watch_abandoned(upstream.abandoned_counts)
+        metrics.watch_tunnels(runtime.tunnels)
     runtime.idle.set()
     return runtime

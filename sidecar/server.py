@@ -43,7 +43,8 @@ class SignalFreeServer(uvicorn.Server):
 
 
 def _uvicorn_config(
-    app: Any, host: str, port: int, config: Config, report: limits.Report, http: str = "httptools"
+    app: Any, host: str, port: int, config: Config, report: limits.Report, http: str = "httptools",
+    tunnels: Any = None,
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -51,7 +52,7 @@ def _uvicorn_config(
         port=port,
         loop="none",
         # httptools gets our head limits and deadline (limits.py); h11 only its own size guard.
-        http=limits.protocol_class(config.limits, report) if http == "httptools" else http,
+        http=limits.protocol_class(config.limits, report, tunnels) if http == "httptools" else http,
         h11_max_incomplete_event_size=limits.HeadLimits.from_config(config.limits).max_head_bytes,
         ws="none",
         lifespan="off",
@@ -82,7 +83,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
         log.info("intercept_ca_written", bundle=str(bundle), hosts=[str(h) for h in
                  runtime.interceptor.hosts_listed], not_after=runtime.interceptor.ca.not_after.isoformat())
     data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
-                                            limits.observer_report(runtime.observer, "-"), config.listen.http))
+                                            limits.observer_report(runtime.observer, "-"), config.listen.http,
+                                            runtime.tunnels))
     admin = SignalFreeServer(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config,
                                              limits.observer_report(runtime.observer, "admin")))
     loop = asyncio.get_running_loop()
@@ -135,6 +137,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     done, _ = await asyncio.wait({stop_wait, data_task, admin_task}, return_when=asyncio.FIRST_COMPLETED)
     if stop_wait in done:
         await _drain(runtime, data, float(config.drain.grace), log)
+    if runtime.tunnels is not None:
+        runtime.tunnels.close_all("drained")  # uvicorn's shutdown does not know them
     acceptor.close()
     data.should_exit = True
     await data_task

@@ -69,23 +69,38 @@ async def _traced(
 
 
 async def _connect_tcp(conn: Connection, origin: Origin, resolve: Resolve | None, timeout: float | None) -> None:
-    loop = conn.loop
+    await dial(conn.loop, lambda: conn, origin.host, origin.port, resolve, timeout)
+
+
+async def dial(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    resolve: Resolve | None,
+    timeout: float | None,
+) -> tuple[asyncio.Transport, str]:
+    """TCP-connect to `host:port` through the policy's hook: (transport, the address dialled).
+
+    The hook decides which addresses may be dialled and they are tried in order; its own
+    exception (a denial) propagates unchanged. The timeout covers resolution too. Failures
+    are httpx's ConnectError / ConnectTimeout (the pooled transport and the CONNECT tunnel
+    report them alike).
+    """
     deadline = None if timeout is None else loop.time() + timeout
-    where = f"{origin.host}:{origin.port}"
+    where = f"{host}:{port}"
     if resolve is None:
-        addresses: Sequence[str] = [origin.host]  # the loop resolves it (getaddrinfo)
+        addresses: Sequence[str] = [host]  # the loop resolves it (getaddrinfo)
     else:
-        # The policy hook decides which addresses may be dialled; its own exception (a
-        # denial) propagates unchanged. The connect timeout covers resolution too.
         try:
             async with asyncio.timeout_at(deadline):
-                addresses = await resolve(origin.host, origin.port)
+                addresses = await resolve(host, port)
         except TimeoutError:
-            raise httpx.ConnectTimeout(f"resolving {origin.host} timed out") from None
+            raise httpx.ConnectTimeout(f"resolving {host} timed out") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot resolve {origin.host}: {exc}") from exc
+            raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from exc
         if not addresses:
-            raise httpx.ConnectError(f"no address to connect to for {origin.host}")
+            raise httpx.ConnectError(f"no address to connect to for {host}")
     last: OSError | None = None
     for index, address in enumerate(addresses):
         # What is left of the deadline is shared among the addresses still to try, so one
@@ -98,8 +113,8 @@ async def _connect_tcp(conn: Connection, origin: Origin, resolve: Resolve | None
             attempt = remaining / (len(addresses) - index)
         try:
             async with asyncio.timeout(attempt):
-                await loop.create_connection(lambda: conn, address, origin.port)
-            return
+                transport, _protocol = await loop.create_connection(factory, address, port)
+            return transport, address
         except TimeoutError as exc:
             last = exc
         except OSError as exc:  # refused, unreachable, DNS failure (socket.gaierror)

@@ -373,7 +373,8 @@ def test_known_exchanges_give_these_counts_sums_and_counters() -> None:
     assert value("egress_errors_total", kind="connect_error") == 1
     assert value("egress_errors_total", kind="denied_host") == 1
     denied = {(s.labels["route"], s.labels["reason"]): s.value for s in families["egress_denied"].samples}
-    assert denied == {("-", "denied_host"): 0, ("-", "denied_ip"): 0, ("gh", "denied_host"): 1}
+    assert denied == {("-", "denied_host"): 0, ("-", "denied_ip"): 0, ("-", "denied_port"): 0,
+                      ("gh", "denied_host"): 1}
     assert [s.value for s in families["egress_requests_in_flight"].samples] == [3]
     # No `_created` series, in either format.
     assert "_created" not in body.decode()
@@ -392,6 +393,8 @@ def test_every_design_family_is_exposed_before_any_request() -> None:
         "egress_response_bytes": "counter", "egress_intercepted_requests": "counter",
         "egress_errors": "counter", "egress_denied": "counter", "egress_retries": "counter", "egress_build_info": "gauge", "egress_upstream_connections": "gauge",
         "egress_upstream_connections_limit": "gauge",
+        "egress_tunnels": "counter", "egress_tunnels_active": "gauge", "egress_tunnel_bytes": "counter",
+        "egress_tunnel_duration_seconds": "histogram",
     }
 
 
