@@ -20,10 +20,15 @@ from sidecar.addresses import parse_ip_literal
 from sidecar.config import Config
 from sidecar.hostnames import HostPatterns, canonical_host
 
+from sidecar.intercept_tls import terminate
+
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Callable
 
     from sidecar.intercept_ca import InterceptCA
+    from sidecar.limits import Report
+    from sidecar.tunnel import TunnelRecord, Tunnels
 
 
 def intercepted_patterns(config: Config) -> list[str]:
@@ -61,32 +66,34 @@ class Interceptor:
         """The TLS server context to complete the app's handshake for this host."""
         return self.ca.context_for(canonical_host)
 
-    def take_over(self, transport: asyncio.BaseTransport, client_hello: bytes, host: str, authority: str,
-                  listener: Any) -> asyncio.Future[None]:
-        """Terminate the app's TLS on a tunnel's client `transport` (after the 200; `client_hello`:
-        the bytes already read) and serve what it carries with a new instance of the `listener`
-        protocol's class, its requests marked with the tunnel's `authority` (`host:port`).
+    def attach(self, tunnels: Tunnels, listener: Callable[[], Any], handshake_timeout: float,
+               report: Report) -> None:
+        """Become `tunnels`' interception hook. `listener()` makes a new instance of the data
+        listener's protocol class with its uvicorn config and server state bound (server.py);
+        `report` records a failed handshake like any refusal (log line, metric)."""
+        self._listener = listener
+        self._handshake_timeout = handshake_timeout
+        self._report = report
+        tunnels.intercept = self.take_over
 
-        `host` is the SNI's canonical form. Returns the handshake's future; a failed handshake
-        (typically: the app does not trust the CA) is reported through the listener's sink as a
-        `tls_error`, so it gets a log line and a metric like any other error.
-        """
-        from sidecar.intercept_tls import intercepting_protocol, terminate
-
-        protocol = intercepting_protocol(type(listener))(
-            config=listener.config, server_state=listener.server_state, app_state=listener.app_state)
-        protocol.authority = authority
-        handshake = terminate(transport, client_hello, self.context_for(host), protocol,
-                              listener.limits.header_timeout)
-        sink = listener.sink
+    def take_over(self, record: TunnelRecord, client: asyncio.Transport, hello: bytes) -> bool:
+        """The tunnel hook (tunnel.py): for an intercepted host, terminate the app's TLS on `client`
+        (`hello`: the bytes it already sent) and serve what it carries with a new listener protocol
+        whose requests are marked with the tunnel's authority. False: the tunnel stays a tunnel."""
+        if not self.hosts.matches(record.host):
+            return False
+        protocol = self._listener()
+        authority = protocol.authority = f"{record.host}:{record.port}"
+        handshake = terminate(client, hello, self.context_for(record.host), protocol, self._handshake_timeout)
+        report = self._report
 
         def finished(future: asyncio.Future[None]) -> None:
             error = None if future.cancelled() else future.exception()
-            if error is not None:
-                sink.report("tls_error", "CONNECT", authority, f"interception handshake with the app failed: {error}")
+            if error is not None:  # typically: the app does not trust the CA (no SSL_CERT_FILE & co.)
+                report("tls_error", "CONNECT", authority, f"interception handshake with the app failed: {error}")
 
         handshake.add_done_callback(finished)
-        return handshake
+        return True
 
     def write_files(self, roots_pem: bytes) -> Path:
         """Write the CA certificate and the trust bundle to `intercept.ca_dir` (at start, before ready)."""

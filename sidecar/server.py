@@ -119,6 +119,9 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
             for sock in listener.sockets:
                 runtime.policy.add_listener(host, sock.getsockname()[1])
     acceptor = _burst_acceptor(data)
+    if runtime.interceptor is not None and runtime.tunnels is not None and config.listen.http == "httptools":
+        runtime.interceptor.attach(runtime.tunnels, _intercepting_protocol(data), float(config.limits.header_timeout),
+                                   limits.observer_report(runtime.observer, "-"))
     for warning in exposure_warnings(config):
         log.warning("insecure_setting", message=warning)
     runtime.ready = True
@@ -159,6 +162,16 @@ def _burst_acceptor(server: SignalFreeServer) -> BurstAcceptor:
         for sock in listener.sockets:
             acceptor.watch(sock)
     return acceptor
+
+
+def _intercepting_protocol(server: SignalFreeServer) -> Any:
+    """New instances of the data listener's protocol for intercepted tunnels (sidecar/intercept.py)."""
+    from sidecar.intercept_tls import intercepting_protocol
+
+    config = server.config
+    protocol: Any = intercepting_protocol(config.http_protocol_class)
+    return functools.partial(protocol, config=config,
+                             server_state=server.server_state, app_state=server.lifespan.state)
 
 
 def _tune_gc() -> None:
