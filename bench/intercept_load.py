@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import candidates, load, procs
+from bench import candidates, load, procs, profile
 from bench import upstream as upstream_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,15 +55,29 @@ def wrk(url: str, connections: int, seconds: int, script: Path | None = None) ->
     return load.parse_wrk(done.stdout, connections)
 
 
-def measured(name: str, url: str, pid: int, args: argparse.Namespace, script: Path | None = None) -> dict[str, Any]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once it has been waited for
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(name: str, url: str, pid: int, args: argparse.Namespace, load_pids: list[int],
+             script: Path | None = None) -> dict[str, Any]:
+    """One recorded wrk run after a warm-up, with the CPU per request of the proxy (CPU 0) and of
+    everything on the load CPU (wrk, the upstream nginx, the CONNECT forwarder when it is used)."""
     if args.warmup:
         wrk(url, args.connections, args.warmup, script)
     before = procs.cpu_seconds(pid)
+    load_before = sum(procs.cpu_seconds(p) for p in load_pids) + _children_cpu()
     result = wrk(url, args.connections, args.seconds, script)
+    requests = max(result.requests, 1)
     entry = result.to_json()
-    entry["cpu_us_per_req"] = (procs.cpu_seconds(pid) - before) / max(result.requests, 1) * 1e6
+    entry["cpu_us_per_req"] = (procs.cpu_seconds(pid) - before) / requests * 1e6
+    load_cpu = sum(procs.cpu_seconds(p) for p in load_pids) + _children_cpu() - load_before
+    entry["load_cpu_us_per_req"] = load_cpu / requests * 1e6
+    entry["load_cpu_busy"] = load_cpu / result.duration_s  # 1.0: the load CPU was the bottleneck
     print(f"{name:12} {result.rps:9.0f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
-          f"errors {result.errors}  cpu {entry['cpu_us_per_req']:.0f} us/req", flush=True)
+          f"errors {result.errors}  proxy cpu {entry['cpu_us_per_req']:.0f} us/req  "
+          f"load cpu {entry['load_cpu_us_per_req']:.0f} us/req ({entry['load_cpu_busy']:.0%} busy)", flush=True)
     return entry
 
 
@@ -84,6 +99,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", action="store_true",
+                        help="after the recorded runs, one more intercepted run under py-spy (bench/profile.py)")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "curl", "cc", "taskset"):
         if shutil.which(tool) is None:
@@ -111,9 +128,22 @@ def main() -> int:
         lua = WORK / "absolute_form.lua"
         lua.write_text(f'wrk.headers["Host"] = "localhost:{up.h1_port}"\n'
                        f'request = function() return wrk.format("GET", "http://localhost:{up.h1_port}/100b") end\n')
-        results["forward"] = measured("forward", f"http://127.0.0.1:{listen}/", sidecar.pid, args, lua)
-        results["route"] = measured("route", f"http://127.0.0.1:{listen}/up/100b", sidecar.pid, args)
-        results["intercepted"] = measured("intercepted", f"https://localhost:{forward_port}/100b", sidecar.pid, args)
+        upstream_pids = procs.descendants(up.started.pid)
+        results["forward"] = measured("forward", f"http://127.0.0.1:{listen}/", sidecar.pid, args, upstream_pids, lua)
+        results["route"] = measured("route", f"http://127.0.0.1:{listen}/up/100b", sidecar.pid, args, upstream_pids)
+        results["intercepted"] = measured("intercepted", f"https://localhost:{forward_port}/100b", sidecar.pid, args,
+                                          [*upstream_pids, forwarder.pid])
+        if args.profile and profile.available():
+            for name, url, script in (("forward", f"http://127.0.0.1:{listen}/", lua),
+                                      ("intercepted", f"https://localhost:{forward_port}/100b", None)):
+                raw = WORK / f"profile-{name}.txt"
+                sampler = profile.start(sidecar.pid, args.seconds, raw, LOAD_CPU)
+                wrk(url, args.connections, args.seconds, script)
+                profile.finish(sampler, args.seconds + 30)
+                results[f"profile_{name}"] = summary = profile.summarize(raw, top=25)
+                print(f"profile {name}: {summary['samples']} busy samples")
+                for frame, share in summary["self"]:
+                    print(f"  self {share:5.1f}%  {frame}")
         metrics = subprocess.run(["curl", "-sS", f"http://127.0.0.1:{admin}/metrics"], capture_output=True,
                                  text=True, timeout=10, check=True).stdout
         results["intercepted_counted"] = sum(
@@ -127,7 +157,7 @@ def main() -> int:
             "--upstream", up.url(""), "--prefix", "/up", "--ca-file", str(up.certs.ca_file)]), WORK / "aiohttp.log")
         started.append(peer)
         procs.wait_for(lambda: peer.check_alive() and _ok(f"http://127.0.0.1:{port}/up/100b"), 15, "aiohttp ready")
-        results["aiohttp"] = measured("aiohttp", f"http://127.0.0.1:{port}/up/100b", peer.pid, args)
+        results["aiohttp"] = measured("aiohttp", f"http://127.0.0.1:{port}/up/100b", peer.pid, args, upstream_pids)
     finally:
         for process in reversed(started):
             if process.alive():

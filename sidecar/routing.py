@@ -171,6 +171,7 @@ class Router:
         )
         # Bounded, so a stream of random names cannot grow memory.
         self._route_for_host = functools.lru_cache(maxsize=4096)(self._route_for_host_uncached)
+        self._intercepted = functools.lru_cache(maxsize=4096)(self._intercepted_uncached)
         self.default_timeouts = _timeouts(config.timeouts, None)
         # Exact names or *.suffix, matched like the policy's host lists.
         self.plain_http_hosts = HostPatterns(config.policy.plain_http_hosts)
@@ -252,13 +253,18 @@ class Router:
     def intercepted_target(self, authority: str, path: bytes, query: str | None) -> Target:
         """The Target of a request decrypted inside a CONNECT tunnel: https to the tunnel's
         authority (never the inner Host header: no fronting past the CONNECT check)."""
+        route, host, port, host_header = self._intercepted(authority)
+        return Target(route, "https", host, port, path.decode("ascii"), query, host_header)
+
+    def _intercepted_uncached(self, authority: str) -> tuple[CompiledRoute | None, str, int, bytes]:
+        # Per tunnel authority, not per request (cached in __init__): the tunnel checked it already.
         host, port = split_authority(authority)
         host = normalise_host(host)
         port = port or DEFAULT_PORTS["https"]
         route = self._route_for_host(host) if self.host_routes else None
         shown = f"[{host}]" if ":" in host else host
         host_header = shown if port == DEFAULT_PORTS["https"] else f"{shown}:{port}"
-        return Target(route, "https", host, port, path.decode("ascii"), query, host_header.encode("ascii"))
+        return route, host, port, host_header.encode("ascii")
 
     def _forward_target(self, authority: str, path: str, query: str | None) -> Target:
         try:
