@@ -265,3 +265,12 @@ def test_an_app_that_does_not_trust_the_ca_fails_its_handshake_and_it_is_reporte
                                   and e.get("method") == "CONNECT")
     assert "interception handshake" in line["detail"]
     assert setup.upstream.state.requests == []
+
+
+def test_sigterm_with_an_idle_intercepted_keep_alive_connection_exits_cleanly(setup: Setup) -> None:
+    trust = ssl.create_default_context(cafile=str(setup.ca_dir / "bundle.pem"))
+    with httpx.Client(proxy=setup.sidecar.url, verify=trust, trust_env=False, timeout=10) as app:
+        assert app.get(setup.url(INTERCEPTED, "/bytes?n=10")).status_code == 200
+        assert app.get(setup.url(INTERCEPTED, "/bytes?n=10")).status_code == 200  # the same tunnel, kept
+        assert setup.sidecar.terminate(timeout=15) == 0
+    assert len([e for e in setup.sidecar.logs() if e.get("event") == "tunnel"]) == 1
