@@ -106,7 +106,8 @@ def setup(make_sidecar: Callable[..., Sidecar], recording: Recording, untrusted_
     sidecar = make_sidecar(
         intercept={"hosts": ["*.intercept.test"], "ca_dir": str(ca_dir)},
         routes=[{"name": "pay", "match_hosts": [INTERCEPTED],
-                 "headers": {"authorization": {"value": CREDENTIAL}}}],
+                 "headers": {"authorization": {"value": CREDENTIAL}},
+                 "retries": {"attempts": 2, "on": [503]}, "timeouts": {"read": "1s"}}],
         resolve={name: "127.0.0.1" for name in (INTERCEPTED, ALSO_INTERCEPTED, TUNNELLED, UNTRUSTED)},
         pool={"max_connections": POOL, "max_keepalive_connections": POOL},
         policy={"allow_cidrs": ["127.0.0.0/8"],
@@ -196,6 +197,19 @@ def test_the_routes_credential_replaces_the_apps_and_other_names_get_none(setup:
     echoed = json.loads(run(setup, [sys.executable, "-c", code, setup.url(ALSO_INTERCEPTED, "/echo")]).stdout)
     assert [v for k, v in echoed["headers"] if k == "authorization"] == ["Bearer app-own"]
     assert dict(echoed["headers"])["host"] == f"{ALSO_INTERCEPTED}:{setup.upstream.state.port}"
+
+
+def test_the_routes_retries_and_timeouts_apply_to_intercepted_requests_only_on_its_hosts(setup: Setup) -> None:
+    code = ("import httpx, sys\n"
+            "r = httpx.get(sys.argv[1], timeout=30)\n"
+            "print(r.status_code, r.headers.get('x-egress-error'), r.text if r.status_code == 200 else '')")
+    done = run(setup, [sys.executable, "-c", code, setup.url(INTERCEPTED, "/flaky?key=a&fail=2&mode=503")])
+    status, _, body = done.stdout.decode().split(" ", 2)
+    assert status == "200" and json.loads(body)["tries"] == 3  # two retries on 503, as the route says
+    done = run(setup, [sys.executable, "-c", code, setup.url(ALSO_INTERCEPTED, "/flaky?key=b&fail=1&mode=503")])
+    assert done.stdout.split()[0] == b"503"  # no route for this host: no retries
+    done = run(setup, [sys.executable, "-c", code, setup.url(INTERCEPTED, "/delay?s=3")])
+    assert done.stdout.split()[:2] == [b"504", b"read_timeout"]  # the route's 1s read timeout
 
 
 def test_200_requests_over_20_app_connections_reach_the_upstream_over_at_most_the_pool(setup: Setup) -> None:
