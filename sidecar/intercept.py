@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +23,13 @@ from sidecar.hostnames import HostPatterns, canonical_host
 
 from sidecar.intercept_tls import terminate
 
+# report(kind, method, target, detail), as sidecar.limits.Report (not imported: limits imports tunnel).
+Report = Callable[[str, str, str, str], None]
+
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Callable
 
     from sidecar.intercept_ca import InterceptCA
-    from sidecar.limits import Report
     from sidecar.tunnel import TunnelRecord, Tunnels
 
 
@@ -57,6 +59,10 @@ class Interceptor:
         self.ca = ca
         self.ca_dir = config.intercept.ca_dir
         self.bundle: Path | None = None
+        # Set by attach() once the data listener runs; until then every tunnel stays a tunnel.
+        self._listener: Callable[[], Any] | None = None
+        self._handshake_timeout = 10.0
+        self._report: Report = _ignore
 
     def intercepts(self, canonical_host: str) -> bool:
         """Whether a tunnel to this host (canonical form, sidecar.hostnames) is terminated here."""
@@ -80,12 +86,20 @@ class Interceptor:
         """The tunnel hook (tunnel.py): for an intercepted host, terminate the app's TLS on `client`
         (`hello`: the bytes it already sent) and serve what it carries with a new listener protocol
         whose requests are marked with the tunnel's authority. False: the tunnel stays a tunnel."""
-        if not self.hosts.matches(record.host):
+        listener = self._listener
+        if listener is None or not self.hosts.matches(record.host):
             return False
-        protocol = self._listener()
-        authority = protocol.authority = f"{record.host}:{record.port}"
-        handshake = terminate(client, hello, self.context_for(record.host), protocol, self._handshake_timeout)
+        authority = f"{record.host}:{record.port}"
         report = self._report
+        try:
+            context = self.context_for(record.host)
+        except Exception as exc:  # noqa: BLE001 - never fall back to a tunnel: that would skip the route
+            report("tls_error", "CONNECT", authority, f"cannot mint a certificate for {record.host}: {exc}")
+            client.close()
+            return True
+        protocol = listener()
+        protocol.authority = authority
+        handshake = terminate(client, hello, context, protocol, self._handshake_timeout)
 
         def finished(future: asyncio.Future[None]) -> None:
             error = None if future.cancelled() else future.exception()
@@ -103,6 +117,10 @@ class Interceptor:
     def files_present(self) -> bool:
         """For /readyz: the bundle the app containers wait for is in place."""
         return self.bundle is not None and self.bundle.is_file()
+
+
+def _ignore(kind: str, method: str, target: str, detail: str) -> None:
+    return None
 
 
 def build_interceptor(config: Config) -> Interceptor | None:
