@@ -87,7 +87,7 @@ class Interceptor:
         (`hello`: the bytes it already sent) and serve what it carries with a new listener protocol
         whose requests are marked with the tunnel's authority. False: the tunnel stays a tunnel."""
         listener = self._listener
-        if listener is None or not self.hosts.matches(record.host):
+        if listener is None or not self.intercepts(record.host):
             return False
         authority = f"{record.host}:{record.port}"
         report = self._report
