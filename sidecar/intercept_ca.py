@@ -147,15 +147,19 @@ class InterceptCA:
         """A leaf certificate for `host`, signed by this CA (whatever the host; verifiers judge it)."""
         now = now or datetime.datetime.now(datetime.timezone.utc)
         not_after = min(now + datetime.timedelta(seconds=LEAF_LIFETIME), self.not_after)
+        # A common name holds at most 64 characters, and OpenSSL checks a host-like CN against the
+        # name constraints too: a longer name gets an empty subject and a critical SAN (RFC 5280 4.2.1.6).
+        fits = len(host) <= 64
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)] if fits else [])
         return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host[:64])]))
+            .subject_name(subject)
             .issuer_name(self._issuer)
             .public_key(self._leaf_key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _SKEW)
             .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=not fits)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(

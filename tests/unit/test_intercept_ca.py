@@ -64,7 +64,10 @@ def openssl_verify(tmp_path: Path, ca: InterceptCA, leaf: x509.Certificate) -> s
                           capture_output=True, text=True, timeout=30, check=False)
 
 
-@pytest.mark.parametrize("name", ["api.example.com", "charges.stripe.com", "a.b.stripe.com"])
+LONG = "a" * 60 + ".b" * 10 + ".stripe.com"  # longer than a common name may be
+
+
+@pytest.mark.parametrize("name", ["api.example.com", "charges.stripe.com", "a.b.stripe.com", LONG])
 def test_openssl_accepts_a_leaf_for_an_intercepted_name(tmp_path: Path, ca: InterceptCA, name: str) -> None:
     done = openssl_verify(tmp_path, ca, ca.leaf_certificate(name))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -79,7 +82,7 @@ def test_openssl_refuses_a_leaf_for_an_outside_name_signed_by_the_ca(
     assert "permitted subtree violation" in done.stdout + done.stderr
 
 
-def handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> tuple[str | None, str]:
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> tuple[str | None, object]:
     """A real TLS handshake between two contexts over memory BIOs: (ALPN chosen, peer subject CN)."""
     c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     c = client.wrap_bio(c_in, c_out, server_hostname=name)
@@ -100,7 +103,7 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> tupl
                 continue
             cert = c.getpeercert()
             subject = dict(x[0] for x in cert["subject"])  # type: ignore[arg-type,index]
-            return c.selected_alpn_protocol(), str(subject["commonName"])
+            return c.selected_alpn_protocol(), subject.get("commonName")
     raise AssertionError("handshake did not finish")
 
 
@@ -113,6 +116,7 @@ def app_context(ca: InterceptCA) -> ssl.SSLContext:
 def test_python_ssl_trusts_a_minted_leaf_and_gets_http11(ca: InterceptCA) -> None:
     assert handshake(ca.context_for("charges.stripe.com"), app_context(ca), "charges.stripe.com") == (
         "http/1.1", "charges.stripe.com")
+    assert handshake(ca.context_for(LONG), app_context(ca), LONG) == ("http/1.1", None)
 
 
 def test_python_ssl_refuses_the_cas_leaf_for_an_outside_name(ca: InterceptCA, tmp_path: Path) -> None:
