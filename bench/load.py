@@ -100,8 +100,9 @@ class StreamResult:
 
 
 def stream(url: str, cpu: int | None, watch_pid: int | None, ca_file: Path | None = None,
-           timeout_s: float = 120) -> StreamResult:
-    """Download `url` with curl into /dev/null; meanwhile poll the proxy's RSS every 5 ms."""
+           timeout_s: float = 120, proxy: str | None = None) -> StreamResult:
+    """Download `url` with curl into /dev/null; meanwhile poll the proxy's RSS every 5 ms.
+    `proxy`: curl's `-x` (an https:// URL then goes through a CONNECT tunnel)."""
     tree: Sequence[int] = procs.descendants(watch_pid) if watch_pid else ()
     peak = [procs.rss_of(tree)]
     stop = threading.Event()
@@ -116,6 +117,8 @@ def stream(url: str, cpu: int | None, watch_pid: int | None, ca_file: Path | Non
             "-w", "%{http_code} %{size_download} %{speed_download}"]
     if ca_file:
         argv += ["--cacert", str(ca_file)]
+    if proxy:
+        argv += ["--noproxy", "", "-x", proxy]
     watcher.start()
     started = time.monotonic()
     try:

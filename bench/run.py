@@ -3,6 +3,7 @@
     python -m bench.run                 # full: c1, c32, c256 x 5 s (+1 s warm-up each), 100 MiB stream
     python -m bench.run --quick         # smoke: 2 s per level, 1 s warm-up
     python -m bench.run --only direct,aiohttp --levels 1 --duration 1 --warmup 0
+    python -m bench.run --only tunnel    # only the CONNECT section (bench/tunnel.py)
 
 Each candidate is started, checked byte-exact (100 B and 1 MiB through it), streamed, loaded,
 and stopped before the next one starts, so they never compete with each other for the CPU.
@@ -31,7 +32,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench import candidates, load, procs, profile, report
+from bench import candidates, load, procs, profile, report, tunnel
 from bench import upstream as upstream_module
 from bench.bodies import SMALL_BODY
 
@@ -250,7 +251,8 @@ def machine_info() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (2 s per level, 1 s warm-up)")
-    parser.add_argument("--only", help=f"comma-separated candidates, from: {','.join(candidates.ORDER)}")
+    parser.add_argument("--only", help=f"comma-separated candidates, from: {','.join(candidates.ORDER)}, "
+                        "and `tunnel` (the CONNECT section, with tinyproxy; run last)")
     parser.add_argument("--levels", help="comma-separated wrk connection counts (default 1,32,256)")
     parser.add_argument("--duration", type=int, help="seconds per level (default 5; quick 2)")
     parser.add_argument("--warmup", type=int, help="warm-up seconds per level (default 1; 0: none)")
@@ -268,7 +270,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.levels = [int(x) for x in args.levels.split(",")] if args.levels else [1, 32, 256]
     args.duration = args.duration or (2 if args.quick else 5)
     args.warmup = 1 if args.warmup is None else args.warmup
-    args.only = args.only.split(",") if args.only else candidates.ORDER
+    only = args.only.split(",") if args.only else [*candidates.ORDER, "tunnel"]
+    args.tunnel = "tunnel" in only
+    args.only = [name for name in only if name != "tunnel"]
     args.profile = [int(x) for x in args.profile.split(",")] if args.profile else []
     if args.profile and not profile.available():
         parser.error("--profile needs py-spy (pip install -e '.[bench]')")
@@ -317,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {name} FAILED: {result['error']}\n{result.get('log_tail', '')}",
                       file=sys.stderr, flush=True)
             doc["candidates"].append(result)
+        if args.tunnel:
+            doc["tunnel"] = tunnel.run_section(ctx, args.load_cpu, args.quick)
     finally:
         procs.stop(up.started)
         (args.work_dir / "upstream" / "www" / "stream").unlink(missing_ok=True)
@@ -332,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     doc["elapsed_s"] = time.monotonic() - began
     doc["finished_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = report.markdown(doc)
+    if "tunnel" in doc:
+        text += "\n" + tunnel.markdown(doc["tunnel"])
     (args.results_dir / "latest.md").write_text(text)
     (args.results_dir / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(text)
     print(f"bench: {doc['elapsed_s']:.0f} s; wrote {args.results_dir}/latest.md and latest.json",
           file=sys.stderr)
-    return 0 if all(result["ok"] for result in doc["candidates"]) else 1
+    tunnels_ok = all(result["ok"] for result in doc.get("tunnel", {}).get("candidates", []))
+    return 0 if tunnels_ok and all(result["ok"] for result in doc["candidates"]) else 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ command -v unshare >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
 command -v mount >/dev/null || need+=(mount)  # sealed tests bind-mount their own resolv.conf
 command -v setpriv >/dev/null || need+=(util-linux)
+# CONNECT tunnels (tests/e2e/test_connect_clients.py, bench/tunnel.py): real HTTPS_PROXY clients
+# and the C forward proxy the tunnel section is measured against.
+command -v wget >/dev/null || need+=(wget)
+command -v node >/dev/null || need+=(nodejs)
+command -v tinyproxy >/dev/null || need+=(tinyproxy)
 # tests/e2e/test_image.py installs the wheel into a venv of the system Python (readable by the
 # image's uid 65532, unlike pyenv's under /root).
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)

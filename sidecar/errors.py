@@ -49,6 +49,12 @@ ERRORS: dict[str, ErrorSpec] = {
 }
 
 
+# How a CONNECT tunnel ends when the policy refuses it after its 200 (tunnel.py): the first
+# client bytes are not TLS, carry no SNI for a named host, or name another host. Each is a
+# tunnel outcome and a reason of egress_denied_total.
+TUNNEL_REFUSALS = frozenset({"sni_mismatch", "no_sni", "not_tls"})
+
+
 class EgressError(Exception):
     """An error with a named kind from ERRORS; `detail` goes to the log, never to metrics labels."""
 

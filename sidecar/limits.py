@@ -30,6 +30,11 @@ head already near the limit.
 Hot path: the common request head arrives in one read and arms no timer; the checks are a
 few integer operations per request, none per header (bench/limits_overhead.py measures it).
 
+Two request-target forms uvicorn does not serve are handled here too (RFC 9112 3.2):
+absolute-form keeps its URI in the scope's `raw_path` for routing (uvicorn keeps only the
+path), and a CONNECT (authority-form) gets no ASGI cycle: once its head is parsed the
+connection is handed to `tunnels` (tunnel.py), which owns it from then on.
+
 The body idle timeout lives in forward.RequestBody: only there is it known that the sidecar
 is waiting for the client, and not the client for a slow upstream.
 """
@@ -217,7 +222,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                       f"(limits {limits.max_headers} fields, {limits.max_header_bytes} bytes)")
             self._refusal = ("header_too_large", detail)
             raise _Refused
-        if self.tunnels is not None and self.parser.get_method() == b"CONNECT":
+        url = self.url
+        origin_form = url[:1] == b"/"  # the common case: one comparison, nothing else below
+        if not origin_form and self.tunnels is not None and self.parser.get_method() == b"CONNECT":
             # No ASGI cycle: httptools raises HttpParserUpgrade once this callback returns,
             # and data_received hands the connection to the tunnel (tunnel.py).
             self._connect = True
@@ -229,8 +236,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # uvicorn builds its RequestResponseCycle by name inside on_headers_complete; the
             # request's task has not run yet, so changing the class here is all it takes.
             cycle.__class__ = ProxyCycle
-            url = self.url
-            if url[:1] != b"/" and url[:4].lower() == b"http":
+            if not origin_form and url[:4].lower() == b"http":
                 # absolute-form (RFC 9112 3.2.2): uvicorn keeps only the path; routing reads the
                 # destination from the URI's authority, as under h11, never from Host.
                 self.scope["raw_path"] = url.partition(b"?")[0].partition(b"#")[0]

@@ -34,6 +34,7 @@ from prometheus_client.utils import floatToGoString
 import sidecar
 from sidecar.breaker import STATE_VALUES
 from sidecar.config import Config
+from sidecar.errors import TUNNEL_REFUSALS
 
 if TYPE_CHECKING:
     from sidecar.observe import Exchange
@@ -261,8 +262,6 @@ def _families(series: list[_Series], requests: Mapping[tuple[str, str, str, str]
 # hour: timeouts.tunnel_idle), so their buckets span further than the requests'.
 TUNNEL_BUCKETS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
 _TUNNEL_LE: tuple[str, ...] = (*(floatToGoString(b) for b in TUNNEL_BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
-# Tunnel outcomes that are policy refusals (tunnel.REFUSALS): also egress_denied_total{reason}.
-_TUNNEL_DENIALS = frozenset({"sni_mismatch", "no_sni", "not_tls"})
 
 
 class _TunnelFamilies(Collector):
@@ -462,7 +461,7 @@ class Metrics:
         duration = record.end - record.start
         self._tunnel_durations[_bucket(TUNNEL_BUCKETS, duration)] += 1
         self._tunnel_seconds += duration
-        if record.outcome in _TUNNEL_DENIALS:
+        if record.outcome in TUNNEL_REFUSALS:
             self.deny("-", record.outcome)
 
     # -- exposition -----------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Where a request goes: ASGI scope -> Target. Pure: no I/O, no policy.
 
 Two ways an app addresses the sidecar (DESIGN.md "How the app addresses the sidecar"):
-- forward-proxy form: `GET http://api.example.com/x` with HTTP_PROXY set. uvicorn's httptools
-  protocol strips the authority from the target and keeps the `Host` header; h11 keeps the
-  absolute URI in `raw_path`. Both are read here. The sidecar originates TLS: http://host/ is
+- forward-proxy form: `GET http://api.example.com/x` with HTTP_PROXY set. The absolute URI is
+  in `raw_path` under both parsers (h11 keeps it; uvicorn's httptools protocol drops it, and
+  the sidecar's subclass, limits.py, puts it back), so its authority decides the destination
+  and the upstream Host, never the Host header (RFC 9112 3.2.2). The sidecar originates TLS: http://host/ is
   sent to https://host/ (port 80 or none becomes 443, an explicit other port is kept), unless
   the host is listed in `policy.plain_http_hosts`.
 - named routes: a request whose Host is the sidecar itself and whose path starts with a route

@@ -28,6 +28,7 @@ LISTEN_PORT = PREFIX + "listen-port"
 ADMIN_PORT = PREFIX + "admin-port"
 DRAIN_GRACE = PREFIX + "drain-grace"
 SET_PROXY_ENV = PREFIX + "set-proxy-env"
+SET_HTTPS_PROXY = PREFIX + "set-https-proxy"  # "false": with set-proxy-env, HTTP_PROXY only
 NO_PROXY = PREFIX + "no-proxy"
 SET_TRUST_ENV = PREFIX + "set-trust-env"  # "false": no TLS trust variables for the interception CA
 
@@ -46,6 +47,7 @@ KNOWN = frozenset(
         ADMIN_PORT,
         DRAIN_GRACE,
         SET_PROXY_ENV,
+        SET_HTTPS_PROXY,
         NO_PROXY,
         SET_TRUST_ENV,
         *_RESOURCES,
@@ -73,6 +75,7 @@ class Overrides:
     drain_grace: str | None = None  # kept as written: the sidecar parses the same syntax
     drain_grace_seconds: float | None = None
     set_proxy_env: bool = False
+    set_https_proxy: bool = True  # HTTPS_PROXY beside HTTP_PROXY (CONNECT tunnels)
     no_proxy: tuple[str, ...] = ()
     set_trust_env: bool = True  # only matters when interception is on
     unknown: tuple[str, ...] = ()  # our-prefix annotations we do not know: warned, not refused
@@ -132,6 +135,7 @@ def parse(annotations: Mapping[str, object]) -> Overrides:
         drain_grace=values.get(DRAIN_GRACE),
         drain_grace_seconds=grace_seconds,
         set_proxy_env=_bool(SET_PROXY_ENV, values[SET_PROXY_ENV]) if SET_PROXY_ENV in values else False,
+        set_https_proxy=_bool(SET_HTTPS_PROXY, values[SET_HTTPS_PROXY]) if SET_HTTPS_PROXY in values else True,
         no_proxy=extras,
         set_trust_env=_bool(SET_TRUST_ENV, values[SET_TRUST_ENV]) if SET_TRUST_ENV in values else True,
         unknown=tuple(sorted(k for k in values if k not in KNOWN)),

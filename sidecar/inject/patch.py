@@ -23,7 +23,7 @@ from sidecar.inject.settings import (
 )
 
 Patch = list[dict[str, Any]]
-PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")
 # What OpenSSL (Python ssl, Ruby, PHP), requests, curl, Node and git read for extra or replacement
 # trust: pointed at the interception bundle (system roots + the pod's CA) when interception is on.
 TRUST_ENV_NAMES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO")
@@ -60,18 +60,16 @@ def decide(labels: Mapping[str, object], *, namespace_opted_in: bool) -> str:
     return "not-opted-in"
 
 
-def proxy_env(listen_port: int, no_proxy: tuple[str, ...]) -> list[dict[str, str]]:
-    """HTTP_PROXY/NO_PROXY for app containers, both spellings (curl reads only lower-case
-    http_proxy; Go and Python read either). Never HTTPS_PROXY: the sidecar cannot serve
-    CONNECT, so https:// calls must keep going direct."""
+def proxy_env(listen_port: int, no_proxy: tuple[str, ...], https: bool = True) -> list[dict[str, str]]:
+    """HTTP_PROXY, HTTPS_PROXY (unless `https` is off) and NO_PROXY for app containers, both
+    spellings (curl reads only lower-case http_proxy; Go and Python read either). HTTPS_PROXY
+    is the sidecar too (http://: the app's TLS goes through a CONNECT tunnel, tunnel.py)."""
     proxy = f"http://127.0.0.1:{listen_port}"
     skip = ",".join(dict.fromkeys(no_proxy))  # ordered, duplicates dropped
-    return [
-        {"name": "HTTP_PROXY", "value": proxy},
-        {"name": "http_proxy", "value": proxy},
-        {"name": "NO_PROXY", "value": skip},
-        {"name": "no_proxy", "value": skip},
-    ]
+    env = [{"name": "HTTP_PROXY", "value": proxy}, {"name": "http_proxy", "value": proxy}]
+    if https:
+        env += [{"name": "HTTPS_PROXY", "value": proxy}, {"name": "https_proxy", "value": proxy}]
+    return env + [{"name": "NO_PROXY", "value": skip}, {"name": "no_proxy", "value": skip}]
 
 
 def trust_env(ca_dir: str) -> list[dict[str, str]]:
@@ -83,7 +81,8 @@ def trust_env(ca_dir: str) -> list[dict[str, str]]:
 def _app_ops(apps: list[dict[str, Any]], proxy: list[dict[str, str]] | None,
              trust: list[dict[str, str]] | None, ca_mount: dict[str, Any] | None) -> Patch:
     """Env (proxy and/or trust variables, replacing the app's own of those names) and the CA mount."""
-    replaced = (PROXY_ENV_NAMES if proxy else ()) + (TRUST_ENV_NAMES if trust else ())
+    # Only the names set here are replaced (set-https-proxy "false" leaves an app's own HTTPS_PROXY).
+    replaced = {e["name"] for e in (proxy or []) + (trust or [])}
     patch: Patch = []
     for index, container in enumerate(apps):
         if proxy or trust:
@@ -283,7 +282,8 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
     if ca_volume is not None and settings.ca_dir is not None:
         _refuse_ca_conflicts(spec, apps, ca_volume["name"], settings.ca_dir)
         ca_mount = {"name": ca_volume["name"], "mountPath": settings.ca_dir, "readOnly": True}
-    proxy = proxy_env(listen, settings.no_proxy + over.no_proxy) if over.set_proxy_env else None
+    proxy = (proxy_env(listen, settings.no_proxy + over.no_proxy, over.set_https_proxy)
+             if over.set_proxy_env else None)
     trust = trust_env(settings.ca_dir) if ca_mount is not None and settings.ca_dir and over.set_trust_env else None
     patch: Patch = _app_ops(apps, proxy, trust, ca_mount)
     container = sidecar_container(settings, over)

@@ -57,3 +57,23 @@ def test_bench_harness_measures_aiohttp_peer_and_direct(tmp_path: Path) -> None:
     table = (tmp_path / "results" / "latest.md").read_text()
     assert "| aiohttp |" in table and "| direct |" in table
     assert table in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_bench_tunnel_section_measures_sidecar_tinyproxy_and_direct(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--only", "tunnel", "--quick", "--stream-mib", str(STREAM_MIB),
+         "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+    )
+    assert done.returncode == 0, f"bench.run failed:\n{done.stdout}\n{done.stderr}"
+    section = json.loads((tmp_path / "results" / "latest.json").read_text())["tunnel"]
+    by_name = {result["name"]: result for result in section["candidates"]}
+    assert set(by_name) == {"direct", "sidecar", "tinyproxy"}
+    for result in by_name.values():
+        assert result["ok"], result.get("error")
+        assert result["stream_mib_s"] > 0 and result["ttfb_new_ms"] > 0 and result["ttfb_kept_ms"] > 0
+        assert result["new_tunnels"]["ok"] == section["settings"]["tunnels"]
+    assert by_name["sidecar"]["new_tunnels"]["cpu_us_per_tunnel"] > 0
+    assert section["goals"][0][0].startswith("100 MiB through a tunnel")
+    assert "### Tunnels (CONNECT" in done.stdout

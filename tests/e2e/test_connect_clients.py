@@ -47,8 +47,11 @@ def proxy_env(sidecar: Sidecar, ca_file: str) -> dict[str, str]:
 
 
 def tunnel_lines(sidecar: Sidecar, count: int) -> list[dict[str, object]]:
-    return wait_until(lambda: (lambda lines: lines if len(lines) >= count else None)(
-        [e for e in sidecar.logs() if e.get("event") == "tunnel"]), 10, message=f"{count} tunnel lines")
+    def enough() -> list[dict[str, object]] | None:
+        lines = [e for e in sidecar.logs() if e.get("event") == "tunnel"]
+        return lines if len(lines) >= count else None
+
+    return wait_until(enough, 10, message=f"{count} tunnel lines")  # type: ignore[no-any-return]
 
 
 def assert_one_tunnel_two_requests(sidecar: Sidecar, upstream: Upstream) -> None:
@@ -77,4 +80,67 @@ def test_httpx_with_https_proxy_reuses_one_tunnel(tunnel_sidecar: Sidecar, fresh
     with httpx.Client(proxy=tunnel_sidecar.url, verify=context, trust_env=False) as client:
         bodies = [client.get(url(fresh_upstream)).content for _ in range(2)]
     assert bodies == [EXPECTED, EXPECTED]
+    assert_one_tunnel_two_requests(tunnel_sidecar, fresh_upstream)
+
+
+def test_python_requests_with_https_proxy_reuses_one_tunnel(tunnel_sidecar: Sidecar, fresh_upstream: Upstream,
+                                                            ca_file: str) -> None:
+    code = ("import hashlib, json, sys, requests\n"
+            "with requests.Session() as s:\n"
+            "    print(json.dumps([hashlib.sha256(s.get(sys.argv[1]).content).hexdigest() for _ in range(2)]))\n")
+    done = subprocess.run([sys.executable, "-c", code, url(fresh_upstream)], env=proxy_env(tunnel_sidecar, ca_file),
+                          capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(done.stdout) == [hashlib.sha256(EXPECTED).hexdigest()] * 2
+    assert_one_tunnel_two_requests(tunnel_sidecar, fresh_upstream)
+
+
+def test_urllib_with_https_proxy_gets_the_body_byte_exact(tunnel_sidecar: Sidecar, fresh_upstream: Upstream,
+                                                          ca_file: str) -> None:
+    # urllib opens a connection per request (no keep-alive): one tunnel each.
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({"https": tunnel_sidecar.url}),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file)),
+    )
+    for _ in range(2):
+        with opener.open(url(fresh_upstream), timeout=30) as response:
+            assert response.read() == EXPECTED
+    assert fresh_upstream.connections == 2
+    assert len(tunnel_lines(tunnel_sidecar, 2)) == 2
+
+
+def test_aiohttp_with_https_proxy_reuses_one_tunnel(tunnel_sidecar: Sidecar, fresh_upstream: Upstream,
+                                                    ca_file: str) -> None:
+    import aiohttp
+
+    async def fetch() -> list[bytes]:
+        context = ssl.create_default_context(cafile=ca_file)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=1)) as session:
+            bodies = []
+            for _ in range(2):
+                async with session.get(url(fresh_upstream), proxy=tunnel_sidecar.url) as response:
+                    bodies.append(await response.read())
+            return bodies
+
+    assert asyncio.run(fetch()) == [EXPECTED, EXPECTED]
+    assert_one_tunnel_two_requests(tunnel_sidecar, fresh_upstream)
+
+
+def test_wget_with_https_proxy_reuses_one_tunnel(tunnel_sidecar: Sidecar, fresh_upstream: Upstream,
+                                                 ca_file: str, tmp_path: Path) -> None:
+    subprocess.run(["wget", "-q", "--ca-certificate", ca_file, "-P", str(tmp_path), url(fresh_upstream),
+                    url(fresh_upstream, SIZE) + "&again=1"],
+                   env=proxy_env(tunnel_sidecar, ca_file), check=True, timeout=60, cwd=tmp_path)
+    files = sorted(tmp_path.glob("bytes*"))
+    assert [f.read_bytes() for f in files] == [EXPECTED, EXPECTED]
+    assert_one_tunnel_two_requests(tunnel_sidecar, fresh_upstream)
+
+
+def test_node_with_a_connect_agent_reuses_one_tunnel(tunnel_sidecar: Sidecar, fresh_upstream: Upstream,
+                                                     ca_file: str, tmp_path: Path) -> None:
+    outs = [tmp_path / "a", tmp_path / "b"]
+    done = subprocess.run(["node", str(NODE_AGENT), tunnel_sidecar.url, url(fresh_upstream), ca_file,
+                           *map(str, outs)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"statuses": [200, 200]}
+    assert [o.read_bytes() for o in outs] == [EXPECTED, EXPECTED]
     assert_one_tunnel_two_requests(tunnel_sidecar, fresh_upstream)

@@ -27,7 +27,7 @@ def test_static_name_is_dialled_at_its_checked_address_with_sni_and_cert_for_the
             resolve={"svc.internal.test": "127.0.0.1"},
             routes=[{"name": "svc", "prefix": "/svc", "upstream": f"https://svc.internal.test:{upstream.port}"}],
         )
-        with sidecar.client() as client:
+        with httpx.Client(trust_env=False) as client:  # origin-form: a route
             response = client.get(f"{sidecar.url}/svc/echo")
         assert response.status_code == 200, response.text
         headers = json.loads(response.content)["headers"]

@@ -37,7 +37,7 @@ def secret_sidecar(make_sidecar: Callable[..., Sidecar], upstream: Upstream, vol
 
 
 def seen_headers(sidecar: Sidecar, headers: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-    with sidecar.client() as client:
+    with httpx.Client(trust_env=False) as client:  # origin-form: a route
         response = client.get(f"{sidecar.url}/api/echo", headers=headers)
     assert response.status_code == 200, response.text
     return [(k.lower(), v) for k, v in json.loads(response.content)["headers"]]
@@ -81,7 +81,7 @@ def test_secret_never_appears_in_logs_config_or_error_bodies(
     # Debug logging: the most talkative the sidecar gets.
     sidecar = secret_sidecar(make_sidecar, upstream, volume, log={"level": "debug", "format": "json"})
     bodies = []
-    with sidecar.client() as client:
+    with httpx.Client(trust_env=False) as client:  # origin-form: a route
         for path in ("/api/echo", "/api/status/500", "/api/reset", "/api/garbage"):
             bodies.append(client.get(f"{sidecar.url}{path}").content)
     rotate_secret_volume(volume, {"token": TOKEN_2})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ import pytest
 from tests.conftest import ROOT, Sidecar, free_port
 from tests.e2e.test_metrics import closed_port
 from tests.prometheus import Prometheus, start_prometheus
-from tests.upstream import Upstream, wait_until
+from tests.upstream import Upstream, random_bytes, wait_until
 
 DASHBOARD = ROOT / "helm" / "egress-sidecar" / "files" / "grafana-dashboard.json"
 
@@ -29,7 +31,7 @@ def dashboard_expressions() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     found = []
     for panel in dashboard["panels"]:
-        for target in panel["targets"]:
+        for target in panel.get("targets", []):  # a row has none
             expr = target["expr"]
             for name, value in VARIABLES.items():
                 expr = expr.replace(name, value)
@@ -54,15 +56,17 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[Sidecar], Prometheus]]:
 
 
 def test_prometheus_counts_known_traffic_and_runs_every_dashboard_query(
-    make_sidecar: Callable[..., Sidecar], upstream: Upstream, prometheus_for: Callable[[Sidecar], Prometheus]
+    make_sidecar: Callable[..., Sidecar], upstream: Upstream, prometheus_for: Callable[[Sidecar], Prometheus],
+    ca_file: str,
 ) -> None:
+    ca_context = ssl.create_default_context(cafile=ca_file)
     dead_port, unlisted_port = closed_port(), closed_port()
     sidecar = make_sidecar(
         routes=[{"name": "up", "prefix": "/up", "upstream": f"https://localhost:{upstream.port}"},
                 {"name": "dead", "prefix": "/dead", "upstream": f"https://localhost:{dead_port}"}],
         # Only the test upstream's loopback address is allowed: 127.0.0.2 is a policy denial
         # (denied_ip) once the egress policy enforces ranges; before that, a refused connect.
-        policy={"allow_cidrs": ["127.0.0.1/32", "::1/128"]},
+        policy={"allow_cidrs": ["127.0.0.1/32", "::1/128"], "connect_ports": [upstream.port]},
     )
     prometheus = prometheus_for(sidecar)
     kinds: Counter[str] = Counter()
@@ -85,13 +89,19 @@ def test_prometheus_counts_known_traffic_and_runs_every_dashboard_query(
         for _ in range(k):
             record(client.get("/dead/x"))  # connect_error: nothing listens on the route's port
 
+    def tunnel() -> None:  # an https:// call through HTTPS_PROXY: a CONNECT tunnel, not a request
+        with httpx.Client(proxy=sidecar.url, trust_env=False, timeout=10, verify=ca_context) as tunnelled:
+            assert tunnelled.get(f"https://localhost:{upstream.port}/bytes?n=5000").content == random_bytes(5000, 1)
+
     with httpx.Client(base_url=sidecar.url, timeout=10) as client, \
             httpx.Client(proxy=sidecar.url, trust_env=False, timeout=10) as proxied:
         # Phase 1: one of each, then wait for a scrape, so the rates of phase 2 have a start point.
         record(client.get("/up/bytes?n=100"))
         errors(client, 1, 1)
         record(proxied.get(f"http://127.0.0.2:{unlisted_port}/x"))
-        wait_until(lambda: prometheus.value("sum(egress_requests_total)") == 4, timeout=20, interval=0.1,
+        tunnel()
+        wait_until(lambda: prometheus.value("sum(egress_requests_total)") == 4
+                   and prometheus.value("sum(egress_tunnels_total)") == 1, timeout=20, interval=0.1,
                    message="prometheus scraped phase 1")
 
         # Phase 2: N successes from 8 concurrent clients (new connections: TLS handshakes),
@@ -115,13 +125,20 @@ def test_prometheus_counts_known_traffic_and_runs_every_dashboard_query(
         errors(client, m, k)
         for _ in range(d):
             record(proxied.get(f"http://127.0.0.2:{unlisted_port}/x"))
+        tunnel()
+        tunnel()
+        # A CONNECT to a port outside policy.connect_ports: 403 denied_port, counted as a request.
+        with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as raw:
+            raw.sendall(f"CONNECT localhost:{unlisted_port} HTTP/1.1\r\n\r\n".encode())
+            assert b"x-egress-error: denied_port" in raw.recv(65536)
+            kinds["denied_port"] += 1
         for thread in workers:
             thread.join(30)
 
     sent = successes + sum(kinds.values())
     assert successes == 1 + n_per_thread * threads_count
     assert kinds["no_route"] == 1 + m
-    assert sent == 4 + n_per_thread * threads_count + m + k + d
+    assert sent == 4 + n_per_thread * threads_count + m + k + d + 1
     wait_until(lambda: prometheus.value("sum(egress_requests_total)") == sent, timeout=20, interval=0.1,
                message="prometheus scraped all the traffic")
 
@@ -134,8 +151,14 @@ def test_prometheus_counts_known_traffic_and_runs_every_dashboard_query(
         assert prometheus.value(f'sum(egress_errors_total{{kind="{kind}"}})') == count, kind
     assert prometheus.value("sum(egress_errors_total)") == sum(kinds.values())
     assert prometheus.value('sum(egress_errors_total{kind="connect_error",route="dead"})') == 1 + k
-    denied = kinds["denied_ip"] + kinds["denied_host"]
+    denied = kinds["denied_ip"] + kinds["denied_host"] + kinds["denied_port"]
     assert prometheus.value("sum(egress_denied_total)") == denied
+    assert prometheus.value('sum(egress_denied_total{reason="port"})') == 1
+    wait_until(lambda: prometheus.value("sum(egress_tunnels_total)") == 3, timeout=20, interval=0.1,
+               message="prometheus scraped the tunnels")
+    assert prometheus.value('sum(egress_tunnel_duration_seconds_count)') == 3
+    assert prometheus.value('sum(egress_tunnel_bytes_total{direction="down"})') > 3 * 5000
+    assert prometheus.value("egress_tunnels_active") == 0
     # Every success went out on a new or a reused connection; the concurrent wave opened several.
     opened = prometheus.value('sum(egress_upstream_connections_opened_total{route="up"})')
     reused = prometheus.value('sum(egress_requests_on_reused_connection_total{route="up"})')

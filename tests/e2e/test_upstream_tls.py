@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import trustme
 
@@ -114,7 +115,7 @@ def foreign_upstream() -> Iterator[Upstream]:
 
 
 def get(sidecar: Sidecar, path: str) -> tuple[int, dict[str, str], bytes]:
-    with sidecar.client() as client:
+    with httpx.Client(trust_env=False) as client:  # origin-form: a route
         response = client.get(f"{sidecar.url}{path}")
     return response.status_code, dict(response.headers), response.content
 

@@ -197,7 +197,7 @@ def test_each_override_annotation_changes_the_injected_sidecar(
     assert check(sidecar_of(patched), patched)
 
 
-def test_set_proxy_env_sets_http_proxy_and_no_proxy_in_app_containers(injector: Injector) -> None:
+def test_set_proxy_env_sets_http_proxy_https_proxy_and_no_proxy_in_app_containers(injector: Injector) -> None:
     annotations = {
         "egress-sidecar.io/set-proxy-env": "true",
         "egress-sidecar.io/no-proxy": "db.shop,10.1.2.3",
@@ -207,7 +207,7 @@ def test_set_proxy_env_sets_http_proxy_and_no_proxy_in_app_containers(injector: 
     app = env(patched["spec"]["containers"][0])
     assert app["HTTP_PROXY"] == app["http_proxy"] == "http://127.0.0.1:15001"
     assert app["NO_PROXY"] == app["no_proxy"] == "localhost,127.0.0.1,.svc,.cluster.local,db.shop,10.1.2.3"
-    assert not {"HTTPS_PROXY", "https_proxy"} & set(app)
+    assert app["HTTPS_PROXY"] == app["https_proxy"] == "http://127.0.0.1:15001"
 
 
 def test_bad_override_is_refused_with_the_annotation_named(injector: Injector) -> None:

@@ -50,6 +50,10 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
          "$.routes[0].headers.X"),
         ({"resolve": {"a.test": "not-an-ip"}}, "$.resolve.a.test"),
         ({"admin": {"port": 15001}}, "$.admin.port"),
+        ({"policy": {"connect_ports": [443, 70000]}}, "$.policy.connect_ports[1]"),
+        ({"policy": {"connect_ports": "443"}}, "$.policy.connect_ports"),
+        ({"timeouts": {"tunnel_idle": "0s"}}, "$.timeouts.tunnel_idle"),
+        ({"limits": {"max_tunnels": -1}}, "$.limits.max_tunnels"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, key: str) -> None:

@@ -40,6 +40,7 @@ def test_valid_annotations_are_parsed() -> None:
         ("egress-sidecar.io/image", "has space:1"),
         ("egress-sidecar.io/image", ""),
         ("egress-sidecar.io/set-proxy-env", "yes"),
+        ("egress-sidecar.io/set-https-proxy", "off"),
     ],
 )
 def test_bad_values_name_the_annotation(key: str, value: str) -> None:

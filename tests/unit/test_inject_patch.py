@@ -152,7 +152,7 @@ def test_default_grace_fits_default_termination_period() -> None:
     assert "terminationGracePeriodSeconds" not in patched(pod(OPTED_IN))["spec"]
 
 
-def test_set_proxy_env_gives_app_containers_http_proxy_and_no_proxy_never_https_proxy() -> None:
+def test_set_proxy_env_gives_app_containers_http_proxy_https_proxy_and_no_proxy() -> None:
     annotations = {
         "egress-sidecar.io/set-proxy-env": "true",
         "egress-sidecar.io/no-proxy": "db.internal, 10.0.0.0/8",
@@ -177,10 +177,19 @@ def test_set_proxy_env_gives_app_containers_http_proxy_and_no_proxy_never_https_
         assert (
             e["NO_PROXY"] == e["no_proxy"] == "localhost,127.0.0.1,.svc,.cluster.local,db.internal,10.0.0.0/8"
         )
-        assert "HTTPS_PROXY" not in e and "https_proxy" not in e
+        assert e["HTTPS_PROXY"] == e["https_proxy"] == "http://127.0.0.1:16001"
     worker = out["spec"]["containers"][1]
     assert [x["name"] for x in worker["env"]][:2] == ["KEEP", "SECRET"]
     assert "HTTP_PROXY" not in env(sidecar(out))
+
+
+def test_set_https_proxy_false_sets_http_proxy_only_and_keeps_the_apps_own() -> None:
+    annotations = {"egress-sidecar.io/set-proxy-env": "true", "egress-sidecar.io/set-https-proxy": "false"}
+    p = pod(OPTED_IN, annotations)
+    p["spec"]["containers"][0]["env"] = [{"name": "HTTPS_PROXY", "value": "http://corp:3128"}]
+    e = env(patched(p)["spec"]["containers"][0])
+    assert e["HTTP_PROXY"] == "http://127.0.0.1:15001"
+    assert e["HTTPS_PROXY"] == "http://corp:3128" and "https_proxy" not in e
 
 
 def test_proxy_env_without_annotation_leaves_app_env_alone() -> None:
@@ -224,4 +233,4 @@ def test_annotation_keys_with_slash_and_tilde_are_escaped() -> None:
 
 
 def test_proxy_env_drops_duplicate_no_proxy_entries() -> None:
-    assert proxy_env(1, ("a", "b", "a"))[2] == {"name": "NO_PROXY", "value": "a,b"}
+    assert proxy_env(1, ("a", "b", "a"))[4] == {"name": "NO_PROXY", "value": "a,b"}

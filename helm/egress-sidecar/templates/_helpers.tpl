@@ -226,7 +226,8 @@ emptyDir:
 
 {{/*
 egress-sidecar.proxyEnv: env entries for app containers (static injection), the same the webhook
-adds for egress-sidecar.io/set-proxy-env: "true". Never HTTPS_PROXY: the sidecar cannot serve CONNECT.
+adds for egress-sidecar.io/set-proxy-env: "true". HTTPS_PROXY too (CONNECT tunnels) unless
+sidecar.httpsProxy is false (the webhook's per-pod egress-sidecar.io/set-https-proxy: "false").
 */}}
 {{- define "egress-sidecar.proxyEnv" -}}
 {{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson }}
@@ -236,6 +237,12 @@ adds for egress-sidecar.io/set-proxy-env: "true". Never HTTPS_PROXY: the sidecar
   value: {{ $proxy | quote }}
 - name: http_proxy
   value: {{ $proxy | quote }}
+{{- if $ctx.values.sidecar.httpsProxy }}
+- name: HTTPS_PROXY
+  value: {{ $proxy | quote }}
+- name: https_proxy
+  value: {{ $proxy | quote }}
+{{- end }}
 - name: NO_PROXY
   value: {{ $noProxy | quote }}
 - name: no_proxy
