@@ -140,8 +140,9 @@ PYTHON_CLIENTS = {
                "asyncio.run(main())\n",
 }
 
-# Node 20 has no HTTPS_PROXY support: a CONNECT agent, as the usual npm agents do it; the trust
-# comes from NODE_EXTRA_CA_CERTS only.
+# Node 20 has no HTTPS_PROXY support: a CONNECT agent, as the usual npm agents do it. Unlike
+# tests/e2e/connect_agent.js, which hands Node the CA to trust (`ca:` replaces Node's roots), this
+# one passes no `ca`: the trust must come from NODE_EXTRA_CA_CERTS, as in an injected container.
 NODE_CLIENT = r"""
 const http = require('http'), https = require('https'), tls = require('tls');
 const target = new URL(process.argv[2]), proxy = new URL(process.env.HTTPS_PROXY);
