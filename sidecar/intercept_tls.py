@@ -52,7 +52,7 @@ def intercepting_protocol(base: type[Any]) -> type[Any]:
 
     class InterceptingProtocol(base):  # type: ignore[misc]
         authority = ""  # set per instance, before connection_made
-        tunnels = None  # a CONNECT inside an intercepted connection gets 501 unsupported
+        tunnels = None  # no nested tunnels: a CONNECT inside is refused (400 bad_request)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -289,3 +290,18 @@ def test_sigterm_with_an_idle_intercepted_keep_alive_connection_exits_cleanly(se
         assert app.get(setup.url(INTERCEPTED, "/bytes?n=10")).status_code == 200  # the same tunnel, kept
         assert setup.sidecar.terminate(timeout=15) == 0
     assert len([e for e in setup.sidecar.logs() if e.get("event") == "tunnel"]) == 1
+
+
+def test_a_connect_inside_an_intercepted_connection_is_refused_with_an_answer(setup: Setup) -> None:
+    authority = f"{ALSO_INTERCEPTED}:{setup.upstream.state.port}"
+    sock = socket.create_connection(("127.0.0.1", setup.sidecar.port), timeout=10)
+    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    trust = ssl.create_default_context(cafile=str(setup.ca_dir / "bundle.pem"))
+    with trust.wrap_socket(sock, server_hostname=ALSO_INTERCEPTED) as tls:
+        tls.sendall(f"CONNECT {TUNNELLED}:443 HTTP/1.1\r\nHost: {TUNNELLED}:443\r\n\r\n".encode())
+        head = tls.recv(4096)
+    # No nested tunnels: the intercepting protocol hands no CONNECT on, so it is a bad request,
+    # answered over the app's TLS (which has no half-close) before the connection closes.
+    assert head.startswith(b"HTTP/1.1 400") and b"x-egress-error: bad_request" in head
+    assert setup.upstream.state.requests == []
