@@ -104,7 +104,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="forward, intercepted, aiohttp interleaved, N times")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_work, help="configs, logs, certificates of the run")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="configs, logs, certificates of the run")
     parser.add_argument("--profile", action="store_true",
                         help="after the recorded runs, a forward and an intercepted run under py-spy (bench/profile.py)")
     args = parser.parse_args()
