@@ -27,6 +27,9 @@ class Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # uvloop's TLS transport is no asyncio.Transport subclass
         self.ssl_object = transport.get_extra_info("ssl_object")
+        # What uvicorn's is_ssl() reads to set the scope's scheme to https; and the client address.
+        self.tls = bool(transport.get_extra_info("sslcontext"))
+        self.peer = transport.get_extra_info("peername")
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(b"echo:" + data)  # type: ignore[attr-defined]
@@ -62,6 +65,7 @@ async def exchange() -> tuple[bytes, str | None, str | None]:
     alpn = writer.get_extra_info("ssl_object").selected_alpn_protocol()
     writer.close()
     server.close()
+    assert app.tls and app.peer[0] == "127.0.0.1"
     return answer, alpn, app.ssl_object.selected_alpn_protocol() if app.ssl_object else None
 
 
