@@ -62,7 +62,7 @@ def parse_wrk(output: str, connections: int) -> WrkResult:
     done = grab(r"(\d+) requests in ([\d.]+)(us|ms|s|m)")
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     socket_errors = dict(zip(("connect", "read", "write", "timeout"),
-                             (int(g) for g in errors.groups()) if errors else (0, 0, 0, 0)))
+                             (int(g) for g in errors.groups()) if errors else (0, 0, 0, 0), strict=True))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     latency_max = grab(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)")
     return WrkResult(

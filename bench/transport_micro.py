@@ -82,7 +82,7 @@ def nginx_upstream(ca: trustme.CA, cpu: int | None) -> Iterator[int]:
     leaf.private_key_pem.write_to_path(str(workdir / "key.pem"))
     with open(workdir / "stream.bin", "wb") as out:  # 100 MiB of random bytes for /stream
         out.writelines(os.urandom(1 << 20) for _ in range(STREAM_BYTES >> 20))
-    for attempt in range(5):
+    for _attempt in range(5):
         port = _free_port()  # nginx cannot bind port 0; retry if someone takes it meanwhile
         (workdir / "nginx.conf").write_text(NGINX_CONF.format(dir=workdir, port=port, body=BODY))
         command = [NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"]

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from sidecar import config as config_module
+from sidecar import preflight
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
-            config_module.load(args.file)
+            preflight.load_checked(args.file)  # exactly what `run` checks before it starts
         except config_module.ConfigError as exc:
             print(f"egress-sidecar: {exc}", file=sys.stderr)
             return 2
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve(cert=args.cert, key=args.key, host=args.host, port=args.port, settings=args.settings)
     try:
-        config = config_module.load(args.config)
+        config = preflight.load_checked(args.config)
     except config_module.ConfigError as exc:
         print(f"egress-sidecar: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 
 from sidecar.addresses import parse_ip_literal
-from sidecar.hostnames import canonical_host, check_patterns
+from sidecar.hostnames import canonical_host, check_patterns, never_applies
 
 
 class ConfigError(ValueError):
@@ -86,7 +86,8 @@ class AdminListen(_Section, frozen=True):
 class Pool(_Section, frozen=True):
     max_connections: int = 100
     # httpcore counts every connection against the keep-alive limit, so a lower value makes
-    # it close and re-handshake connections under load: keep it equal to max_connections.
+    # it close and re-handshake connections under load: it equals max_connections, and
+    # either one written alone sets both (`_pool_follows`).
     max_keepalive_connections: int = 100
     keepalive_expiry: Seconds = Seconds(60)
     http2: bool = False
@@ -289,7 +290,11 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         import yaml  # first use only (see read_yaml)
 
-        value: Any = yaml.safe_load(environ[name]) if environ[name] != "" else ""
+        try:
+            value: Any = yaml.safe_load(environ[name]) if environ[name] != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid config: environment variable {name} is not a YAML value: "
+                              f"{yaml_problem(exc)}") from None
         node = raw
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -297,10 +302,24 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return raw
 
 
+def _pool_follows(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`pool.max_connections` and `pool.max_keepalive_connections` must be equal: the one left out
+    takes the value of the one written, so only two written values that differ are an error."""
+    pool = raw.get("pool")
+    if not isinstance(pool, Mapping):
+        return raw
+    keys = ("max_connections", "max_keepalive_connections")
+    given = [key for key in keys if key in pool]
+    if len(given) != 1:
+        return raw
+    missing = keys[1] if given[0] == keys[0] else keys[0]
+    return {**raw, "pool": {**pool, missing: pool[given[0]]}}
+
+
 def from_mapping(raw: Mapping[str, Any]) -> Config:
     """Validate a raw mapping into a Config, or raise ConfigError naming the key."""
     try:
-        config = msgspec.convert(raw, Config, dec_hook=_dec_hook, strict=False)
+        config = msgspec.convert(_pool_follows(raw), Config, dec_hook=_dec_hook, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
     check_semantics(config)
@@ -324,8 +343,8 @@ def check_semantics(config: Config) -> None:
     if config.pool.max_connections < 1:
         fail("pool.max_connections", "must be at least 1")
     if config.pool.max_keepalive_connections != config.pool.max_connections:
-        fail("pool.max_keepalive_connections", "must equal pool.max_connections "
-             "(a lower value makes httpcore close and re-open connections under load)")
+        fail("pool.max_keepalive_connections", "must equal pool.max_connections; leave it out to follow "
+             "pool.max_connections (a lower value makes httpcore close and re-open connections under load)")
     limits = config.limits
     for key, number in (("max_request_line", limits.max_request_line), ("max_header_bytes", limits.max_header_bytes),
                         ("max_headers", limits.max_headers)):
@@ -343,6 +362,11 @@ def check_semantics(config: Config) -> None:
         problem = check_patterns(getattr(config.policy, key))
         if problem is not None:
             fail(f"policy.{key}", f"invalid host pattern {problem}")
+    shadowed = never_applies(config.policy.allow_hosts, config.policy.deny_hosts)
+    if shadowed is not None:
+        index = config.policy.allow_hosts.index(shadowed)
+        fail(f"policy.allow_hosts[{index}]", f"{shadowed!r} can never apply: policy.deny_hosts denies every "
+             "host it matches (deny wins)")
     for name, addresses in config.resolve.items():
         try:
             canonical_host(name)
@@ -362,6 +386,7 @@ def check_semantics(config: Config) -> None:
         if tls is not None and tls.key_file is not None and tls.cert_file is None:
             fail(f"{key}.key_file", "a client key needs tls.cert_file too")
     seen: set[str] = set()
+    prefixes: dict[str, int] = {}
     for index, route in enumerate(config.routes):
         where = f"routes[{index}]"
         if route.name in seen:
@@ -374,6 +399,17 @@ def check_semantics(config: Config) -> None:
                  "`prefix` and `upstream` go together")
         if route.prefix is not None and (not route.prefix.startswith("/") or route.prefix.rstrip("/") == ""):
             fail(f"{where}.prefix", f"{route.prefix!r} must start with '/' and name a path segment")
+        if route.prefix is not None:
+            # Routing compares prefixes without their trailing slash: `/a` and `/a/` are one prefix,
+            # and only one route could ever get its requests.
+            prefix = route.prefix.rstrip("/")
+            if prefix in prefixes:
+                fail(f"{where}.prefix", f"{route.prefix!r} is already the prefix of routes[{prefixes[prefix]}] "
+                     f"({config.routes[prefixes[prefix]].name!r}); this route could never apply")
+            prefixes[prefix] = index
+        if route.upstream is not None and re.match(r"^https?://[^?#]*[?#]", route.upstream):
+            fail(f"{where}.upstream", f"{route.upstream!r} carries a query string or fragment; an upstream is "
+                 "a base URL (scheme, host, optional path): the app's own query is sent as it wrote it")
         if route.upstream is not None and not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", route.upstream):
             fail(f"{where}.upstream", f"{route.upstream!r} must be an http:// or https:// base URL")
         problem = check_patterns(route.match_hosts)
@@ -462,7 +498,19 @@ def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise error(f"{what} {path} is not valid YAML: {exc}") from None
+        raise error(f"{what} {path} is not valid YAML: {yaml_problem(exc)}") from None
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line, with the line and column where it was found (1-based).
+
+    PyYAML's own text names the source `"<unicode string>"` and spans several lines.
+    """
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = f"{context}, {problem}" if context else problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else " ".join(text.split())
 
 
 def embedded_default_text() -> str:

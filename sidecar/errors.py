@@ -24,7 +24,7 @@ class ErrorSpec:
 
 
 ERRORS: dict[str, ErrorSpec] = {
-    "bad_request": ErrorSpec(400, "the request target cannot be parsed", close=True),
+    "bad_request": ErrorSpec(400, "the request cannot be parsed or its framing is ambiguous", close=True),
     "no_route": ErrorSpec(404, "no route matches and the request names no usable host"),
     "loop": ErrorSpec(508, "the request is addressed to the sidecar itself"),
     "denied_host": ErrorSpec(403, "egress to this host is denied by policy"),
@@ -43,7 +43,9 @@ ERRORS: dict[str, ErrorSpec] = {
     "overloaded": ErrorSpec(503, "too many requests in flight", retry_after=1),
     "circuit_open": ErrorSpec(503, "the upstream is failing; the circuit is open", retry_after=5),
     "draining": ErrorSpec(503, "the sidecar is shutting down", retry_after=1, close=True),
-    "unsupported": ErrorSpec(501, "protocol upgrades (WebSocket, CONNECT) are not supported", close=True),
+    "unsupported": ErrorSpec(
+        501, "not supported: protocol upgrades, transfer codings other than chunked", close=True
+    ),
     "client_timeout": ErrorSpec(408, "the client was too slow sending its request", close=True),
     "internal": ErrorSpec(500, "internal sidecar error"),
 }

@@ -20,8 +20,8 @@ import httpx
 
 from sidecar.cycle import BODY_READY, ProxyCycle
 from sidecar.errors import ClientDisconnected, EgressError, classify, error_head
+from sidecar.framing import request_framing
 from sidecar.headers import (
-    body_framing,
     downstream_response_headers,
     is_upgrade,
     new_request_id,
@@ -225,6 +225,8 @@ class ForwardApp:
                 raise EgressError("draining", "shutting down")
             if scope["method"] == "CONNECT" or is_upgrade(headers):
                 raise EgressError("unsupported", "protocol upgrade requested")
+            # Before routing: a request whose end is in doubt is refused whatever it asks for.
+            has_body, chunked, content_length = request_framing(headers, scope["http_version"])
             target = runtime.router.resolve(scope)
             route = target.route
             exchange.route = route.name if route is not None else "-"
@@ -233,7 +235,6 @@ class ForwardApp:
             runtime.policy.check_target(target)
             # Load shedding: past max_in_flight (global or the route's), 503 overloaded at once.
             gate = runtime.resilience.shedding.gate(route.name if route is not None else None).enter()
-            has_body, chunked = body_framing(headers)
             request_id = request_id_of(headers)
             added_id = None
             if request_id is None and self.request_id:
@@ -244,6 +245,7 @@ class ForwardApp:
                 target.host_header,
                 route.injected_headers if route is not None else (),
                 chunked=chunked,
+                content_length=content_length,
                 via=self.via,
                 forwarded_for=_LOCALHOST if self.forwarded_for else None,
                 request_id=added_id,
@@ -335,6 +337,10 @@ class ForwardApp:
             if not finished:
                 watch.stop()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+            violation = getattr(stream, "violation", None)
+            if violation is not None:
+                # The app got the complete response; the upstream's fault is still recorded.
+                exchange.kind, exchange.detail = "protocol_error", violation
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise

@@ -5,6 +5,14 @@ Upstream: the app's headers in their order, repeats kept, less the hop-by-hop on
 name listed in Connection), with Host set to the destination and route-injected headers
 replacing any the app sent. Nothing of the client library's own (no User-Agent, Accept,
 Accept-Encoding, cookies). Downstream: the upstream's headers less the hop-by-hop ones.
+
+Framing upstream is the sidecar's own (framing.py decides it): `Transfer-Encoding` goes as
+hop-by-hop and comes back as `chunked` when the body is; `Content-Length` goes as its
+normalised number; and look-alikes of both (`Transfer_Encoding`, `content_length`) are
+dropped. A CGI or WSGI back end maps `_` and `-` alike onto `HTTP_TRANSFER_ENCODING`, so a
+look-alike would read there as a second framing beside the real one. Dropped rather than
+refused: no HTTP use needs them, nginx (`underscores_in_headers off`) and Apache drop them
+the same way, and a set lookup the loop does anyway costs nothing per request.
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Names a CGI/WSGI back end reads as framing headers; uvicorn lower-cases names, so any case.
+FRAMING_LOOKALIKES = frozenset({b"transfer_encoding", b"content_length"})
+_DROP_UPSTREAM = HOP_BY_HOP | FRAMING_LOOKALIKES
+
+
 def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
     """Header names the sender listed in `Connection` (they are hop-by-hop too)."""
     tokens: set[bytes] = set()
@@ -44,35 +57,35 @@ def is_upgrade(headers: Sequence[Header]) -> bool:
     return any(name == b"upgrade" for name, _ in headers)
 
 
-def body_framing(headers: Sequence[Header]) -> tuple[bool, bool]:
-    """(has_body, chunked) of a request, from Content-Length / Transfer-Encoding."""
-    chunked = False
-    length = None
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            chunked = True
-        elif name == b"content-length":
-            length = value
-    return chunked or (length is not None and length.strip() != b"0"), chunked
-
-
 def upstream_request_headers(
     headers: Sequence[Header],
     host_header: bytes,
     injected: Sequence[tuple[bytes, Callable[[], bytes]]] = (),
     *,
     chunked: bool = False,
+    content_length: bytes | None = None,
     via: bool = False,
     forwarded_for: bytes | None = None,
     request_id: bytes | None = None,
 ) -> list[Header]:
-    """The header list to send upstream (see the module docstring for the rules)."""
-    drop = HOP_BY_HOP | connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else HOP_BY_HOP
+    """The header list to send upstream (see the module docstring for the rules).
+
+    `content_length`, the normalised number (framing.request_framing), takes the place of
+    the app's Content-Length; a repeat of it (identical, or framing would have refused it)
+    is not sent twice.
+    """
+    drop = (_DROP_UPSTREAM | connection_tokens(headers) if any(n == b"connection" for n, _ in headers)
+            else _DROP_UPSTREAM)
     out: list[Header] = [(b"host", host_header)]
     replaced = {name for name, _ in injected}
+    length_sent = False
     for name, value in headers:
         if name in drop or name == b"host" or name in replaced:
             continue
+        if name == b"content-length":
+            if length_sent or content_length is None:
+                continue
+            value, length_sent = content_length, True
         out.append((name, value))
     for name, provider in injected:
         out.append((name, provider()))

@@ -94,3 +94,25 @@ def check_patterns(patterns: list[str]) -> str | None:
         except ValueError as exc:
             return f"{pattern!r}: {exc}"
     return None
+
+
+def never_applies(allow: list[str], deny: list[str]) -> str | None:
+    """The first pattern of `allow` that `deny` covers entirely (deny wins, so it could never allow), or None.
+
+    `api.example.com` under `*.example.com`, `*.a.example.com` under `*.example.com`, a
+    pattern listed in both, anything under `*`. Patterns must already pass `check_patterns`.
+    """
+    denied = HostPatterns(deny)
+    # Only wildcards cover a wildcard: `_` stands for any label under the allowed suffix.
+    denied_wildcards = HostPatterns([p for p in deny if p.strip().startswith("*")])
+    for pattern in allow:
+        text = pattern.strip()
+        if text == "*":
+            covered = "*" in (p.strip() for p in deny)
+        elif text.startswith("*."):
+            covered = denied_wildcards.matches("_." + canonical_host(text[2:]))
+        else:
+            covered = denied.matches(canonical_host(text))
+        if covered:
+            return pattern
+    return None

@@ -46,13 +46,20 @@ def _uvicorn_config(
     app: Any, host: str, port: int, config: Config, report: limits.Report, http: str = "httptools",
     tunnels: Any = None,
 ) -> uvicorn.Config:
+    if http == "httptools":
+        protocol: type[Any] = limits.protocol_class(config.limits, report, tunnels)
+    else:
+        from sidecar import h11_protocol  # only when asked for: the run path does not load h11
+
+        protocol = h11_protocol.protocol_class(config.limits, report)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="none",
-        # httptools gets our head limits and deadline (limits.py); h11 only its own size guard.
-        http=limits.protocol_class(config.limits, report, tunnels) if http == "httptools" else http,
+        # The same head limits, deadline and framing rules on both (limits.py, h11_protocol.py);
+        # CONNECT tunnels on httptools only.
+        http=protocol,
         h11_max_incomplete_event_size=limits.HeadLimits.from_config(config.limits).max_head_bytes,
         ws="none",
         lifespan="off",

@@ -5,15 +5,17 @@ before any of them goes upstream (sidecar/tunnel.py): they must be a TLS ClientH
 (RFC 8446 4.1.2, RFC 5246 7.4.1.2) whose server_name (RFC 6066 3) names the host that was
 checked. `parse_client_hello` is fed everything buffered so far and says one of:
 
-- `Incomplete`: a ClientHello may still come; read more (bounded by the caller);
+- `Incomplete(need)`: a ClientHello may still come; read until `need` bytes in all (the end
+  of the record under way), then ask again (bounded by the caller);
 - `NotClientHello(reason, detail)`: `not_tls` (the first byte is not a TLS handshake
   record: plain HTTP, SSH, an SSLv2 hello) or `bad_hello` (a TLS record that is not a
   well-formed ClientHello: wrong message, lengths that do not add up, two server names, a
   name that is not ASCII, or a hello larger than the caller's bound);
 - `ClientHello(sni)`: the host name, or None when the extension is absent.
 
-The handshake message may be split over several records and each record over several
-reads; both are reassembled here. Records are 2^14 bytes at most (RFC 8446 5.1); a
+The handshake message may be split over several records (at most MAX_HELLO_RECORDS) and
+each record over several reads; both are reassembled here. With `need`, a hello trickled a
+byte per read is parsed once per record, not once per byte. Records are 2^14 bytes at most (RFC 8446 5.1); a
 ClientHello is a few hundred bytes to a few KiB (post-quantum key shares), so the caller's
 bound (64 KiB by default) is generous and still keeps a silent or hostile client cheap.
 """
@@ -30,11 +32,16 @@ _SERVER_NAME = 0x0000
 _HOST_NAME = 0x00
 _MAX_RECORD = 1 << 14  # TLSPlaintext.length limit
 MAX_HELLO_BYTES = 65536
+# A ClientHello fits one record; a few middleboxes split it in two or three. Far more is an
+# attempt to make the reassembly expensive (a record per byte): refused.
+MAX_HELLO_RECORDS = 16
 
 
 @dataclass(frozen=True, slots=True)
 class Incomplete:
-    """More bytes are needed to decide."""
+    """More bytes are needed to decide: at least `need` in all (parsing sooner is wasted work)."""
+
+    need: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +55,6 @@ class ClientHello:
     sni: str | None  # as sent (ASCII); compare with `names_match`
 
 
-INCOMPLETE = Incomplete()
 Parsed = Incomplete | NotClientHello | ClientHello
 
 
@@ -59,29 +65,32 @@ class _Bad(Exception):
 def parse_client_hello(data: bytes, limit: int = MAX_HELLO_BYTES) -> Parsed:
     """What the first client bytes `data` are (see the module doc); `limit` bounds the hello."""
     if not data:
-        return INCOMPLETE
+        return Incomplete(1)
     if data[0] != _HANDSHAKE:
         return NotClientHello("not_tls", f"first byte 0x{data[0]:02x} is not a TLS handshake record")
     try:
         message = _reassemble(data, limit)
-        if message is None:
+        if isinstance(message, int):
             if len(data) > limit:
                 return NotClientHello("bad_hello", f"no complete ClientHello in {len(data)} bytes")
-            return INCOMPLETE
+            return Incomplete(message)
         return ClientHello(_server_name(message))
     except _Bad as exc:
         return NotClientHello("bad_hello", str(exc))
 
 
-def _reassemble(data: bytes, limit: int) -> bytes | None:
-    """The complete ClientHello body from the handshake records at the start of `data`, or None."""
+def _reassemble(data: bytes, limit: int) -> bytes | int:
+    """The complete ClientHello body from the handshake records at the start of `data`, or
+    the number of bytes `data` must reach before another try can get further."""
     fragments: list[bytes] = []
     have = 0
     needed = -1  # handshake message length (header included) once its 4-byte header is in
     offset = 0
     while True:
+        if len(fragments) >= MAX_HELLO_RECORDS:
+            raise _Bad(f"ClientHello split over more than {MAX_HELLO_RECORDS} records")
         if len(data) - offset < 5:
-            return None
+            return offset + 5
         kind, major, length = data[offset], data[offset + 1], int.from_bytes(data[offset + 3 : offset + 5], "big")
         if kind != _HANDSHAKE:
             raise _Bad(f"record type {kind} before the ClientHello was complete")
@@ -90,7 +99,7 @@ def _reassemble(data: bytes, limit: int) -> bytes | None:
         if length == 0 or length > _MAX_RECORD:
             raise _Bad(f"record length {length}")
         if len(data) - offset - 5 < length:
-            return None
+            return offset + 5 + length
         fragments.append(data[offset + 5 : offset + 5 + length])
         have += length
         offset += 5 + length

@@ -115,7 +115,7 @@ class Owner(Protocol):
     intercept: Intercept | None
 
     def refused(self, client: asyncio.Transport, start: float, target: str, upstream: str,
-                exc: BaseException, *, answer: bool) -> None: ...
+                exc: BaseException, *, answer: bool, method: str = "CONNECT") -> None: ...
 
     def closed(self, tunnel: Tunnel, established: bool) -> None: ...
 
@@ -170,11 +170,13 @@ class Tunnel(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None
         self.record = record
         self._target = target
+        self._method = "CONNECT" if record.source == "connect" else record.source  # for error lines
         self._side: _UpstreamSide | None = None
         self._buffer = bytearray(buffered)  # client bytes not yet forwarded (until the splice)
         self._pending: list[bytes] = []  # upstream bytes before the splice
         self._established = established
         self._check_sni = check_sni
+        self._need = 1  # buffered bytes the ClientHello check waits for (sni.Incomplete.need)
         self._state = _CONNECTING
         self._client_eof = False
         self._upstream_eof = False
@@ -224,10 +226,18 @@ class Tunnel(asyncio.Protocol):
             transport.close()
             return
         self.upstream = transport
+        if self._pending:
+            transport.pause_reading()
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         client.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         if self._established is not None:
             client.write(self._established)
+        if self._pending and tunnels.settings.plaintext:
+            for chunk in self._pending:  # a server-first greeting that came with the connect
+                client.write(chunk)
+                self._down += len(chunk)
+            self._pending = []
+            transport.resume_reading()
         self._state = _HELLO
         self._timer = self._loop.call_later(tunnels.settings.hello_timeout, self._hello_timed_out)
         client.resume_reading()
@@ -243,14 +253,17 @@ class Tunnel(asyncio.Protocol):
         self._release(established=False)
         if client is not None:
             self.tunnels.refused(client, self.record.start, self._target, self.record.upstream, exc,
-                                  answer=self._established is not None)
+                                 answer=self._established is not None, method=self._method)
 
     # -- the first client bytes ------------------------------------------------------------
     def _check_hello(self) -> None:
+        if len(self._buffer) < self._need and not self._client_eof:
+            return  # the record under way is not complete: nothing new to parse
         parsed = parse_client_hello(bytes(self._buffer), MAX_HELLO_BYTES)
         if isinstance(parsed, Incomplete):
             if self._client_eof:
                 self.finish("bad_hello", "the client closed before its ClientHello was complete")
+            self._need = parsed.need
             return
         if not isinstance(parsed, ClientHello):
             if parsed.reason == "not_tls" and self.tunnels.settings.plaintext:
@@ -319,10 +332,18 @@ class Tunnel(asyncio.Protocol):
         if self._state is _SPLICE:
             self.client.write(data)  # type: ignore[union-attr]
             self._down += len(data)
+        elif self._state is _HELLO and self.tunnels.settings.plaintext:
+            # With plaintext allowed, a server that speaks first (SMTP's greeting) is heard at
+            # once: what reaches the client was never the policy's concern, only what leaves.
+            self.client.write(data)  # type: ignore[union-attr]
+            self._down += len(data)
         elif self._state is not _DONE:
-            # The upstream spoke before the client's first bytes were checked: hold it.
+            # The upstream spoke before the client's first bytes were checked: hold it. (Its
+            # first bytes can even come before _open resumes, with self.upstream not yet set:
+            # _open pauses it then.)
             self._pending.append(data)
-            self.upstream.pause_reading()  # type: ignore[union-attr]
+            if self.upstream is not None:
+                self.upstream.pause_reading()
 
     def eof_received(self) -> bool:
         self._client_eof = True
@@ -404,7 +425,7 @@ class Tunnel(asyncio.Protocol):
         self._release(established)
         if not established:
             # Gone (or drained) while the upstream was being connected: no 200 was written.
-            exchange = Exchange(start=record.start, method="CONNECT", path=self._target, upstream=record.upstream)
+            exchange = Exchange(start=record.start, method=self._method, path=self._target, upstream=record.upstream)
             exchange.kind, exchange.status, exchange.detail = "client_disconnected", 499, f"{outcome} {detail}".strip()
             observer = self.tunnels.observer
             observer.started(exchange)

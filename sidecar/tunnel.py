@@ -31,13 +31,15 @@ API (stable; used by the CONNECT listener, the transparent listener and intercep
   refusal before the 200 is an HTTP error response in the sidecar's format.
 - `Tunnels.open(client, host, port, first_bytes, *, addresses=None, established=None,
   source="transparent", check_sni=True) -> bool`: the generic entry. `host` is what host
-  rules check and the SNI must name (canonical form, or an IP literal), `addresses` the
-  addresses to dial (e.g. SO_ORIGINAL_DST; each is still checked by the address rules),
-  None to resolve `host` through the policy; `first_bytes` client bytes already read (the
-  ClientHello so far); `established` what to write to the client once the upstream is
-  connected (None: nothing); `check_sni=False` skips the SNI-equals-host rule (the caller
-  checked it). A refusal before connecting closes the client (no HTTP answer) and returns
-  False. The transport's protocol is replaced by the tunnel.
+  rules check and the SNI must name (routing.normalise_host form: lower case, IPv6 without
+  brackets), `addresses` the addresses to dial (e.g. SO_ORIGINAL_DST; each is still checked
+  by the address rules), None to resolve `host` through the policy; `first_bytes` client
+  bytes already read (the ClientHello so far); `established` what to write to the client
+  once the upstream is connected (None: nothing); `check_sni=False` skips the
+  SNI-equals-host rule (the caller checked it). False: refused by the checks of step 1, the
+  client aborted (no HTTP answer), the caller's protocol still in place; True: the tunnel
+  owns the transport (its protocol is replaced) and a later refusal (an address, the
+  connect, the ClientHello) closes it. Refusals are logged with `method` = `source`.
 - Interception: `Tunnels(intercept=hook)` or `tunnels.intercept = hook`, where
   `hook(record, client, hello) -> bool` is called once the SNI is known and checked,
   before any client byte went upstream. Returning True means the hook took the client
@@ -154,7 +156,7 @@ class Tunnels:
             host = normalise_host(host_text)
         except (ValueError, UnicodeError) as exc:
             self.refused(client, start, target, "-", EgressError("bad_request", f"bad CONNECT target: {exc}"),
-                          answer=True)
+                         answer=True)
             return
         self._start(client, start, target, host, port, buffered, None, ESTABLISHED, "connect", True)
 
@@ -196,7 +198,8 @@ class Tunnels:
             if self.active >= self.settings.max_tunnels:
                 raise EgressError("overloaded", f"{self.active} tunnels open (limits.max_tunnels)")
         except EgressError as exc:
-            self.refused(client, start, target, upstream, exc, answer=established is not None)
+            self.refused(client, start, target, upstream, exc, answer=established is not None,
+                         method="CONNECT" if source == "connect" else source)
             return False
         record = TunnelRecord(start=start, host=host, port=port, source=source)
         tunnel = Tunnel(self, client, record, buffered, established, check_sni, target)
@@ -206,13 +209,13 @@ class Tunnels:
         return True
 
     def refused(self, client: asyncio.Transport, start: float, target: str, upstream: str,
-                 exc: BaseException, *, answer: bool) -> None:
+                exc: BaseException, *, answer: bool, method: str = "CONNECT") -> None:
         """A refusal before any byte went upstream: error answer (CONNECT), log line, metric."""
         kind = classify(exc)
         subject = exc.subject if isinstance(exc, EgressError) else None
         retry_after = exc.retry_after if isinstance(exc, EgressError) else None
         _answer_and_close(client, render_error(kind, subject, retry_after) if answer else None)
-        exchange = Exchange(start=start, method="CONNECT", path=target, upstream=upstream)
+        exchange = Exchange(start=start, method=method, path=target, upstream=upstream)
         exchange.kind, exchange.status, exchange.detail = kind, ERRORS[kind].status, str(exc)
         if isinstance(exc, PolicyDenied):
             exchange.reason = exc.reason

@@ -151,7 +151,10 @@ class Upstream:
         return _DeferredTransport(lambda: self._stock_transport(context))
 
     def _stock_transport(self, context: ssl.SSLContext) -> httpx.AsyncBaseTransport:
+        from sidecar import httpcore_surplus
         from sidecar.guard import guard_transport  # imports httpcore (see _DeferredTransport)
+
+        httpcore_surplus.install()  # HTTP/1.1 fallback: no reuse after surplus bytes
 
         pool = self.config.pool
         transport = httpx.AsyncHTTPTransport(

@@ -28,6 +28,14 @@ shares nothing with it but the loopback network. The path picks the behaviour:
   /early-hints          sends 103 Early Hints, then the answer
   /huge-trailer         a chunked answer whose trailer section is 200 KiB
   /endless-header       a head whose one header line grows past 200 KiB and never ends
+  /two-responses        a 304 and a second response (`200 ... POISONED`) in one write
+  /extra-after-body     Content-Length 5 and more bytes after those 5, in one write
+  /extra-after-chunked  a chunked body, then a second response, in one write
+  /body-then-response   Content-Length 5, its body, then a second response, in one write
+  /switching            101 Switching Protocols followed by raw bytes
+  /extra-after-head     a response whose head is followed by bytes (to a HEAD request)
+  /length-and-chunked   Content-Length and Transfer-Encoding: chunked together
+  /two-lengths          two Content-Length fields that differ
 """
 
 from __future__ import annotations
@@ -53,6 +61,21 @@ T = TypeVar("T")
 
 BLOCK = random.Random(1).randbytes(1 << 20)
 GZIP_BODY = gzip.compress(b"hello gzip " * 1000)
+
+
+# Hostile answers, each written in one go: a response plus bytes that must never reach the app.
+POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED"
+HOSTILE = {
+    "two-responses": b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n" + POISON,
+    "extra-after-body": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHELLO-POISONED",
+    "body-then-response": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHELLO" + POISON,
+    "extra-after-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nHELLO\r\n0\r\n\r\n" + POISON,
+    "switching": b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\nPOISONED",
+    "extra-after-head": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHELLO" + POISON,
+    "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"8\r\nPOISONED\r\n0\r\n\r\n",
+    "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 8\r\n\r\nPOISONED",
+}
 
 
 def seeded_bytes(n: int) -> bytes:
@@ -301,6 +324,8 @@ class _ServerConnection(asyncio.Protocol):
                 await self.drain()
         elif name == "huge-head":
             self.send(200, [(b"X-Huge", b"h" * (200 << 10)), (b"Content-Length", b"2")], b"ok")
+        elif name in HOSTILE:
+            transport.write(HOSTILE[name])
         elif name == "malformed":
             transport.write(b"HTTP/1.1 abc nonsense\r\n\x00\x01\r\n\r\n")
         else:

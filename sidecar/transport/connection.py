@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from sidecar.transport.wire import response_keep_alive
+from sidecar.transport.wire import HeadRole, is_surplus, response_head_role, response_keep_alive
 
 if TYPE_CHECKING:
     from sidecar.transport.pool import Origin
@@ -39,10 +39,12 @@ class ServerDisconnected(httpx.RemoteProtocolError):
     byte: the signature of a keep-alive connection closed as we reused it."""
 
 _TOO_LARGE = f"response head or trailer section larger than {MAX_HEAD_BYTES} bytes"
+_SWITCHED = "the upstream answered 101 Switching Protocols to a request that asked for no upgrade"
 
 
-class _HeadTooLarge(Exception):
-    """Raised inside an httptools callback to stop parsing an oversized head."""
+class _Stop(Exception):
+    """Raised inside an httptools callback to stop parsing (an oversized head, a refused
+    status, bytes after the complete response); data_received sorts out what it means."""
 
 
 def _time_out(waiter: asyncio.Future[object]) -> None:
@@ -88,6 +90,7 @@ class Connection(asyncio.Protocol):
         "request_sent",
         "requests",
         "status",
+        "surplus",
         "timer",
         "timer_at",
         "transport",
@@ -129,6 +132,7 @@ class Connection(asyncio.Protocol):
         self.keep_alive = False
         self.request_sent = False  # the whole request (with its body) went out
         self.refused_body = False  # an early error response told us to stop sending the body
+        self.surplus = False  # bytes came after the complete response (wire.is_surplus)
         self.error: Exception | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -161,6 +165,7 @@ class Connection(asyncio.Protocol):
         self.keep_alive = False
         self.request_sent = False
         self.refused_body = False
+        self.surplus = False
         self.error = None
         self.buffered = 0
 
@@ -306,21 +311,27 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if not self.active or self.body_done:
-            # Bytes nobody asked for (or past the end of a HEAD response): the framing of
-            # this connection can no longer be trusted.
-            self.abort()
+        if is_surplus(self.body_done, self.active):
+            # Bytes nobody asked for: the framing of this connection can no longer be trusted.
+            self._surplus()
             return
         self.got_bytes = True
         body_before = self.body_bytes
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except HttpParserUpgrade:
-            # 101 Switching Protocols: this connection now speaks something else.
-            self.body_done = True
-            self.keep_alive = False
+            # llhttp's own upgrade stop (on_headers_complete already refuses a 101).
+            if self.error is None:
+                self.error = httpx.RemoteProtocolError(_SWITCHED)
+            self.abort()
             self._wake()
         except HttpParserError as exc:
+            if is_surplus(self.body_done, self.active):
+                # The parser went on past the complete response, in this same read: a second
+                # response, or a body longer than its length. The response stands; the
+                # connection goes.
+                self._surplus()
+                return
             if self.error is None:  # a callback may have set a more precise one
                 self.error = httpx.RemoteProtocolError(f"malformed response from upstream: {exc}")
             self.abort()
@@ -338,6 +349,13 @@ class Connection(asyncio.Protocol):
             self.error = httpx.RemoteProtocolError(_TOO_LARGE)
             self.abort()
             self._wake()
+
+    def _surplus(self) -> None:
+        if self.active:
+            self.surplus = True
+        self.keep_alive = False
+        self.abort()  # keeps the buffered body of the complete response for its reader
+        self._wake()
 
     def eof_received(self) -> bool:
         return False  # half-closed by the peer: close our side too
@@ -383,6 +401,8 @@ class Connection(asyncio.Protocol):
     # ---- httptools callbacks ----
 
     def on_message_begin(self) -> None:
+        if self.body_done:
+            raise _Stop  # a second response in the same read: it must not replace the first
         self.headers = []
         self.reason = b""
         self.header_bytes = 0
@@ -395,17 +415,21 @@ class Connection(asyncio.Protocol):
         self.header_bytes = size
         if size > MAX_HEAD_BYTES:
             self.error = httpx.RemoteProtocolError(_TOO_LARGE)
-            raise _HeadTooLarge  # stops httptools; data_received turns it into the error above
+            raise _Stop  # stops httptools; data_received turns it into the error above
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         assert parser is not None  # callbacks run only inside parser.feed_data
         status = parser.get_status_code()
-        if status < 200 and status != 101:
+        role = response_head_role(status)
+        if role is HeadRole.INTERIM:
             # 1xx interim response (100 Continue, 103 Early Hints): skipped, as h11 does.
             self.informational = True
             return
+        if role is HeadRole.REFUSED:
+            self.error = httpx.RemoteProtocolError(_SWITCHED)
+            raise _Stop
         self.status = status
         self.head_done = True
         self.http_version = parser.get_http_version()
@@ -425,6 +449,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.body_done:
+            raise _Stop  # a body after a HEAD response's head: surplus (data_received)
         self.body_bytes += len(body)
         self.chunks.append(body)
         buffered = self.buffered + len(body)

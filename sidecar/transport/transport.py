@@ -413,14 +413,19 @@ class ResponseStream(httpx.AsyncByteStream):
     keep-alive). A caller that stops before the end (`aclose`, or cancelled while waiting for
     bytes) hands the connection to the salvage, which reads a small rest and keeps it, or
     closes it: an abandoned download never leaves a connection half-read in the pool.
+
+    `violation` is set, once the body has ended, when the upstream sent bytes after the
+    complete response (wire.is_surplus): the body read is exactly the response's, and the
+    connection has been closed; the caller may record the upstream's fault.
     """
 
-    __slots__ = ("_conn", "_read_timeout", "_salvage")
+    __slots__ = ("_conn", "_read_timeout", "_salvage", "violation")
 
     def __init__(self, conn: Connection, salvage: Salvage, read_timeout: float | None) -> None:
         self._conn: Connection | None = conn
         self._salvage = salvage
         self._read_timeout = read_timeout
+        self.violation: str | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -439,6 +444,8 @@ class ResponseStream(httpx.AsyncByteStream):
                 return conn.take_body()
             if conn.body_done:
                 self._conn = None
+                if conn.surplus:
+                    self.violation = wire.SURPLUS
                 self._salvage.pool.finish(conn)
                 raise StopAsyncIteration
             if conn.error is not None:

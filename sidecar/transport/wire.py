@@ -192,3 +192,42 @@ def may_salvage(
     if length >= 0:
         return length - body_received <= limit
     return False
+
+
+class HeadRole(enum.Enum):
+    """What a response head is to the exchange in flight (see `response_head_role`)."""
+
+    INTERIM = "interim"  # 1xx: skipped, the final response follows
+    FINAL = "final"  # the response to relay
+    REFUSED = "refused"  # a protocol error: the exchange fails, the connection is closed
+
+
+def response_head_role(status: int) -> HeadRole:
+    """Interim (1xx, skipped as h11 does), final, or refused.
+
+    101 Switching Protocols is refused: the sidecar never asks an upstream for an upgrade
+    (it refuses upgrade requests and drops `Upgrade` as hop-by-hop), so a 101 is a server
+    speaking out of turn, and what follows it is not HTTP: relaying it, with or without the
+    bytes after it, would hand the app a response the sidecar cannot frame (RFC 9110 15.2.2).
+    """
+    if status == 101:
+        return HeadRole.REFUSED
+    if status < 200:
+        return HeadRole.INTERIM
+    return HeadRole.FINAL
+
+
+SURPLUS = "the upstream sent bytes after a complete response; its connection was closed"
+
+
+def is_surplus(response_complete: bool, exchange_active: bool) -> bool:
+    """Whether bytes from the upstream are a surplus: they came after the final response of the
+    exchange in flight was complete (a second response in the same read, a body longer than
+    its Content-Length, a body after a HEAD response), or while no exchange was in flight.
+
+    HTTP/1.1 has no way to tell such bytes from the answer to the next request (RFC 9112
+    section 9.3): reading them as one lets a hostile upstream swap responses (a `304` followed
+    by `200 ... POISONED` in one read). So the connection is closed, never reused, and the
+    response already complete stands as it is.
+    """
+    return response_complete or not exchange_active

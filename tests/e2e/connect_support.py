@@ -80,7 +80,8 @@ class TcpUpstream:
 
     mode: "record" (read to EOF, then answer `got <n>` and close: shows half-close both
     ways), "echo" (echo every chunk, close at EOF), "source" (after the first bytes, send
-    `size` bytes, then close), "reset" (after the first bytes, send `size` bytes, then RST).
+    `size` bytes, then close), "reset" (after the first bytes, send `size` bytes, then RST),
+    "banner" (a server that speaks first, like SMTP: `220 ready` at once, then "record").
     """
 
     def __init__(self, mode: str = "record", size: int = 0) -> None:
@@ -116,6 +117,8 @@ class TcpUpstream:
     def _serve(self, sock: socket.socket, conn: Conn) -> None:
         sock.settimeout(0.2)
         try:
+            if self.mode == "banner":
+                sock.sendall(b"220 ready\r\n")
             while not self._stop.is_set():
                 try:
                     data = sock.recv(65536)
@@ -123,7 +126,7 @@ class TcpUpstream:
                     continue
                 if not data:
                     conn.eof = True
-                    if self.mode == "record":
+                    if self.mode in ("record", "banner"):
                         sock.sendall(b"got %d" % len(conn.received))
                     break
                 conn.received += data

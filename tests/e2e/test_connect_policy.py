@@ -138,6 +138,29 @@ def test_plaintext_passes_when_connect_plaintext_is_on(make_sidecar: Callable[..
     assert recorder.received == b"EHLO plaintext\r\n"
 
 
+def test_a_server_that_speaks_first_is_heard_only_when_plaintext_is_on(make_sidecar: Callable[..., Sidecar]) -> None:
+    banner = TcpUpstream("banner")
+    try:
+        plain = make_sidecar(**tunnel_config(banner.port, connect_plaintext=True))
+        sock, status, _, rest = connect(plain.port, f"localhost:{banner.port}")
+        assert status == 200
+        greeting = rest
+        while not greeting.endswith(b"\r\n"):
+            greeting += sock.recv(100)
+        assert greeting == b"220 ready\r\n"  # before the client said anything
+        sock.sendall(b"EHLO me\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == b"got 9"
+        # TLS only (the default): the greeting is held, the client's silence ends the tunnel.
+        strict = make_sidecar(**tunnel_config(banner.port), limits={"header_timeout": "1s"})
+        sock, status, _, rest = connect(strict.port, f"localhost:{banner.port}")
+        assert status == 200
+        assert rest + read_to_eof(sock) == b""
+        tunnel_line(strict, "client_timeout")
+    finally:
+        banner.stop()
+
+
 def test_a_client_that_never_speaks_is_closed_after_the_header_timeout(sidecar_for: Sidecar,
                                                                        recorder: TcpUpstream) -> None:
     sock, status, _, _ = connect(sidecar_for.port, f"localhost:{recorder.port}")
@@ -246,3 +269,11 @@ def test_connect_head_and_hello_in_one_write_work(sidecar_for: Sidecar, recorder
     sock.shutdown(socket.SHUT_WR)
     assert status == 200
     assert rest + read_to_eof(sock) == b"got %d" % len(hello)
+
+
+def test_connect_under_the_h11_parser_is_501_unsupported(make_sidecar: Callable[..., Sidecar],
+                                                         recorder: TcpUpstream) -> None:
+    sidecar = make_sidecar(**tunnel_config(recorder.port), listen={"http": "h11"})
+    _, status, headers, _ = connect(sidecar.port, f"localhost:{recorder.port}")
+    assert (status, headers["x-egress-error"]) == (501, "unsupported")
+    assert recorder.conns == []

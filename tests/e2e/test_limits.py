@@ -19,10 +19,11 @@ LIMITS = {"max_request_line": 1024, "max_headers": 20, "max_header_bytes": 4096,
           "header_timeout": "1s", "body_idle_timeout": "2s"}
 
 
-@pytest.fixture
-def limited(make_sidecar: Callable[..., Sidecar], upstream: Upstream) -> Sidecar:
+@pytest.fixture(params=["httptools", "h11"])
+def limited(make_sidecar: Callable[..., Sidecar], upstream: Upstream, request: pytest.FixtureRequest) -> Sidecar:
+    """The same limits on both listener parsers (limits.py, h11_protocol.py)."""
     return make_sidecar(routes=[{"name": "up", "prefix": "/up", "upstream": f"https://localhost:{upstream.port}"}],
-                        limits=LIMITS)
+                        limits=LIMITS, listen={"http": request.param})
 
 
 def head(sidecar: Sidecar, target: str = "/up/echo", extra: str = "") -> bytes:

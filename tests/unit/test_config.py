@@ -87,3 +87,73 @@ def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
     path.write_text("a: [unclosed\n")
     with pytest.raises(cfg.ConfigError, match="not valid YAML"):
         cfg.load(path, environ={})
+
+
+@pytest.mark.parametrize("key", ["max_connections", "max_keepalive_connections"])
+def test_either_pool_limit_written_alone_sets_both(key: str) -> None:
+    pool = cfg.from_mapping({"pool": {key: 10}}).pool
+    assert (pool.max_connections, pool.max_keepalive_connections) == (10, 10)
+
+
+def test_pool_max_connections_from_the_environment_over_the_default_file(tmp_path: Path) -> None:
+    path = tmp_path / "default.yaml"
+    path.write_text(cfg.embedded_default_text())
+    pool = cfg.load(path, environ={"EGRESS_POOL_MAX_CONNECTIONS": "10"}).pool
+    assert (pool.max_connections, pool.max_keepalive_connections) == (10, 10)
+
+
+def test_environment_value_that_is_not_yaml_names_the_variable() -> None:
+    with pytest.raises(cfg.ConfigError, match="EGRESS_LOG_LEVEL .*line 1"):
+        cfg.load(None, environ={"EGRESS_LOG_LEVEL": "[debug"})
+
+
+def _routes(*routes: tuple[str, str]) -> dict:
+    return {"routes": [{"name": f"r{i}", "prefix": prefix, "upstream": upstream}
+                       for i, (prefix, upstream) in enumerate(routes)]}
+
+
+@pytest.mark.parametrize("second", ["/api", "/api/", "/api//"])
+def test_duplicate_route_prefixes_are_refused(second: str) -> None:
+    with pytest.raises(cfg.ConfigError, match=r"\$\.routes\[1\]\.prefix.*") as error:
+        cfg.from_mapping(_routes(("/api", "https://a.test"), (second, "https://b.test")))
+    assert "routes[0]" in str(error.value) and "never apply" in str(error.value)
+
+
+def test_nested_prefixes_are_not_duplicates() -> None:
+    config = cfg.from_mapping(_routes(("/api", "https://a.test"), ("/api/v2", "https://b.test")))
+    assert [route.prefix for route in config.routes] == ["/api", "/api/v2"]
+
+
+@pytest.mark.parametrize("upstream", ["https://a.test/base?x=1", "https://a.test?x=1", "https://a.test/#frag"])
+def test_upstream_with_a_query_string_says_so(upstream: str) -> None:
+    with pytest.raises(cfg.ConfigError, match=r"query string.*\$\.routes\[0\]\.upstream"):
+        cfg.from_mapping(_routes(("/a", upstream)))
+
+
+@pytest.mark.parametrize(
+    ("allow", "deny"),
+    [
+        (["api.example.com"], ["api.example.com"]),
+        (["api.example.com"], ["*.example.com"]),
+        (["*.a.example.com"], ["*.example.com"]),
+        (["*.example.com"], ["*.example.com"]),
+        (["Bücher.example."], ["xn--bcher-kva.example"]),
+        (["anything.test"], ["*"]),
+    ],
+)
+def test_an_allowed_host_the_deny_list_covers_is_refused(allow: list[str], deny: list[str]) -> None:
+    with pytest.raises(cfg.ConfigError, match=r"never apply.*\$\.policy\.allow_hosts\[0\]"):
+        cfg.from_mapping({"policy": {"allow_hosts": allow, "deny_hosts": deny}})
+
+
+@pytest.mark.parametrize(
+    ("allow", "deny"),
+    [
+        (["example.com"], ["*.example.com"]),  # the apex is not under its wildcard
+        (["*.example.com"], ["api.example.com"]),  # other subdomains still allowed
+        (["*.example.com"], ["*.a.example.com"]),
+        (["api.example.org"], ["*.example.com"]),
+    ],
+)
+def test_allow_and_deny_that_overlap_only_in_part_are_fine(allow: list[str], deny: list[str]) -> None:
+    cfg.from_mapping({"policy": {"allow_hosts": allow, "deny_hosts": deny}})

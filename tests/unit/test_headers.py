@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from sidecar.headers import (
-    body_framing,
     connection_tokens,
     downstream_response_headers,
     is_upgrade,
@@ -40,11 +39,21 @@ def test_optional_forwarding_headers() -> None:
                    (b"x-forwarded-for", b"127.0.0.1"), (b"x-request-id", b"r1")]
 
 
-def test_body_framing() -> None:
-    assert body_framing([]) == (False, False)
-    assert body_framing([(b"content-length", b"0")]) == (False, False)
-    assert body_framing([(b"content-length", b"5")]) == (True, False)
-    assert body_framing([(b"transfer-encoding", b"chunked")]) == (True, True)
+def test_framing_look_alikes_are_dropped_in_any_case() -> None:
+    # uvicorn hands names lower-cased, whatever the app wrote (Transfer_Encoding, CONTENT_LENGTH).
+    headers = [(b"content-length", b"2"), (b"transfer_encoding", b"chunked"), (b"x-a", b"1"),
+               (b"content_length", b"99"), (b"x_under", b"kept")]
+    out = upstream_request_headers(headers, b"h", content_length=b"2")
+    assert out == [(b"host", b"h"), (b"content-length", b"2"), (b"x-a", b"1"), (b"x_under", b"kept")]
+
+
+def test_content_length_goes_as_the_normalised_number_in_its_place_and_once() -> None:
+    headers = [(b"x-a", b"1"), (b"content-length", b"0012"), (b"x-b", b"2"), (b"content-length", b"12")]
+    out = upstream_request_headers(headers, b"h", content_length=b"12")
+    assert out == [(b"host", b"h"), (b"x-a", b"1"), (b"content-length", b"12"), (b"x-b", b"2")]
+    # framing found no length to send (a chunked body): no Content-Length goes, whatever came.
+    assert upstream_request_headers([(b"content-length", b"5")], b"h", chunked=True) == [
+        (b"host", b"h"), (b"transfer-encoding", b"chunked")]
 
 
 def test_upgrade_detection() -> None:

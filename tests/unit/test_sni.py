@@ -6,7 +6,14 @@ import ssl
 
 import pytest
 
-from sidecar.sni import INCOMPLETE, ClientHello, NotClientHello, names_match, parse_client_hello
+from sidecar.sni import (
+    MAX_HELLO_RECORDS,
+    ClientHello,
+    Incomplete,
+    NotClientHello,
+    names_match,
+    parse_client_hello,
+)
 
 
 def real_hello(server_hostname: str | None) -> bytes:
@@ -43,15 +50,24 @@ def test_hello_without_sni_gives_none() -> None:
 def test_every_prefix_is_incomplete_until_the_last_byte() -> None:
     hello = real_hello("api.example.com")
     for end in range(len(hello)):
-        assert parse_client_hello(hello[:end]) is INCOMPLETE, end
+        result = parse_client_hello(hello[:end])
+        assert isinstance(result, Incomplete), end
+        # `need`: the first byte, the end of the record header, then of the record: never more.
+        assert end < result.need <= len(hello) and result.need in (1, 5, len(hello)), (end, result)
     assert parse_client_hello(hello) == ClientHello("api.example.com")
 
 
-@pytest.mark.parametrize("size", [1, 7, 64, 300])
+@pytest.mark.parametrize("size", [40, 64, 300])
 def test_hello_fragmented_over_records_is_reassembled(size: int) -> None:
     data = refragment(real_hello("fragmented.example.com"), size)
     assert parse_client_hello(data) == ClientHello("fragmented.example.com")
-    assert parse_client_hello(data[:-1]) is INCOMPLETE
+    assert parse_client_hello(data[:-1]) == Incomplete(len(data))
+
+
+def test_a_hello_in_too_many_records_is_refused() -> None:
+    hello = real_hello("x.example")
+    assert parse_client_hello(refragment(hello, (len(hello) - 5) // MAX_HELLO_RECORDS + 1)) == ClientHello("x.example")
+    assert "records" in _bad(refragment(hello, 1))
 
 
 def test_bytes_after_the_hello_do_not_matter() -> None:

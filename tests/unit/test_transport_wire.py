@@ -200,3 +200,24 @@ def test_fast_response_equals_httpx_response() -> None:
         k: v for k, v in slow_state.items() if k != "headers"}
     assert vars(fast.headers) == vars(slow.headers)
     assert fast.headers.get_list("x-a") == ["1", "2"] and fast.headers["content-type"] == "text/plain"
+
+
+@pytest.mark.parametrize(
+    ("status", "role"),
+    [(100, wire.HeadRole.INTERIM), (103, wire.HeadRole.INTERIM), (101, wire.HeadRole.REFUSED),
+     (200, wire.HeadRole.FINAL), (204, wire.HeadRole.FINAL), (304, wire.HeadRole.FINAL),
+     (502, wire.HeadRole.FINAL)],
+)
+def test_response_head_role(status: int, role: wire.HeadRole) -> None:
+    # 101 is never relayed: the sidecar asks no upstream for an upgrade.
+    assert wire.response_head_role(status) is role
+
+
+@pytest.mark.parametrize(
+    ("complete", "active", "surplus"),
+    [(False, True, False), (True, True, True), (False, False, True), (True, False, True)],
+)
+def test_bytes_after_the_complete_response_or_with_no_exchange_are_surplus(
+    complete: bool, active: bool, surplus: bool
+) -> None:
+    assert wire.is_surplus(complete, active) is surplus
