@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,9 +115,14 @@ class Interceptor:
         self.bundle = self.ca.write(self.ca_dir, roots_pem)
         return self.bundle
 
-    def files_present(self) -> bool:
-        """For /readyz: the bundle the app containers wait for is in place."""
-        return self.bundle is not None and self.bundle.is_file()
+    def unready(self) -> str | None:
+        """For /readyz: why interception cannot serve (the bundle the app containers wait for is
+        missing, or the CA has expired: its leaves would fail everywhere), or None."""
+        if self.bundle is None or not self.bundle.is_file():
+            return "interception CA bundle missing"
+        if time.time() >= self.ca.not_after.timestamp():
+            return "interception CA expired (intercept.ca_validity): restart the pod"
+        return None
 
 
 def _ignore(kind: str, method: str, target: str, detail: str) -> None:

@@ -78,3 +78,17 @@ def test_a_host_only_route_keys_its_breaker_by_its_first_pattern() -> None:
 def test_bad_interception_config_names_the_key(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(cfg.ConfigError, match=re.escape(f"at `$.{key}`")):
         cfg.from_mapping(raw)
+
+
+def test_interception_is_unready_without_its_bundle_or_past_the_cas_end(tmp_path: Any) -> None:
+    import datetime
+
+    from sidecar.intercept import build_interceptor
+
+    interceptor = build_interceptor(cfg.from_mapping({"intercept": {"hosts": ["a.test"], "ca_dir": str(tmp_path)}}))
+    assert interceptor is not None
+    assert interceptor.unready() == "interception CA bundle missing"
+    interceptor.write_files(b"")
+    assert interceptor.unready() is None
+    interceptor.ca.not_after = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    assert "expired" in (interceptor.unready() or "")
