@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tunnel", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stream-mib", type=int, default=100)
-    parser.add_argument("--work-dir", type=Path, default=candidates.ROOT / "bench" / ".work-tunnel")
+    parser.add_argument("--work-dir", type=Path, default=candidates.ROOT / "bench" / ".work" / "tunnel")
     args = parser.parse_args(argv)
     if not shutil.which("tinyproxy"):
         print("bench: tinyproxy is missing; run scripts/install-system-deps.sh", file=sys.stderr)

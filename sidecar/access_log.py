@@ -56,7 +56,8 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
 
 
 # Tunnel outcomes logged at warning, with their reason: refusals after the 200 and failures.
-_TUNNEL_WARNINGS = frozenset({"sni_mismatch", "no_sni", "not_tls", "bad_hello", "client_timeout", "upstream_reset"})
+_TUNNEL_WARNINGS = frozenset({"sni_mismatch", "no_sni", "not_tls", "bad_hello", "client_timeout", "upstream_reset",
+                              "intercept_error"})
 
 
 def tunnel_fields(record: TunnelRecord) -> dict[str, Any]:

@@ -263,7 +263,8 @@ class Tunnel(asyncio.Protocol):
         if isinstance(parsed, Incomplete):
             if self._client_eof:
                 self.finish("bad_hello", "the client closed before its ClientHello was complete")
-            self._need = parsed.need
+            else:
+                self._need = parsed.need
             return
         if not isinstance(parsed, ClientHello):
             if parsed.reason == "not_tls" and self.tunnels.settings.plaintext:
@@ -282,10 +283,16 @@ class Tunnel(asyncio.Protocol):
                 self.finish("sni_mismatch", f"server name {sni[:100]!r} is not {record.host}")
                 return
         hook = self.tunnels.intercept
-        if hook is not None and self.client is not None and hook(record, self.client, bytes(self._buffer)):
-            self.client = None  # the hook owns it now: not closed here
-            self.finish("intercepted")
-            return
+        if hook is not None and self.client is not None:
+            try:
+                taken = hook(record, self.client, bytes(self._buffer))
+            except Exception as exc:  # noqa: BLE001 - a failing hook ends this tunnel, not the listener
+                self.finish("intercept_error", f"{type(exc).__name__}: {exc}")
+                return
+            if taken:
+                self.client = None  # the hook owns it now: not closed here
+                self.finish("intercepted")
+                return
         self._splice()
 
     def _hello_timed_out(self) -> None:

@@ -46,7 +46,8 @@ API (stable; used by the CONNECT listener, the transparent listener and intercep
   transport: it must call `client.set_protocol(...)` before returning and feed `hello`
   (all client bytes read so far) to its terminator; the tunnel then closes its upstream
   connection and ends with outcome `intercepted`. `record` (TunnelRecord) has host, port,
-  sni and the dialled address.
+  sni and the dialled address. A hook that raises ends that tunnel (`intercept_error`, both
+  sides closed, nothing forwarded); the listener goes on.
 - `Tunnels.close_all(outcome)`: end every open tunnel (drain).
 
 Observability: each tunnel that got past the connect ends in one `TunnelRecord` handed to

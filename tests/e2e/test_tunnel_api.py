@@ -203,3 +203,46 @@ def test_finished_tunnels_leave_no_cyclic_garbage(no_cyclic_gc: None, ca_file: s
         assert after == before, f"{after - before} tunnel objects alive without the gc"
     finally:
         upstream.stop()
+
+
+def test_a_failing_intercept_hook_ends_its_tunnel_only(ca_file: str) -> None:
+    upstream = TcpUpstream("record")
+    runtime = runtime_for(ca_file, upstream)
+    outcomes: list[str] = []
+    finished = runtime.observer.tunnel_finished
+
+    def record_outcome(record: TunnelRecord) -> None:
+        outcomes.append(record.outcome)
+        finished(record)
+
+    runtime.observer.tunnel_finished = record_outcome  # type: ignore[method-assign]
+    calls = []
+
+    def hook(record: TunnelRecord, client: asyncio.Transport, hello: bytes) -> bool:
+        calls.append(record.sni)
+        if len(calls) == 1:
+            raise RuntimeError("terminator not ready")
+        return False
+
+    assert runtime.tunnels is not None
+    runtime.tunnels.intercept = hook
+    hello = client_hello("localhost")
+
+    async def body(port: int) -> tuple[bytes, bytes]:
+        answers = []
+        for _ in range(2):
+            reader, writer = await connect(port, f"localhost:{upstream.port}")
+            writer.write(hello)
+            writer.write_eof()
+            answers.append(await asyncio.wait_for(reader.read(), 10))
+            writer.close()
+        return answers[0], answers[1]
+
+    try:
+        failed, spliced = serve_data_listener(runtime, body)
+        assert failed == b"" and spliced == b"got %d" % len(hello)
+        assert outcomes == ["intercept_error", "closed"]
+        wait_until(lambda: len(upstream.conns) == 2 and upstream.conns[0].closed, 5, message="upstream closed")
+        assert bytes(upstream.conns[0].received) == b""
+    finally:
+        upstream.stop()
