@@ -92,3 +92,9 @@ def test_interception_is_unready_without_its_bundle_or_past_the_cas_end(tmp_path
     assert interceptor.unready() is None
     interceptor.ca.not_after = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
     assert "expired" in (interceptor.unready() or "")
+
+
+def test_international_names_are_intercepted_and_constrained_in_their_ascii_form() -> None:
+    config = cfg.from_mapping({"intercept": {"hosts": ["*.Bücher.de", "straße.example."]}})
+    # As the host rules read them (sidecar.hostnames: UTS #46, non-transitional: ß stays ß).
+    assert intercepted_patterns(config) == ["*.xn--bcher-kva.de", "xn--strae-oqa.example"]
