@@ -15,6 +15,17 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && python -m venv --without-pip /opt/egress-sidecar \
  && python -m pip --python /opt/egress-sidecar/bin/python install --no-cache-dir --compile /wheels/egress_sidecar-*.whl
 
+# `egress-sidecar lock` (the egress lock's init container) drives nft: its binary and the shared
+# libraries it links, gathered here so the runtime stage gets them without a package manager run.
+FROM python:3.11-slim-bookworm AS locktools
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables=1.0.6-2+deb12u2 \
+ && mkdir -p /lockroot/usr/sbin \
+ && cp /usr/sbin/nft /lockroot/usr/sbin/nft \
+ && ldd /usr/sbin/nft | awk '/=> \// {print $3}' | xargs -I{} cp --parents -L {} /lockroot/ \
+ && rm -rf /var/lib/apt/lists/*
+
 FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="egress-sidecar" \
       org.opencontainers.image.description="Kubernetes sidecar egress proxy and its injector" \
@@ -22,6 +33,7 @@ LABEL org.opencontainers.image.title="egress-sidecar" \
 # pip, setuptools and wheel are build tools: the runtime has no use for them.
 RUN python -m pip uninstall --yes pip setuptools wheel
 COPY --from=build /opt/egress-sidecar /opt/egress-sidecar
+COPY --from=locktools /lockroot/ /
 # Bytecode was compiled at install time; never try to write it on a read-only root.
 ENV PATH=/opt/egress-sidecar/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

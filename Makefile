@@ -86,6 +86,13 @@ bench-quick: $(BENCH_STAMP) compile
 	./scripts/install-system-deps.sh
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
 
+# The egress lock's transparent path beside forward-proxy form and CONNECT (bench/transparent.py):
+# needs root (it builds its own sealed pod and world namespaces; nothing leaves the machine).
+.PHONY: bench-transparent
+bench-transparent: $(BENCH_STAMP) $(TEST_STAMP) compile
+	./scripts/install-system-deps.sh
+	nice -n 10 $(PY) -m bench.transparent $(BENCH_ARGS)
+
 # The bounded soak (5 minutes of mixed traffic; RSS, descriptors and pool must stay flat).
 # -s: the test prints its measurements (one SOAK line).
 soak: $(TEST_STAMP) $(SYSTEM_STAMP) compile

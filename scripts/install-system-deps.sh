@@ -11,6 +11,10 @@ command -v unshare >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
 command -v mount >/dev/null || need+=(mount)  # sealed tests bind-mount their own resolv.conf
 command -v setpriv >/dev/null || need+=(util-linux)
+# tests/sealed/test_lock*.py: the egress lock installs its rules with nft, or iptables-restore.
+command -v nft >/dev/null || need+=(nftables)
+command -v iptables-restore >/dev/null || need+=(iptables)
+command -v nsenter >/dev/null || need+=(util-linux)
 # CONNECT tunnels (tests/e2e/test_connect_clients.py, bench/tunnel.py): real HTTPS_PROXY clients
 # and the C forward proxy the tunnel section is measured against.
 command -v wget >/dev/null || need+=(wget)

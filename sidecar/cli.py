@@ -1,4 +1,4 @@
-"""`egress-sidecar` command line: run, check-config, print-default-config, inject."""
+"""`egress-sidecar` command line: run, check-config, print-default-config, inject, lock."""
 
 from __future__ import annotations
 
@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     inject.add_argument("--host", default="0.0.0.0")
     inject.add_argument("--port", type=int, default=8443)
     inject.add_argument("--settings", metavar="FILE", help="injector settings (YAML): image, defaults")
+
+    lock = commands.add_parser("lock", help="install the egress lock's packet rules (init container, NET_ADMIN)")
+    lock.add_argument("--config", metavar="FILE", help="the sidecar's config file (transparent port, lock holes)")
+    lock.add_argument("--uid", type=int, default=65532, help="the sidecar's UID, whose traffic is left alone")
+    lock.add_argument("--backend", choices=("auto", "nft", "iptables"), default="auto")
+    lock.add_argument("--resolv-conf", default="/etc/resolv.conf", metavar="FILE",
+                      help="DNS to these nameservers stays allowed")
+    lock.add_argument("--dry-run", action="store_true", help="print the rules, install nothing")
     return parser
 
 
@@ -48,6 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.inject.server import serve  # the webhook is not loaded by the data plane
 
         return serve(cert=args.cert, key=args.key, host=args.host, port=args.port, settings=args.settings)
+    if args.command == "lock":
+        from sidecar.lock import LockOptions
+        from sidecar.lock import main as lock_main
+
+        try:
+            config = config_module.load(args.config)
+        except config_module.ConfigError as exc:
+            print(f"egress-sidecar: {exc}", file=sys.stderr)
+            return 2
+        return lock_main(config, LockOptions(args.uid, args.backend, args.resolv_conf, args.dry_run))
     try:
         config = preflight.load_checked(args.config)
     except config_module.ConfigError as exc:

@@ -76,6 +76,9 @@ class Listen(_Section, frozen=True):
     allow_non_loopback: bool = False
     # uvicorn's HTTP parser: httptools (fast, the default) or h11 (pure Python).
     http: Literal["httptools", "h11"] = "httptools"
+    # The egress lock's transparent listener (on 127.0.0.1 and ::1): connections the lock's
+    # rules redirect arrive here. null: not opened.
+    transparent_port: int | None = 15006
 
 
 class AdminListen(_Section, frozen=True):
@@ -127,6 +130,9 @@ class Policy(_Section, frozen=True):
     allow_cidrs: list[str] = []
     # Destinations reached over plain HTTP instead of HTTPS (forward-proxy form only).
     plain_http_hosts: list[str] = []
+    # Cloud metadata endpoints: deny (every request refused as denied_ip), or identity (only
+    # the workload's own credential paths, through the sidecar; sidecar/metadata.py).
+    metadata: Literal["deny", "identity"] = "deny"
     # Ports a CONNECT tunnel may reach (403 denied_port otherwise).
     connect_ports: list[int] = msgspec.field(default_factory=lambda: [443])
     # A tunnel whose first client bytes are not a TLS ClientHello is refused unless this is true.
@@ -238,6 +244,16 @@ class Intercept(_Section, frozen=True):
     leaf_cache: int = 1000
 
 
+class Lock(_Section, frozen=True):
+    """The egress lock (`egress-sidecar lock`, sidecar/lock.py): holes in it, and captured plain HTTP."""
+
+    skip_cidrs: list[str] = []  # destinations the lock leaves alone: a hole, not covered by policy
+    skip_ports: list[int] = []  # destination ports (TCP and UDP) left alone: a hole too
+    # Captured plain-HTTP calls to these hosts go out over HTTPS on 443 (TLS origination);
+    # any other captured plain-HTTP call goes to http:// on the port the app dialled.
+    originate_tls_hosts: list[str] = []
+
+
 class Config(_Section, frozen=True):
     listen: Listen = Listen()
     admin: AdminListen = AdminListen()
@@ -254,6 +270,7 @@ class Config(_Section, frozen=True):
     metrics: Metrics = Metrics()
     log: Log = Log()
     drain: Drain = Drain()
+    lock: Lock = Lock()
 
 
 # Environment variables for the fields a pod spec most often sets, and their key paths.
@@ -337,6 +354,23 @@ def check_semantics(config: Config) -> None:
             fail(key, f"port {port} is out of range 0-65535")
     if config.listen.port == config.admin.port and config.listen.port != 0:
         fail("admin.port", "the admin port must differ from listen.port")
+    transparent = config.listen.transparent_port
+    if transparent is not None:
+        if not 0 <= transparent <= 65535:
+            fail("listen.transparent_port", f"port {transparent} is out of range 0-65535")
+        if transparent != 0 and transparent in (config.listen.port, config.admin.port):
+            fail("listen.transparent_port", "must differ from listen.port and admin.port")
+    for index, cidr in enumerate(config.lock.skip_cidrs):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            fail(f"lock.skip_cidrs[{index}]", f"{cidr!r} is not a CIDR range")
+    for index, port in enumerate(config.lock.skip_ports):
+        if not 0 < port <= 65535:
+            fail(f"lock.skip_ports[{index}]", f"port {port} is out of range 1-65535")
+    problem = check_patterns(config.lock.originate_tls_hosts)
+    if problem is not None:
+        fail("lock.originate_tls_hosts", f"invalid host pattern {problem}")
     if not is_loopback_host(config.listen.host) and not config.listen.allow_non_loopback:
         fail("listen.host", f"{config.listen.host!r} is not loopback; set listen.allow_non_loopback: true "
              "to expose the proxy beyond the pod (other pods could use it as an open proxy)")

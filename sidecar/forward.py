@@ -31,7 +31,7 @@ from sidecar.headers import (
 from sidecar.observe import Exchange
 from sidecar.policy import PolicyDenied
 from sidecar.resilience import send_resilient
-from sidecar.routing import INTERCEPTED
+from sidecar.routing import INTERCEPTED, Target
 from sidecar.runtime import Runtime
 from sidecar.shedding import Gate
 
@@ -186,8 +186,10 @@ def build_request(
 class ForwardApp:
     """Raw ASGI app for the data listener."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, resolve: Callable[[Scope], Target] | None = None) -> None:
         self.runtime = runtime
+        # scope -> Target: the router's, or the transparent listener's (transparent.py).
+        self.resolve = resolve if resolve is not None else runtime.router.resolve
         forwarding = runtime.config.forwarding
         self.via = forwarding.via
         self.forwarded_for = forwarding.x_forwarded_for
@@ -227,12 +229,15 @@ class ForwardApp:
                 raise EgressError("unsupported", "protocol upgrade requested")
             # Before routing: a request whose end is in doubt is refused whatever it asks for.
             has_body, chunked, content_length = request_framing(headers, scope["http_version"])
-            target = runtime.router.resolve(scope)
+            target = self.resolve(scope)
             route = target.route
             exchange.route = route.name if route is not None else "-"
             exchange.upstream = f"{target.host}:{target.port}"
             exchange.path = target.path
-            runtime.policy.check_target(target)
+            if route is None and target.host in runtime.policy.identity_hosts:  # policy.metadata: identity
+                runtime.policy.check_identity(target, scope["method"], target.path, headers)
+            else:
+                runtime.policy.check_target(target)
             # Load shedding: past max_in_flight (global or the route's), 503 overloaded at once.
             gate = runtime.resilience.shedding.gate(route.name if route is not None else None).enter()
             request_id = request_id_of(headers)

@@ -23,6 +23,7 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
+from sidecar import metadata as metadata_module
 from sidecar.addresses import (
     IPAddress,
     IPNetwork,
@@ -68,7 +69,9 @@ class PolicyDenied(EgressError):
     adds the address that failed; `reason` labels `egress_denied_total`.
     """
 
-    def __init__(self, kind: DenialKind, reason: str, host: str, address: str | None = None) -> None:
+    def __init__(
+        self, kind: DenialKind, reason: str, host: str, address: str | None = None, why: str | None = None
+    ) -> None:
         shown = _printable(host)
         if reason in _HOST_REASONS:
             subject = f"{shown} {REASONS[reason]}"
@@ -77,6 +80,8 @@ class PolicyDenied(EgressError):
         else:
             subject = f"{shown} is {REASONS[reason]}"
         detail = f"reason={reason} host={shown}" + (f" address={address}" if address else "")
+        if why:
+            detail += f" ({_printable(why)})"
         super().__init__(kind, detail, subject)
         self.reason = reason
         self.host = host
@@ -124,8 +129,12 @@ class EgressPolicy:
         static_resolve: Mapping[str, str | Sequence[str]] | None = None,
         listeners: Iterable[tuple[str, int]] = (),
         local_addresses: Iterable[IPAddress] = (),
+        metadata: Literal["deny", "identity"] = "deny",
     ) -> None:
         self.default = default
+        # policy.metadata: identity: requests to these hosts are decided by metadata.py instead of
+        # the address rules (forward.py), and the connect guard dials them (resolve). Empty: deny.
+        self.identity_hosts: frozenset[str] = metadata_module.IDENTITY_HOSTS if metadata == "identity" else frozenset()
         self._allow = HostPatterns(list(allow_hosts))
         self._deny = HostPatterns(list(deny_hosts))
         self._allow_cidrs: tuple[IPNetwork, ...] = tuple(parse_network(c) for c in allow_cidrs)
@@ -149,8 +158,10 @@ class EgressPolicy:
             deny_hosts=policy.deny_hosts,
             allow_cidrs=policy.allow_cidrs,
             static_resolve=config.resolve,
-            listeners=[(config.listen.host, config.listen.port), (config.admin.host, config.admin.port)],
+            listeners=[(config.listen.host, config.listen.port), (config.admin.host, config.admin.port),
+                       *[(host, config.listen.transparent_port or 0) for host in ("127.0.0.1", "::1")]],
             local_addresses=local_addresses(),
+            metadata=policy.metadata,
         )
 
     def add_listener(self, host: str, port: int) -> None:
@@ -178,6 +189,13 @@ class EgressPolicy:
         if denial is not None:
             kind, reason, address = denial
             raise PolicyDenied(kind, reason, target.host, address)
+
+    def check_identity(self, target: _HasTarget, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """`policy.metadata: identity`, for a target whose host is in `identity_hosts`: only the
+        workload's own credential exchanges pass (metadata.py); the rest is denied_ip/metadata."""
+        why = metadata_module.identity_refusal(target.host, target.port, method, path, headers)
+        if why is not None:
+            raise PolicyDenied("denied_ip", "metadata", target.host, why=why)
 
     def check_host(self, host: str, port: int, *, routed: bool = False) -> None:
         """`check_target` for a bare host and port."""
@@ -251,6 +269,9 @@ class EgressPolicy:
         except ValueError:
             raise PolicyDenied("denied_host", "invalid_host", host) from None
         literal = _literal(canonical)
+        identity = canonical in self.identity_hosts and port == metadata_module.IDENTITY_PORT
+        if identity and literal is not None:
+            return [str(literal)]  # only requests check_identity passed reach this pool
         if literal is not None:
             addresses: Sequence[IPAddress] = (literal,)
         elif canonical in self._static:
@@ -264,6 +285,8 @@ class EgressPolicy:
                 found[ipaddress.ip_address(sockaddr[0])] = None
             addresses = tuple(found)
         for address in addresses:
+            if identity and str(address) in metadata_module.METADATA_ADDRESSES:
+                continue  # metadata.google.internal: only to the metadata address itself
             reason = self.address_reason(address, port)
             if reason is not None:
                 raise PolicyDenied("denied_ip", reason, host, str(address))

@@ -176,7 +176,7 @@ class Router:
         self.default_timeouts = _timeouts(config.timeouts, None)
         # Exact names or *.suffix, matched like the policy's host lists.
         self.plain_http_hosts = HostPatterns(config.policy.plain_http_hosts)
-        own_ports = {config.listen.port, config.admin.port}
+        own_ports = {config.listen.port, config.admin.port, config.listen.transparent_port or config.listen.port}
         own_hosts = set(_LOOPBACK_NAMES) | {config.listen.host.lower(), config.admin.host.lower()}
         self.own_ports = frozenset(own_ports)
         self.own_hosts = frozenset(h.strip("[]") for h in own_hosts)

@@ -92,6 +92,12 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
                                             limits.observer_report(runtime.observer, "-"), config.listen.http,
                                             runtime.tunnels))
+    try:
+        captured = _transparent_server(config, runtime)
+    except OSError as exc:
+        log.error("startup_failed", transparent=f"127.0.0.1/::1:{config.listen.transparent_port}", error=str(exc))
+        await runtime.upstream.aclose()
+        return 1
     admin = SignalFreeServer(_uvicorn_config(AdminApp(runtime), config.admin.host, config.admin.port, config,
                                              limits.observer_report(runtime.observer, "admin")))
     loop = asyncio.get_running_loop()
@@ -111,21 +117,28 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
 
     data_task = asyncio.create_task(data.serve())
     admin_task = asyncio.create_task(admin.serve())
-    while not (data.started and admin.started):
-        if data_task.done() or admin_task.done():
-            data.should_exit = admin.should_exit = True
-            await asyncio.gather(data_task, admin_task, return_exceptions=True)
+    servers, tasks = [data, admin], [data_task, admin_task]
+    if captured is not None:
+        servers.append(captured[0])
+        tasks.append(asyncio.create_task(captured[0].serve(sockets=captured[1])))
+    while not all(server.started for server in servers):
+        if any(task.done() for task in tasks):
+            for server in servers:
+                server.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
             log.error("startup_failed", listen=f"{config.listen.host}:{config.listen.port}",
                       admin=f"{config.admin.host}:{config.admin.port}")
             await runtime.upstream.aclose()
             return 1
         await asyncio.sleep(0.005)
     # With port 0 the real ports are known only now; the policy denies them under any spelling.
-    for server, host in ((data, config.listen.host), (admin, config.admin.host)):
+    hosts = [config.listen.host, config.admin.host]
+    for index, server in enumerate(servers):
         for listener in server.servers:
             for sock in listener.sockets:
-                runtime.policy.add_listener(host, sock.getsockname()[1])
-    acceptor = _burst_acceptor(data)
+                name = sock.getsockname()
+                runtime.policy.add_listener(hosts[index] if index < 2 else name[0], name[1])
+    acceptors = [_burst_acceptor(server) for server in (data, *servers[2:])]  # data and transparent
     if runtime.interceptor is not None and runtime.tunnels is not None and config.listen.http == "httptools":
         runtime.interceptor.attach(runtime.tunnels, _intercepting_protocol(data), float(config.limits.header_timeout),
                                    limits.observer_report(runtime.observer, "-"))
@@ -144,19 +157,44 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     _tune_gc()  # after ready: its full collection takes 10-25 ms that readiness need not wait for
 
     stop_wait = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({stop_wait, data_task, admin_task}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({stop_wait, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     if stop_wait in done:
         await _drain(runtime, data, float(config.drain.grace), log)
     if runtime.tunnels is not None:
         runtime.tunnels.close_all("drained")  # uvicorn's shutdown does not know them
-    acceptor.close()
+    for acceptor in acceptors:
+        acceptor.close()
+    for server in servers[2:]:
+        server.should_exit = True
     data.should_exit = True
-    await data_task
+    await asyncio.gather(data_task, *tasks[2:])
     await runtime.upstream.aclose()
     admin.should_exit = True
     await admin_task
     log.info("stopped")
     return 0
+
+
+def _transparent_server(config: Config, runtime: Runtime) -> tuple[SignalFreeServer, list[Any]] | None:
+    """The egress lock's transparent listener and its bound sockets, or None when it is off."""
+    port = config.listen.transparent_port
+    if port is None:
+        return None
+    from sidecar import transparent  # only where the listener is on
+
+    sockets = transparent.listening_sockets(port)
+    report = limits.observer_report(runtime.observer, "-")
+    uvicorn_config = _uvicorn_config(transparent.transparent_app(runtime), "127.0.0.1", port, config, report,
+                                     tunnels=runtime.tunnels)
+    tls_handler = None
+    if runtime.tunnels is not None:
+        from sidecar.captured_tls import CapturedTLS
+
+        tls_handler = CapturedTLS(runtime.tunnels, runtime.policy, float(config.limits.header_timeout),
+                                  transparent.refusal_reporter(runtime.observer)).take
+    uvicorn_config.http = transparent.protocol_class(uvicorn_config.http,  # type: ignore[arg-type]
+                                                     runtime.observer, tls_handler)
+    return SignalFreeServer(uvicorn_config), sockets
 
 
 def _burst_acceptor(server: SignalFreeServer) -> BurstAcceptor:

@@ -124,7 +124,8 @@ class Sidecar:
 def base_config(ca_file: str, **overrides: Any) -> dict[str, Any]:
     """A test config: ephemeral ports, trust for the test CA, loopback upstreams allowed."""
     config: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": free_port()},
+        # No transparent listener (the egress lock's): tests that want one give it a port.
+        "listen": {"host": "127.0.0.1", "port": free_port(), "transparent_port": None},
         "admin": {"host": "127.0.0.1", "port": free_port()},
         "tls": {"ca_file": ca_file},
         # The tests' own upstreams live on 127.0.0.1, which the policy denies by default.

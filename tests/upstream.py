@@ -46,6 +46,7 @@ class Upstream:
     requests: list[Seen] = field(default_factory=list)
     open_connections: int = 0
     counters: dict[str, int] = field(default_factory=dict)  # /flaky: tries seen per key
+    peers: list[str] = field(default_factory=list)  # the client address of each connection, in order
 
     @property
     def base(self) -> str:
@@ -285,8 +286,13 @@ class _Handler:
 class UpstreamServer:
     """Starts the upstream on an ephemeral port in a background thread; `stop()` ends it."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, ssl_context: ssl.SSLContext | None, host: str = "127.0.0.1", port: int = 0,
+        before: Any = None,
+    ) -> None:
         self.ssl_context = ssl_context
+        self.host, self.port = host, port
+        self.before = before  # called first in the server's thread (tests/sealed/pod.py: enter a netns)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.ready = threading.Event()
@@ -294,18 +300,21 @@ class UpstreamServer:
         self.server: asyncio.AbstractServer | None = None
 
     def _run(self) -> None:
+        if self.before is not None:
+            self.before()
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self._start())
         self.ready.set()
         self.loop.run_forever()
 
     async def _start(self) -> None:
-        state = Upstream("127.0.0.1", 0, "https" if self.ssl_context else "http")
+        state = Upstream(self.host, 0, "https" if self.ssl_context else "http")
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            state.peers.append(writer.get_extra_info("peername")[0])
             await _Handler(state, reader, writer).run()
 
-        self.server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=self.ssl_context, backlog=512)
+        self.server = await asyncio.start_server(on_connect, self.host, self.port, ssl=self.ssl_context, backlog=512)
         state.port = self.server.sockets[0].getsockname()[1]
         self.state = state
 

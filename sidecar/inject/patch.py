@@ -21,6 +21,7 @@ from sidecar.inject.settings import (
     LISTEN_PORT_ENV,
     Settings,
 )
+from sidecar.metadata import NO_PROXY_ENTRIES as METADATA_NO_PROXY
 
 Patch = list[dict[str, Any]]
 PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")
@@ -277,13 +278,30 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
     volume = sidecar_volume(settings, over)
     _refuse_conflicts(spec, apps + inits, listen, admin, volume["name"])
 
+    locked = settings.lock_default if over.lock is None else over.lock
+    lock_container = settings.fresh_lock_container() if locked else None
+    if lock_container is not None and any(c.get("name") == lock_container["name"] for c in apps + inits):
+        raise InjectError(f"the pod already has a container named {lock_container['name']!r}")
+    transparent = settings.transparent_port
+    if locked and transparent:
+        taken = _declared_ports(apps + inits)
+        if transparent in taken:
+            raise InjectError(f"port {transparent} is the egress lock's transparent listener "
+                              f"(listen.transparent_port) and already used by container {taken[transparent]!r}")
     ca_volume = settings.fresh_ca_volume()
     ca_mount = None
     if ca_volume is not None and settings.ca_dir is not None:
         _refuse_ca_conflicts(spec, apps, ca_volume["name"], settings.ca_dir)
         ca_mount = {"name": ca_volume["name"], "mountPath": settings.ca_dir, "readOnly": True}
-    proxy = (proxy_env(listen, settings.no_proxy + over.no_proxy, over.set_https_proxy)
-             if over.set_proxy_env else None)
+    proxy = None
+    if over.set_proxy_env:
+        no_proxy = settings.no_proxy + over.no_proxy
+        if settings.metadata_identity and not locked:
+            # Without the lock the sidecar cannot see the app's metadata calls, and SDKs send them
+            # without a proxy anyway: let them go direct. With the lock they are captured and
+            # decided by policy.metadata: identity, so the proxy may see them too.
+            no_proxy += METADATA_NO_PROXY
+        proxy = proxy_env(listen, no_proxy, over.set_https_proxy)
     trust = trust_env(settings.ca_dir) if ca_mount is not None and settings.ca_dir and over.set_trust_env else None
     patch: Patch = _app_ops(apps, proxy, trust, ca_mount)
     container = sidecar_container(settings, over)
@@ -291,6 +309,12 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
         _append(patch, "/spec/initContainers", spec.get("initContainers"), container, first=True)
     else:
         _append(patch, "/spec/containers", spec.get("containers"), container, first=True)
+    if lock_container is not None:
+        # First of all init containers: before the native sidecar (so its rules are in before
+        # anything else of the pod runs). In fallback mode the pod's own init containers then
+        # run under the lock with no sidecar yet: their outbound TCP is refused (README).
+        initial = spec.get("initContainers") if not settings.native else [container]
+        _append(patch, "/spec/initContainers", initial, lock_container, first=True)
     _append(patch, "/spec/volumes", spec.get("volumes"), volume, first=False)
     if ca_volume is not None:
         patch.append({"op": "add", "path": "/spec/volumes/-", "value": ca_volume})

@@ -42,6 +42,17 @@ class Settings:
     # TLS interception on: the CA volume (emptyDir) and the directory it is mounted at.
     ca_volume: dict[str, Any] | None = None
     ca_dir: str | None = None
+    # The egress lock's init container (chart: egress-sidecar.lockContainer), and whether pods
+    # get it by default (annotation egress-sidecar.io/lock decides per pod).
+    lock_container: dict[str, Any] | None = None
+    lock_default: bool = False
+    transparent_port: int | None = 15006  # listen.transparent_port of the sidecar config
+    metadata_identity: bool = False  # the sidecar config chose policy.metadata: identity
+
+    def fresh_lock_container(self) -> dict[str, Any]:
+        if self.lock_container is None:
+            raise SettingsError("the settings have no `lock.container`: re-render the chart")
+        return copy.deepcopy(self.lock_container)
 
     @property
     def name(self) -> str:
@@ -124,6 +135,19 @@ def from_mapping(raw: object) -> Settings:
             raise SettingsError("`intercept.caDir` must be an absolute path")
         if not isinstance(ca_volume, dict) or not isinstance(ca_volume.get("name"), str):
             raise SettingsError("`intercept.volume` must be a volume with a name")
+    lock = raw.get("lock", {})
+    if not isinstance(lock, dict) or not isinstance(lock.get("enabled", False), bool):
+        raise SettingsError("`lock` must be a mapping with `enabled` (true or false) and `container`")
+    lock_container = lock.get("container")
+    if lock_container is not None and not (isinstance(lock_container, dict) and lock_container.get("name")):
+        raise SettingsError("`lock.container` must be a container spec with a name")
+    transparent = lock.get("transparentPort", 15006)
+    if transparent is not None and (isinstance(transparent, bool) or not isinstance(transparent, (int, float))
+                                    or not 0 <= transparent < 65536):
+        raise SettingsError("`lock.transparentPort` must be a port number or null")
+    identity = raw.get("metadataIdentity", False)
+    if not isinstance(identity, bool):
+        raise SettingsError("`metadataIdentity` must be true or false")
     return Settings(
         container=container,
         volume=volume,
@@ -135,6 +159,10 @@ def from_mapping(raw: object) -> Settings:
         pre_stop_seconds=_pre_stop_seconds(container),
         ca_volume=ca_volume,
         ca_dir=ca_dir,
+        lock_container=lock_container,
+        lock_default=bool(lock.get("enabled", False)),
+        transparent_port=int(transparent) if transparent is not None else None,
+        metadata_identity=identity,
     )
 
 

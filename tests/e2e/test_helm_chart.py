@@ -37,6 +37,8 @@ MODES: dict[str, dict[str, Any]] = {
         "webhook": {"failurePolicy": "Fail"},
         "injector": {"priorityClassName": "system-cluster-critical"},
     },
+    "lock": {"sidecar": {"lock": {"enabled": True}, "config": {"policy": {"metadata": "identity"}}}},
+    "lock-fallback": {"sidecar": {"mode": "fallback", "lock": {"enabled": True}}},
     "config-override": {
         "sidecar": {
             "config": {"policy": {"default": "deny", "allow_hosts": ["api.github.com"]}},
@@ -416,3 +418,43 @@ def test_notes_tell_the_next_step() -> None:
     notes = render()["egress-sidecar/templates/NOTES.txt"]
     assert "kubectl label namespace <NAMESPACE> egress-sidecar.io/inject=true" in notes
     assert "helm test es -n egress" in notes
+
+
+def _settings(values: dict[str, Any]) -> dict[str, Any]:
+    docs = documents(render(values))
+    data = one(docs, "ConfigMap", INJECTOR)["data"]["settings.yaml"]
+    return yaml.safe_load(data)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_lock_init_container_is_rendered_minimal_and_valid_lock_on_and_off(enabled: bool) -> None:
+    settings = _settings({"sidecar": {"lock": {"enabled": enabled}}})
+    assert settings["lock"]["enabled"] is enabled
+    assert settings["metadataIdentity"] is False
+    lock = settings["lock"]["container"]
+    assert lock["name"] == "egress-sidecar-lock"
+    assert lock["image"] == settings["container"]["image"]
+    assert lock["args"] == ["lock", "--config", "/etc/egress-sidecar/config.yaml", "--uid", "65532"]
+    security = lock["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["runAsUser"] == 0 and security["privileged"] is False  # root: see values.yaml
+    assert set(lock["resources"]) == {"requests", "limits"}
+    # The lock container is a valid init container of a Pod, for 1.29 and the newest schemas.
+    validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+              "spec": {"initContainers": [lock], "containers": [{"name": "app", "image": "a"}]}})
+
+
+def test_metadata_identity_in_the_sidecar_config_reaches_the_injector() -> None:
+    assert _settings({"sidecar": {"config": {"policy": {"metadata": "identity"}}}})["metadataIdentity"] is True
+
+
+def test_the_transparent_port_of_the_sidecar_config_reaches_the_injector() -> None:
+    assert _settings({})["lock"]["transparentPort"] == 15006
+    assert _settings({"sidecar": {"config": {"listen": {"transparent_port": 16006}}}})["lock"]["transparentPort"] == 16006
+
+
+def test_lock_follows_the_sidecar_uid() -> None:
+    settings = _settings({"sidecar": {"securityContext": {"runAsUser": 4242, "runAsNonRoot": True}}})
+    assert settings["lock"]["container"]["args"][-2:] == ["--uid", "4242"]
+

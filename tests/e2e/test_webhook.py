@@ -7,6 +7,7 @@ against the Kubernetes 1.29 and newest shipped schemas.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import ssl
@@ -388,3 +389,47 @@ def test_oversized_body_is_refused_with_413(injector: Injector) -> None:
     answer = injector.post("/mutate", b"{" + b" " * (5 * 1024 * 1024) + b"}")
     assert answer.status_code == 413 and answer.headers["x-egress-error"] == "bad_request"
     assert injector.get("/healthz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def lock_injectors(tmp_path_factory: pytest.TempPathFactory, tls: Any) -> Iterator[dict[str, Injector]]:
+    """Injectors whose chart turns the egress lock on by default, native and fallback."""
+    with contextlib.ExitStack() as stack:
+        started = {}
+        for mode in ("native", "fallback"):
+            starting = _start(tmp_path_factory.mktemp(f"lock-{mode}"), tls,
+                              {"sidecar": {"mode": mode, "lock": {"enabled": True}}})
+            started[mode] = stack.enter_context(contextlib.contextmanager(lambda s=starting: s)())
+        yield started
+
+
+@pytest.mark.parametrize("mode", ["native", "fallback"])
+def test_locked_pod_gets_the_lock_init_container_first_and_validates(
+    lock_injectors: dict[str, Injector], mode: str
+) -> None:
+    app_init = {"name": "migrate", "image": "shop/migrate:1"}
+    obj = pod(LABEL)
+    obj["spec"]["initContainers"] = [app_init]
+    _, patched = admit(lock_injectors[mode], obj)
+    validate(patched)
+    inits = [c["name"] for c in patched["spec"]["initContainers"]]
+    expected = ["egress-sidecar-lock", "egress-sidecar", "migrate"] if mode == "native" else [
+        "egress-sidecar-lock", "migrate"]
+    assert inits == expected
+    lock = patched["spec"]["initContainers"][0]
+    assert lock["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+    assert "restartPolicy" not in lock  # runs to completion, before everything else
+
+
+def test_lock_annotation_false_leaves_the_pod_as_without_the_lock(
+    lock_injectors: dict[str, Injector], injector: Injector
+) -> None:
+    _, unlocked = admit(lock_injectors["native"], pod(LABEL, {"egress-sidecar.io/lock": "false"}))
+    _, plain = admit(injector, pod(LABEL, {"egress-sidecar.io/lock": "false"}))
+    assert unlocked == plain
+    _, default = admit(injector, pod(LABEL))
+    assert [c["name"] for c in default["spec"]["initContainers"]] == ["egress-sidecar"]
+    _, asked = admit(injector, pod(LABEL, {"egress-sidecar.io/lock": "true"}))
+    validate(asked)
+    assert [c["name"] for c in asked["spec"]["initContainers"]] == ["egress-sidecar-lock", "egress-sidecar"]
+

@@ -53,6 +53,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _is_sealed_item(item):
             item.add_marker(pytest.mark.sealed)
+            if not INNER:
+                # The first outer item runs the whole inner session: pytest-timeout's per-test
+                # limit would cut it off; INNER_TIMEOUT bounds it instead (each inner test keeps
+                # the per-test limit).
+                item.add_marker(pytest.mark.timeout(INNER_TIMEOUT + 30))
 
 
 # --- outside: run the sealed tests in a namespace and replay their reports ----------------

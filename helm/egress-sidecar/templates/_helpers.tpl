@@ -166,6 +166,32 @@ volumeMounts:
   {{- end }}
 {{- end }}
 
+{{/*
+egress-sidecar.lockContainer: the egress lock's init container (`egress-sidecar lock`), one YAML
+mapping. It goes FIRST under initContainers, before the native sidecar: it installs the rules
+and exits. The sidecar's UID (exempt from the rules) is its securityContext's runAsUser.
+
+  initContainers:
+    - {{- include "egress-sidecar.lockContainer" . | nindent 6 }}
+    - {{- include "egress-sidecar.container" . | nindent 6 }}
+*/}}
+{{- define "egress-sidecar.lockContainer" -}}
+{{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson }}
+{{- $s := $ctx.values.sidecar -}}
+name: egress-sidecar-lock
+image: {{ include "egress-sidecar.imageRef" . | quote }}
+imagePullPolicy: {{ $ctx.values.image.pullPolicy }}
+args: [lock, --config, /etc/egress-sidecar/config.yaml, --uid, {{ $s.securityContext.runAsUser | default 65532 | int | toString | quote }}]
+resources:
+  {{- toYaml $s.lock.resources | nindent 2 }}
+securityContext:
+  {{- toYaml $s.lock.securityContext | nindent 2 }}
+volumeMounts:
+  - name: egress-sidecar-config
+    mountPath: /etc/egress-sidecar
+    readOnly: true
+{{- end }}
+
 {{/* egress-sidecar.volume: the pod volume the container mounts (the config ConfigMap). */}}
 {{- define "egress-sidecar.volume" -}}
 {{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson -}}
@@ -274,4 +300,12 @@ intercept:
   volume:
     {{- include "egress-sidecar.caVolumeSpec" . | nindent 4 }}
 {{- end }}
+lock:
+  enabled: {{ .Values.sidecar.lock.enabled }}
+  transparentPort: {{ dig "listen" "transparent_port" 15006 (include "egress-sidecar.configFile" . | fromYaml) | toJson }}
+  container:
+    {{- include "egress-sidecar.lockContainer" . | nindent 4 }}
+{{- /* Whether the sidecar config chose policy.metadata: identity (NO_PROXY then gets the
+metadata addresses, for pods without the lock). */}}
+metadataIdentity: {{ eq (dig "policy" "metadata" "deny" (include "egress-sidecar.configFile" . | fromYaml)) "identity" }}
 {{- end }}
