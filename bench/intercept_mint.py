@@ -77,7 +77,7 @@ def main() -> None:
         hits.append(time.perf_counter() - t0)
     client = ssl.create_default_context(cadata=ca.certificate_pem.decode())
     handshakes = []
-    for i in range(min(args.leaves, 200)):
+    for _ in range(min(args.leaves, 200)):
         t0 = time.perf_counter()
         _handshake(ca.context_for("h0.bench.test"), client, "h0.bench.test")
         handshakes.append(time.perf_counter() - t0)

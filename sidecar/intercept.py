@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from sidecar.addresses import parse_ip_literal
 from sidecar.config import Config
 from sidecar.hostnames import HostPatterns, canonical_host
-
 from sidecar.intercept_tls import terminate
 
 # report(kind, method, target, detail), as sidecar.limits.Report (not imported: limits imports tunnel).

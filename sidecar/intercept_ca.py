@@ -69,7 +69,7 @@ class InterceptCA:
     def __init__(self, patterns: list[str], validity: float, cache_size: int, label: str = "") -> None:
         if not patterns:
             raise ValueError("an interception CA needs at least one host pattern")
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self._key = ec.generate_private_key(ec.SECP256R1())
         # One leaf key for every leaf (as mitmproxy does): the leaves differ in name only, and
         # a key per leaf would double the minting cost for no gain (same process, same memory).
@@ -145,7 +145,7 @@ class InterceptCA:
 
     def leaf_certificate(self, host: str, *, now: datetime.datetime | None = None) -> x509.Certificate:
         """A leaf certificate for `host`, signed by this CA (whatever the host; verifiers judge it)."""
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or datetime.datetime.now(datetime.UTC)
         not_after = min(now + datetime.timedelta(seconds=LEAF_LIFETIME), self.not_after)
         # A common name holds at most 64 characters, and OpenSSL checks a host-like CN against the
         # name constraints too: a longer name gets an empty subject and a critical SAN (RFC 5280 4.2.1.6).

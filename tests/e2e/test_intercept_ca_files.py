@@ -10,12 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 from cryptography import x509
 
-from tests.conftest import ROOT, Sidecar, base_config, free_port
-from tests.upstream import wait_until
+from tests.conftest import ROOT, Sidecar, base_config
 
 
 def test_start_writes_the_constrained_ca_and_the_bundle_and_never_the_key(

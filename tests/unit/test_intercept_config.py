@@ -90,7 +90,7 @@ def test_interception_is_unready_without_its_bundle_or_past_the_cas_end(tmp_path
     assert interceptor.unready() == "interception CA bundle missing"
     interceptor.write_files(b"")
     assert interceptor.unready() is None
-    interceptor.ca.not_after = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    interceptor.ca.not_after = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
     assert "expired" in (interceptor.unready() or "")
 
 
