@@ -3,7 +3,8 @@
 A relayed answer logs event `access` at info; an error the sidecar produced (including a
 denial, or a failure after the head went out) logs event `egress_error` at warning with the
 same fields plus `detail`, so one request is always one line. `log.access: false` drops the
-`access` lines only: every error still gets its line.
+`access` lines only: every error still gets its line. In report mode a request the host rules
+would refuse logs `"decision": "would_deny"` and its `reason` (always, access lines on or off).
 
 Durations are milliseconds: `duration_ms` from the request's arrival to the last byte sent
 to the app; `headers_ms`, `pool_wait_ms`, `connect_ms`, `tls_ms` measured as the metrics of
@@ -154,13 +155,20 @@ class AccessLog:
         """One line per tunnel (structlog: a tunnel is long-lived, the line is not hot)."""
         fields = tunnel_fields(record)
         if record.outcome in _TUNNEL_WARNINGS:
+            if record.would_deny is not None:
+                fields["decision"] = "would_deny"
             self.log.warning("tunnel", reason=record.outcome, detail=record.detail, **fields)
+        elif record.would_deny is not None:  # report mode: always logged, like a would-deny request
+            self.log.info("tunnel", decision="would_deny", reason=record.would_deny, **fields)
         elif self.enabled:
             self.log.info("tunnel", **fields)
 
     def emit(self, ex: Exchange) -> None:
         if ex.kind is None:
-            if self.enabled:
+            if ex.would_deny is not None:
+                # Report mode: always logged (even with log.access off), it is what the mode is for.
+                self.log.info("access", decision="would_deny", reason=ex.would_deny, **access_fields(ex))
+            elif self.enabled:
                 sink = self.sink
                 if sink is not None:
                     sink.output.write_bytes(render_access_line(ex, sink.timestamp.now()))
@@ -168,6 +176,8 @@ class AccessLog:
                     self.log.info("access", **access_fields(ex))
             return
         fields = access_fields(ex)
-        if ex.reason is not None:
+        if ex.would_deny is not None:
+            fields["decision"], fields["reason"] = "would_deny", ex.would_deny
+        elif ex.reason is not None:
             fields["reason"] = ex.reason
         self.log.warning("egress_error", detail=ex.detail, **fields)

@@ -1,4 +1,4 @@
-"""The admin listener: /metrics, /healthz, /readyz, /config."""
+"""The admin listener: /metrics, /healthz, /readyz, /config, /destinations."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class AdminApp:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/config": self._config,
+            "/destinations": self._destinations,
             **({"/metrics": self._metrics} if runtime.observer.metrics is not None else {}),
             **(extra or {}),
         }
@@ -70,7 +71,14 @@ class AdminApp:
         return 200, b"text/plain; charset=utf-8", b"ready\n"
 
     async def _config(self, scope: Scope) -> tuple[int, bytes, bytes]:
-        body = json.dumps(redacted_config(self.runtime), indent=2, sort_keys=True).encode() + b"\n"
+        """The active config (after the last applied reload) and, first, its sha256 (egress_config_info)."""
+        shown = {"sha256": self.runtime.active.sha256, **redacted_config(self.runtime)}
+        body = json.dumps(shown, indent=2, sort_keys=True).encode() + b"\n"
+        return 200, b"application/json", body
+
+    async def _destinations(self, scope: Scope) -> tuple[int, bytes, bytes]:
+        """The egress inventory (sidecar.inventory): what `suggest-policy` reads."""
+        body = json.dumps(self.runtime.observer.inventory.snapshot(), indent=1).encode() + b"\n"
         return 200, b"application/json", body
 
     async def _metrics(self, scope: Scope) -> tuple[int, bytes, bytes]:

@@ -51,12 +51,14 @@ class Breaker:
         "_state",
         "_threshold",
         "_window",
+        "config",
         "on_change",
         "upstream",
     )
 
     def __init__(self, upstream: str, config: CircuitBreaker, clock: Clock = time.monotonic) -> None:
         self.upstream = upstream
+        self.config = config
         self._threshold = config.consecutive_failures
         self._window = float(config.window)
         self._cooldown = float(config.cooldown)
@@ -126,9 +128,10 @@ class Breaker:
 class Breakers:
     """The breakers of all routes that configure one, keyed by upstream host:port."""
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(self, clock: Clock = time.monotonic, previous: Breakers | None = None) -> None:
         self._clock = clock
         self._by_upstream: dict[str, Breaker] = {}
+        self._previous = previous._by_upstream if previous is not None else {}
 
     def add(self, upstream: str, config: CircuitBreaker) -> Breaker | None:
         """The breaker for an upstream; routes naming the same upstream share the first one made."""
@@ -136,7 +139,11 @@ class Breakers:
             return None
         breaker = self._by_upstream.get(upstream)
         if breaker is None:
-            breaker = self._by_upstream[upstream] = Breaker(upstream, config, self._clock)
+            kept = self._previous.get(upstream)  # a reload: same upstream, same settings, same state
+            if kept is not None and kept.config == config:
+                breaker = self._by_upstream[upstream] = kept
+            else:
+                breaker = self._by_upstream[upstream] = Breaker(upstream, config, self._clock)
         return breaker
 
     def states(self) -> dict[str, str]:

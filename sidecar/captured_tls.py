@@ -34,10 +34,13 @@ class CapturedTLS:
     """Takes over captured TLS connections from the transparent listener's protocol."""
 
     def __init__(self, tunnels: Tunnels, policy: EgressPolicy, hello_timeout: float, report: Report) -> None:
-        self.tunnels = tunnels
-        self.policy = policy
+        self.tunnels = tunnels  # `policy` is the tunnels' own: the active one after a config reload
         self.hello_timeout = hello_timeout
         self.report = report
+
+    @property
+    def policy(self) -> EgressPolicy:
+        return self.tunnels.policy
 
     def take(self, transport: asyncio.Transport, original: tuple[str, int], first: bytes) -> None:
         _HelloReader(self, transport, original, first)

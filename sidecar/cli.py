@@ -1,4 +1,4 @@
-"""`egress-sidecar` command line: run, check-config, print-default-config, inject, lock."""
+"""`egress-sidecar` command line: run, check-config, print-default-config, suggest-policy, inject, lock."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("print-default-config", help="print the embedded, documented default config")
 
+    suggest = commands.add_parser(
+        "suggest-policy", help="print an allow-list (a policy: block) from what sidecars saw",
+        description="Merge egress inventories and print a commented YAML policy: block for review.")
+    suggest.add_argument("sources", nargs="*", metavar="SOURCE",
+                         help="admin URL of a running sidecar (http://host:15090) or a saved /destinations JSON file")
+    suggest.add_argument("--prometheus", metavar="URL", help="also read the fleet's destinations from Prometheus")
+    suggest.add_argument("--window", default="7d", help="Prometheus range to look over (default 7d)")
+    suggest.add_argument("--collapse", type=int, default=0, metavar="N",
+                         help="replace N or more names under one parent domain by *.parent (never a public suffix)")
+
     inject = commands.add_parser("inject", help="serve the mutating admission webhook over TLS")
     inject.add_argument("--cert", required=True, metavar="FILE")
     inject.add_argument("--key", required=True, metavar="FILE")
@@ -43,14 +53,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
-            preflight.load_checked(args.file)  # exactly what `run` checks before it starts
+            config = preflight.load_checked(args.file)  # exactly what `run` checks before it starts
         except config_module.ConfigError as exc:
             print(f"egress-sidecar: {exc}", file=sys.stderr)
             return 2
-        print(f"{args.file}: ok")
+        print(f"{args.file}: ok (sha256 {config_module.config_sha256(config)})")
         return 0
     if args.command == "print-default-config":
         sys.stdout.write(config_module.embedded_default_text())
+        return 0
+    if args.command == "suggest-policy":
+        if not args.sources and args.prometheus is None:
+            print("egress-sidecar: suggest-policy needs a SOURCE or --prometheus URL", file=sys.stderr)
+            return 2
+        from sidecar.suggest import suggest as suggest_policy
+
+        try:
+            sys.stdout.write(suggest_policy(args.sources, args.prometheus, args.window, args.collapse))
+        except Exception as exc:  # noqa: BLE001 - e.g. an unreachable sidecar: one line, no traceback
+            print(f"egress-sidecar: suggest-policy: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "inject":
         from sidecar.inject.server import serve  # the webhook is not loaded by the data plane
@@ -78,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sidecar.server import run
 
     try:
-        return run(config, contexts)
+        return run(config, contexts, args.config)
     except config_module.ConfigError as exc:  # e.g. a route's secret file cannot be read
         print(f"egress-sidecar: {exc}", file=sys.stderr)
         return 2

@@ -124,6 +124,9 @@ class TLS(_Section, frozen=True):
 
 
 class Policy(_Section, frozen=True):
+    # report: what the host rules would refuse is forwarded, logged and counted as would_deny;
+    # the address rules (private, metadata, loopback, the sidecar itself) hold in every mode.
+    mode: Literal["enforce", "report"] = "enforce"
     default: Literal["allow-public", "deny"] = "allow-public"
     allow_hosts: list[str] = []
     deny_hosts: list[str] = []
@@ -244,6 +247,12 @@ class Intercept(_Section, frozen=True):
     leaf_cache: int = 1000
 
 
+class Inventory(_Section, frozen=True):
+    """The egress inventory (admin /destinations): destinations seen, least recently seen evicted first."""
+
+    max_entries: int = 2000  # 0: off
+
+
 class Lock(_Section, frozen=True):
     """The egress lock (`egress-sidecar lock`, sidecar/lock.py): holes in it, and captured plain HTTP."""
 
@@ -267,6 +276,7 @@ class Config(_Section, frozen=True):
     forwarding: Forwarding = Forwarding()
     limits: Limits = Limits()
     intercept: Intercept = Intercept()
+    inventory: Inventory = Inventory()
     metrics: Metrics = Metrics()
     log: Log = Log()
     drain: Drain = Drain()
@@ -282,6 +292,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
     "EGRESS_LOG_LEVEL": ("log", "level"),
     "EGRESS_LOG_FORMAT": ("log", "format"),
     "EGRESS_POLICY_DEFAULT": ("policy", "default"),
+    "EGRESS_POLICY_MODE": ("policy", "mode"),
     "EGRESS_DRAIN_GRACE": ("drain", "grace"),
     "EGRESS_POOL_MAX_CONNECTIONS": ("pool", "max_connections"),
     "EGRESS_POOL_HTTP2": ("pool", "http2"),
@@ -483,6 +494,8 @@ def check_semantics(config: Config) -> None:
                 fail(f"{where}.circuit_breaker.window", "must be longer than 0s")
     if config.limits.max_in_flight < 1:
         fail("limits.max_in_flight", "must be at least 1")
+    if config.inventory.max_entries < 0:
+        fail("inventory.max_entries", "cannot be negative (0: off)")
     if config.limits.max_tunnels < 0:
         fail("limits.max_tunnels", "cannot be negative (0: CONNECT refused)")
     for index, port in enumerate(config.policy.connect_ports):
@@ -566,6 +579,14 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
         raw = loaded
     raw = merge(raw, env_overrides(os.environ if environ is None else environ))
     return from_mapping(raw)
+
+
+def config_sha256(config: Config) -> str:
+    """The effective config's identity: sha256 of its canonical JSON (egress_config_info, /config,
+    and what `check-config` prints, so a reviewer can tell which file is live)."""
+    import hashlib
+
+    return hashlib.sha256(msgspec.json.encode(to_builtins(config), order="sorted")).hexdigest()
 
 
 def to_builtins(config: Config) -> Any:

@@ -32,7 +32,7 @@ from sidecar.observe import Exchange
 from sidecar.policy import PolicyDenied
 from sidecar.resilience import send_resilient
 from sidecar.routing import INTERCEPTED, Target
-from sidecar.runtime import Runtime
+from sidecar.runtime import Runtime, Snapshot
 from sidecar.shedding import Gate
 
 Scope = MutableMapping[str, Any]
@@ -188,33 +188,32 @@ class ForwardApp:
 
     def __init__(self, runtime: Runtime, resolve: Callable[[Scope], Target] | None = None) -> None:
         self.runtime = runtime
-        # scope -> Target: the router's, or the transparent listener's (transparent.py).
-        self.resolve = resolve if resolve is not None else runtime.router.resolve
-        forwarding = runtime.config.forwarding
-        self.via = forwarding.via
-        self.forwarded_for = forwarding.x_forwarded_for
-        self.request_id = forwarding.request_id
-        self.body_idle_timeout = float(runtime.config.limits.body_idle_timeout)
+        # scope -> Target: the transparent listener's (transparent.py), or None: the active router's.
+        self.resolve = resolve
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served (ws="none")
         runtime = self.runtime
+        # The config this request runs under, to its end, whatever a reload does meanwhile.
+        active = runtime.active
         exchange = Exchange(start=time.perf_counter(), method=scope["method"], path=scope["path"])
         if INTERCEPTED in scope:
             exchange.intercepted = True
         runtime.request_started()
+        active.in_flight += 1
         runtime.observer.started(exchange)
         try:
-            await self._proxy(scope, receive, send, exchange)
+            await self._proxy(scope, receive, send, exchange, active)
         finally:
             exchange.end = time.perf_counter()
             if exchange.request_id is None:  # refused before the id was read: log the app's id anyway
                 exchange.request_id = request_id_of(scope["headers"])
+            active.in_flight -= 1
             runtime.request_finished()
             runtime.observer.finished(exchange)
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange, active: Snapshot) -> None:
         runtime = self.runtime
         headers = scope["headers"]
         body: RequestBody | None = None
@@ -229,20 +228,20 @@ class ForwardApp:
                 raise EgressError("unsupported", "protocol upgrade requested")
             # Before routing: a request whose end is in doubt is refused whatever it asks for.
             has_body, chunked, content_length = request_framing(headers, scope["http_version"])
-            target = self.resolve(scope)
+            target = active.router.resolve(scope) if self.resolve is None else self.resolve(scope)
             route = target.route
             exchange.route = route.name if route is not None else "-"
             exchange.upstream = f"{target.host}:{target.port}"
             exchange.path = target.path
-            if route is None and target.host in runtime.policy.identity_hosts:  # policy.metadata: identity
-                runtime.policy.check_identity(target, scope["method"], target.path, headers)
+            if route is None and target.host in active.policy.identity_hosts:  # policy.metadata: identity
+                active.policy.check_identity(target, scope["method"], target.path, headers)
             else:
-                runtime.policy.check_target(target)
+                exchange.would_deny = active.policy.check_target(target)
             # Load shedding: past max_in_flight (global or the route's), 503 overloaded at once.
-            gate = runtime.resilience.shedding.gate(route.name if route is not None else None).enter()
+            gate = active.resilience.shedding.gate(route.name if route is not None else None).enter()
             request_id = request_id_of(headers)
             added_id = None
-            if request_id is None and self.request_id:
+            if request_id is None and active.request_id:
                 request_id = added_id = new_request_id()
             exchange.request_id = request_id
             upstream_headers = upstream_request_headers(
@@ -251,18 +250,18 @@ class ForwardApp:
                 route.injected_headers if route is not None else (),
                 chunked=chunked,
                 content_length=content_length,
-                via=self.via,
-                forwarded_for=_LOCALHOST if self.forwarded_for else None,
+                via=active.via,
+                forwarded_for=_LOCALHOST if active.forwarded_for else None,
                 request_id=added_id,
             )
             extensions: dict[str, Any] = {
-                "timeout": route.timeouts if route is not None else runtime.router.default_timeouts
+                "timeout": route.timeouts if route is not None else active.router.default_timeouts
             }
             trace = runtime.observer.trace_for(exchange)
             if trace is not None:
                 extensions["trace"] = trace
             if has_body:
-                body = RequestBody(receive, self.body_idle_timeout, watch.start)
+                body = RequestBody(receive, active.body_idle_timeout, watch.start)
             else:
                 watch.start()
             request = build_request(
@@ -272,7 +271,7 @@ class ForwardApp:
                 body if body is not None else _EMPTY_BODY,
                 extensions,
             )
-            response = await send_resilient(runtime, request, route, exchange.mark_sent)
+            response = await send_resilient(active, request, route, exchange.mark_sent)
             exchange.headers = time.perf_counter()
         except asyncio.CancelledError:
             watch.stop()
@@ -294,6 +293,7 @@ class ForwardApp:
             subject = exc.subject if isinstance(exc, EgressError) else None
             if isinstance(exc, PolicyDenied):
                 exchange.reason = exc.reason
+                exchange.would_deny = None  # refused after all (address rules at connect): a denial
             retry_after = exc.retry_after if isinstance(exc, EgressError) else None
             await self._send_error(send, exchange, kind, str(exc), subject, retry_after)
             return

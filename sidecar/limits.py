@@ -340,6 +340,15 @@ def protocol_class(limits: Limits, report: Report, tunnels: Tunnels | None = Non
     )
 
 
+def update_limits(protocol: type[LimitedHttpToolsProtocol], limits: Limits) -> None:
+    """Apply reloaded head limits to a live protocol class (its connections read them per request)."""
+    head = HeadLimits.from_config(limits)
+    protocol.limits = head
+    protocol._max_target = head.max_target
+    protocol._max_headers = head.max_headers
+    protocol._max_header_bytes = head.max_header_bytes
+
+
 def observer_report(observer: Observer, route: str) -> Report:
     """Report refusals through the observer, so they get the log line and metric of any error."""
 

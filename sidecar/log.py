@@ -184,7 +184,7 @@ def configure(settings: Log, stream: IO[bytes] | None = None) -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        wrapper_class=_levelled(level),
         logger_factory=lambda *args: _LineLogger(output),
         cache_logger_on_first_use=True,
     )
@@ -200,6 +200,33 @@ def configure(settings: Log, stream: IO[bytes] | None = None) -> None:
     root.setLevel(level)
     # uvicorn's own access log is off; ours is one structured line per request.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+_wrapper: type[Any] | None = None
+
+
+def _levelled(level: int) -> type[Any]:
+    """structlog's filtering bound logger for `level`, as ONE class whose methods are swapped on a
+    level change: loggers cached on first use (cache_logger_on_first_use) are instances of it,
+    so a reloaded `log.level` reaches them too, and a filtered call stays a no-op method."""
+    global _wrapper
+    source = structlog.make_filtering_bound_logger(level)
+    if _wrapper is None:
+        _wrapper = type("LevelledBoundLogger", (source,), {})
+    for name, value in vars(source).items():
+        if not name.startswith("__"):
+            setattr(_wrapper, name, value)
+    return _wrapper
+
+
+def set_level(name: str) -> None:
+    """Change the log level of a configured process (config reload): structlog, stdlib, access lines."""
+    global _json
+    level = _LEVELS[name]
+    _levelled(level)
+    logging.getLogger().setLevel(level)
+    if _json is not None:
+        _json = (_json[0], level)
 
 
 def flush() -> None:

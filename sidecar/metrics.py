@@ -130,6 +130,28 @@ class AbandonedCollector(Collector):
         yield family
 
 
+class ConfigCollector(Collector):
+    """`egress_config_info{sha256}` (the active config) and `egress_config_reloads_total{outcome}`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily("egress_config_info", "The active config: sha256 of its canonical JSON "
+                                 "(what `egress-sidecar check-config` prints)", labels=["sha256"])
+        if self.metrics.config_sha256:
+            info.add_metric([self.metrics.config_sha256], 1)
+        yield info
+        reloads = CounterMetricFamily("egress_config_reloads", "Config reloads (file change or SIGHUP), by "
+                                      "outcome: applied, or rejected (the old config stays)", labels=["outcome"])
+        for outcome, count in sorted(self.metrics.reloads.items()):
+            reloads.add_metric([outcome], count)
+        yield reloads
+
+
 # The `le` label of each bucket, +Inf last, as prometheus_client writes them.
 _LE: tuple[str, ...] = (*(floatToGoString(bound) for bound in BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
 
@@ -225,12 +247,13 @@ class _Families(Collector):
     def collect(self) -> Iterable[Metric]:
         m = self.metrics
         return _families(list(m._series.values()), m._requests, float(m.in_flight()), m._errors, m._denied,
-                         m._retries)
+                         m._retries, m._would_deny)
 
 
 def _families(series: list[_Series], requests: Mapping[tuple[str, str, str, str], list[int]],
               in_flight: float | None, errors: Mapping[tuple[str, str, str], int],
-              denied: Mapping[tuple[str, str], int], retries: Mapping[tuple[str, str], int]) -> list[Metric]:
+              denied: Mapping[tuple[str, str], int], retries: Mapping[tuple[str, str], int],
+              would_deny: Mapping[tuple[str, str], int] | None = None) -> list[Metric]:
     requests_family = CounterMetricFamily("egress_requests", "Requests answered, by status code (errors included)",
                                           labels=[*_RL, "method", "code"])
     for key, cell in requests.items():
@@ -255,6 +278,9 @@ def _families(series: list[_Series], requests: Mapping[tuple[str, str, str, str]
     families.append(_counter("egress_denied", "Requests the egress policy refused, by reason",
                              ["route", "reason"], denied))
     families.append(_counter("egress_retries", "Upstream attempts retried, by reason", ["route", "reason"], retries))
+    families.append(_counter("egress_would_deny", "Requests and tunnels the host rules would refuse, forwarded "
+                             "because policy.mode is report, by destination and reason", ["upstream", "reason"],
+                             would_deny or {}))
     return families
 
 
@@ -315,6 +341,7 @@ class Metrics:
         self._errors: dict[tuple[str, str, str], int] = {}  # (route, upstream, kind)
         self._denied: dict[tuple[str, str], int] = {}  # (route, reason)
         self._retries: dict[tuple[str, str], int] = {}  # (route, reason)
+        self._would_deny: dict[tuple[str, str], int] = {}  # (upstream, reason)
         # Known label values start at 0 (Prometheus' advice), so rate() sees the first denial and
         # the dashboard's denial panel shows 0 rather than "no data" on a quiet day.
         for kind in sorted(DENIALS):
@@ -335,6 +362,21 @@ class Metrics:
         )
         if pools is not None:
             registry.register(PoolCollector(pools, config.pool.max_connections))
+        self.config_sha256 = ""
+        self.reloads: dict[str, int] = {"applied": 0, "rejected": 0}
+        registry.register(ConfigCollector(self))
+
+    def watch_pools(self, stats: PoolStats, limit: int) -> None:
+        """Export the live pools' connections (read through the active snapshot at scrape time)."""
+        self.registry.register(PoolCollector(stats, limit))
+
+    def config_loaded(self, sha256: str) -> None:
+        """The config now active (`egress_config_info{sha256}`), at start and after each applied reload."""
+        self.config_sha256 = sha256
+
+    def config_reload(self, outcome: str) -> None:
+        """A reload was applied or rejected (`egress_config_reloads_total{outcome}`)."""
+        self.reloads[outcome] = self.reloads.get(outcome, 0) + 1
 
     def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
         """Export the circuit breakers' states (resilience.Breakers.states) at scrape time."""
@@ -393,6 +435,11 @@ class Metrics:
         key = (route, reason)
         self._denied[key] = self._denied.get(key, 0) + 1
 
+    def would_deny(self, upstream: str, reason: str) -> None:
+        """Count a destination the host rules would refuse (report mode): requests and tunnels alike."""
+        key = (self.upstream_label(upstream), reason)
+        self._would_deny[key] = self._would_deny.get(key, 0) + 1
+
     def retry(self, route: str, reason: str) -> None:
         key = (route, reason)
         self._retries[key] = self._retries.get(key, 0) + 1
@@ -444,6 +491,8 @@ class Metrics:
             series.bytes_out += ex.bytes_out
         if ex.intercepted:
             series.intercepted += 1
+        if ex.would_deny is not None:
+            self.would_deny(ex.upstream, ex.would_deny)
         kind = ex.kind
         if kind is not None:
             self.error(ex.route, series.upstream, kind)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar.access_log import AccessLog
 from sidecar.config import Config
+from sidecar.errors import TUNNEL_REFUSALS
+from sidecar.inventory import Inventory
 from sidecar.metrics import Metrics, PoolStats
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ class Exchange:
     kind: str | None = None  # error kind, or None when the upstream's answer was relayed
     detail: str = ""
     reason: str | None = None  # a denial's named reason (EgressError.reason), when it has one
+    would_deny: str | None = None  # report mode: the host rule that would have refused it
     bytes_in: int = 0
     bytes_out: int = 0
     request_id: bytes | None = None
@@ -93,7 +96,7 @@ class Exchange:
 
 
 class Observer:
-    """Turns finished exchanges into metrics and access-log lines."""
+    """Turns finished exchanges into metrics, access-log lines and the egress inventory."""
 
     def __init__(self, config: Config | None = None, pools: PoolStats | None = None) -> None:
         config = config or Config()
@@ -101,7 +104,16 @@ class Observer:
         self.metrics: Metrics | None = (
             Metrics(config, self._in_flight, pools) if config.metrics.enabled else None
         )
-        self.access = AccessLog(config.log.access)
+        self.inventory = Inventory(config.inventory.max_entries)
+        self._inventory: Inventory | None = None
+        self.access: AccessLog
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config's observer settings: access log switch and level, inventory bound."""
+        self.access = AccessLog(config.log.access)  # binds the logger of the level now in force
+        self.inventory.resize(config.inventory.max_entries)
+        self._inventory = self.inventory if config.inventory.max_entries > 0 else None
 
     def _in_flight(self) -> float:
         return self.in_flight
@@ -125,10 +137,19 @@ class Observer:
             exchange.reused = not exchange.connect_start
         if self.metrics is not None:
             self.metrics.record(exchange)
+        if self._inventory is not None:
+            self._inventory.record(exchange)
         self.access.emit(exchange)
 
     def tunnel_finished(self, record: TunnelRecord) -> None:
-        """A tunnel that got its 200 (or its upstream connection) ended: metrics and one line."""
+        """A tunnel that got its 200 (or its upstream connection) ended: metrics, inventory, one line."""
         if self.metrics is not None:
             self.metrics.tunnel(record)
+            if record.would_deny is not None:
+                self.metrics.would_deny(record.upstream, record.would_deny)
+        if self._inventory is not None:
+            self._inventory.record_tunnel(
+                record.upstream, bytes_sent=record.bytes_up, bytes_received=record.bytes_down,
+                denied=record.outcome if record.outcome in TUNNEL_REFUSALS else None,
+                would_deny=record.would_deny, end=record.end or None)
         self.access.tunnel(record)

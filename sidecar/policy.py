@@ -5,6 +5,11 @@ and `egress_denied_total{reason}`:
 - `check_target` (pure, per request, cached): host rules (`policy.default`, `allow_hosts`,
   `deny_hosts`), literal IPs in every spelling, names the static `resolve:` map points at a
   denied address, and the sidecar's own listeners.
+  In `policy.mode: report` a refusal by the host rules (`host_denied`, `not_allowed`) does not
+  raise: `check_target` returns its reason (a would-deny) and the request goes on. The address
+  rules never relax, in any mode: report mode is for learning which names an app calls, and a
+  name or literal that leads to a private, metadata or loopback address, or to the sidecar
+  itself, is an SSRF path, not a destination to learn about.
 - `resolve` (the connect guard, per new upstream connection): resolves the name (static map
   first, then the system resolver), checks EVERY address and returns them; the transport
   connects to exactly those addresses, so an answer that changes between check and connect
@@ -58,6 +63,10 @@ REASONS: Mapping[str, str] = {
     "reserved": "a reserved address",
 }
 _HOST_REASONS = frozenset({"host_denied", "not_allowed", "invalid_host", "listener", "port"})
+# The host rules report mode turns into would-deny; an invalid name is refused in every mode.
+REPORTABLE = frozenset({"host_denied", "not_allowed"})
+# A cached decision: (kind, reason, failing address); kind None is a would-deny (report mode).
+Decision = tuple[DenialKind | None, str, str | None]
 
 _WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 
@@ -123,6 +132,7 @@ class EgressPolicy:
         self,
         *,
         default: Literal["allow-public", "deny"] = "allow-public",
+        mode: Literal["enforce", "report"] = "enforce",
         allow_hosts: Iterable[str] = (),
         deny_hosts: Iterable[str] = (),
         allow_cidrs: Iterable[str] = (),
@@ -132,6 +142,7 @@ class EgressPolicy:
         metadata: Literal["deny", "identity"] = "deny",
     ) -> None:
         self.default = default
+        self.mode = mode
         # policy.metadata: identity: requests to these hosts are decided by metadata.py instead of
         # the address rules (forward.py), and the connect guard dials them (resolve). Empty: deny.
         self.identity_hosts: frozenset[str] = metadata_module.IDENTITY_HOSTS if metadata == "identity" else frozenset()
@@ -150,17 +161,19 @@ class EgressPolicy:
             self.add_listener(host, port)
 
     @classmethod
-    def from_config(cls, config: Config) -> EgressPolicy:
+    def from_config(cls, config: Config, local: frozenset[IPAddress] | None = None) -> EgressPolicy:
+        """The policy of `config`; `local`: this host's addresses if already known (a reload)."""
         policy = config.policy
         return cls(
             default=policy.default,
+            mode=policy.mode,
             allow_hosts=policy.allow_hosts,
             deny_hosts=policy.deny_hosts,
             allow_cidrs=policy.allow_cidrs,
             static_resolve=config.resolve,
             listeners=[(config.listen.host, config.listen.port), (config.admin.host, config.admin.port),
                        *[(host, config.listen.transparent_port or 0) for host in ("127.0.0.1", "::1")]],
-            local_addresses=local_addresses(),
+            local_addresses=local_addresses() if local is None else local,
             metadata=policy.metadata,
         )
 
@@ -183,12 +196,12 @@ class EgressPolicy:
 
     # --- the pure, per-request check -------------------------------------------------------
 
-    def check_target(self, target: _HasTarget) -> None:
-        """Raise PolicyDenied if the request's destination is refused; pure, no I/O."""
-        denial = self._decide(target.host, target.port, target.route is not None)
-        if denial is not None:
-            kind, reason, address = denial
-            raise PolicyDenied(kind, reason, target.host, address)
+    def check_target(self, target: _HasTarget) -> str | None:
+        """Raise PolicyDenied if the request's destination is refused; pure, no I/O.
+
+        Returns None, or in report mode the reason the host rules would have refused it.
+        """
+        return self.check_host(target.host, target.port, routed=target.route is not None)
 
     def check_identity(self, target: _HasTarget, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
         """`policy.metadata: identity`, for a target whose host is in `identity_hosts`: only the
@@ -197,14 +210,18 @@ class EgressPolicy:
         if why is not None:
             raise PolicyDenied("denied_ip", "metadata", target.host, why=why)
 
-    def check_host(self, host: str, port: int, *, routed: bool = False) -> None:
-        """`check_target` for a bare host and port."""
-        denial = self._decide(host, port, routed)
-        if denial is not None:
-            kind, reason, address = denial
-            raise PolicyDenied(kind, reason, host, address)
 
-    def _decide_uncached(self, host: str, port: int, routed: bool) -> tuple[DenialKind, str, str | None] | None:
+    def check_host(self, host: str, port: int, *, routed: bool = False) -> str | None:
+        """`check_target` for a bare host and port (a tunnel's destination, say)."""
+        decision = self._decide(host, port, routed)
+        if decision is None:
+            return None
+        kind, reason, address = decision
+        if kind is None:
+            return reason
+        raise PolicyDenied(kind, reason, host, address)
+
+    def _decide_uncached(self, host: str, port: int, routed: bool) -> Decision | None:
         try:
             canonical = canonical_host(host)
         except ValueError:
@@ -216,25 +233,33 @@ class EgressPolicy:
                 return ("denied_ip", reason, str(literal))
             if routed:
                 return None
-            if self._deny.matches(canonical):
-                return ("denied_host", "host_denied", None)
-            if self.default == "deny" and not (
-                self._allow.matches(canonical) or in_networks(literal, self._allow_cidrs)
-            ):
-                return ("denied_host", "not_allowed", None)
-            return None
-        if not routed:
-            # Host rules apply to forward-proxy destinations; a route's upstream is allowed by
-            # being configured. Address rules apply to both.
-            if self._deny.matches(canonical):
-                return ("denied_host", "host_denied", None)
-            if self.default == "deny" and not self._allow.matches(canonical):
-                return ("denied_host", "not_allowed", None)
+            return self._host_decision(self._host_reason(canonical, literal))
+        # Host rules apply to forward-proxy destinations; a route's upstream is allowed by
+        # being configured. Address rules apply to both, and come first in report mode too.
+        host_reason = None if routed else self._host_reason(canonical, None)
+        if host_reason is not None and self.mode == "enforce":
+            return ("denied_host", host_reason, None)
         for address in self._static.get(canonical, ()):
             reason = self.address_reason(address, port)
             if reason is not None:
                 return ("denied_ip", reason, str(address))
+        return self._host_decision(host_reason)
+
+    def _host_reason(self, canonical: str, literal: IPAddress | None) -> str | None:
+        """Why the host rules refuse a (forward-proxy) destination: host_denied, not_allowed, or None."""
+        if self._deny.matches(canonical):
+            return "host_denied"
+        if self.default == "deny" and not (
+            self._allow.matches(canonical) or (literal is not None and in_networks(literal, self._allow_cidrs))
+        ):
+            return "not_allowed"
         return None
+
+    def _host_decision(self, reason: str | None) -> Decision | None:
+        """A host-rule refusal as a decision: a denial when enforcing, a would-deny when reporting."""
+        if reason is None:
+            return None
+        return (None if self.mode == "report" else "denied_host", reason, None)
 
     def address_reason(self, address: IPAddress, port: int) -> str | None:
         """Why a connection to `address:port` is refused, or None: listener, then ranges."""

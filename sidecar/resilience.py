@@ -24,7 +24,7 @@ from sidecar.routing import CompiledRoute
 from sidecar.shedding import Shedding
 
 if TYPE_CHECKING:
-    from sidecar.runtime import Runtime
+    from sidecar.runtime import Runtime, Snapshot
 
 # A response that will be retried has its body read (up to this much, for this long) so its
 # connection goes back to the pool instead of being closed; past either, it is closed.
@@ -46,10 +46,14 @@ class RoutePlan:
 class Resilience:
     """Everything stateful about resilience: plans per route, breakers per upstream, in-flight gates."""
 
-    def __init__(self, config: Config, routes: Sequence[CompiledRoute], clock: Clock = time.monotonic) -> None:
+    def __init__(self, config: Config, routes: Sequence[CompiledRoute], clock: Clock = time.monotonic,
+                 previous: Resilience | None = None) -> None:
         self.log = log_module.get("egress.resilience")
-        self.breakers = Breakers(clock)
-        self.shedding = Shedding(config.limits.max_in_flight, [(r.name, r.config.max_in_flight) for r in routes])
+        # After a reload, a breaker whose upstream and settings did not change keeps its state,
+        # and the in-flight gates carry on: a reload neither closes an open circuit nor resets a cap.
+        self.breakers: Breakers = Breakers(clock, previous.breakers if previous is not None else None)
+        self.shedding: Shedding = Shedding(config.limits.max_in_flight, [(r.name, r.config.max_in_flight) for r in routes],
+                                 previous.shedding if previous is not None else None)
         self.plans: dict[str, RoutePlan] = {}
         for route in routes:
             retries, breaker_config = route.config.retries, route.config.circuit_breaker
@@ -69,7 +73,7 @@ class Resilience:
 
 
 async def send_resilient(
-    runtime: Runtime,
+    runtime: Runtime | Snapshot,
     request: httpx.Request,
     route: CompiledRoute | None,
     on_attempt: Callable[[], None] | None = None,

@@ -24,6 +24,7 @@ from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
 from sidecar.forward import ForwardApp
 from sidecar.policy import exposure_warnings
+from sidecar.reload import Reloader
 from sidecar.runtime import Runtime, build_runtime
 from sidecar.tls import TLSContexts
 
@@ -73,7 +74,8 @@ def _uvicorn_config(
     )
 
 
-async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSContexts | None = None) -> int:
+async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSContexts | None = None,
+                config_path: str | None = None) -> int:
     log = log_module.get("egress.server")
     started = time.perf_counter()
     runtime = runtime or build_runtime(config, contexts=contexts)
@@ -114,6 +116,8 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    reloader = Reloader(runtime, config_path, on_applied=[functools.partial(_apply_limits, data)])
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
 
     data_task = asyncio.create_task(data.serve())
     admin_task = asyncio.create_task(admin.serve())
@@ -137,7 +141,7 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
         for listener in server.servers:
             for sock in listener.sockets:
                 name = sock.getsockname()
-                runtime.policy.add_listener(hosts[index] if index < 2 else name[0], name[1])
+                runtime.add_listener(hosts[index] if index < 2 else name[0], name[1])
     acceptors = [_burst_acceptor(server) for server in (data, *servers[2:])]  # data and transparent
     if runtime.interceptor is not None and runtime.tunnels is not None and config.listen.http == "httptools":
         runtime.interceptor.attach(runtime.tunnels, _intercepting_protocol(data), float(config.limits.header_timeout),
@@ -155,11 +159,13 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     )
     log.info("config", config=redacted_config(runtime))  # the effective config, secrets redacted
     _tune_gc()  # after ready: its full collection takes 10-25 ms that readiness need not wait for
+    reloader.start()  # watch the config file (and the certificate files it names)
 
     stop_wait = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stop_wait, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     if stop_wait in done:
-        await _drain(runtime, data, float(config.drain.grace), log)
+        await _drain(runtime, data, float(runtime.config.drain.grace), log)
+    loop.remove_signal_handler(signal.SIGHUP)
     if runtime.tunnels is not None:
         runtime.tunnels.close_all("drained")  # uvicorn's shutdown does not know them
     for acceptor in acceptors:
@@ -168,11 +174,21 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
         server.should_exit = True
     data.should_exit = True
     await asyncio.gather(data_task, *tasks[2:])
+    await reloader.aclose()
     await runtime.upstream.aclose()
     admin.should_exit = True
     await admin_task
     log.info("stopped")
     return 0
+
+
+def _apply_limits(server: SignalFreeServer, config: Config) -> None:
+    """A reload's head limits, applied to the data listener's protocol class (new requests read them)."""
+    protocol = server.config.http_protocol_class
+    if isinstance(protocol, type) and issubclass(protocol, limits.LimitedHttpToolsProtocol):
+        limits.update_limits(protocol, config.limits)
+    elif isinstance(getattr(protocol, "limits", None), limits.HeadLimits):  # the h11 listener's protocol
+        protocol.limits = limits.HeadLimits.from_config(config.limits)  # type: ignore[attr-defined]
 
 
 def _transparent_server(config: Config, runtime: Runtime) -> tuple[SignalFreeServer, list[Any]] | None:
@@ -246,7 +262,8 @@ async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: An
     runtime.stopping = True
 
 
-def run(config: Config, contexts: TLSContexts | None = None) -> int:
-    """Entry point of `egress-sidecar run`; `contexts`: TLS contexts already being built (sidecar.tls)."""
+def run(config: Config, contexts: TLSContexts | None = None, config_path: str | None = None) -> int:
+    """Entry point of `egress-sidecar run`; `contexts`: TLS contexts already being built (sidecar.tls);
+    `config_path`: the file to watch and reload (None: SIGHUP re-reads the defaults and environment)."""
     log_module.configure(config.log)
-    return uvloop.run(serve(config, contexts=contexts))
+    return uvloop.run(serve(config, contexts=contexts, config_path=config_path))

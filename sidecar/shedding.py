@@ -46,9 +46,20 @@ class Gate:
 class Shedding:
     """The global gate and one gate per route, built once at start."""
 
-    def __init__(self, global_limit: int | None, routes: Iterable[tuple[str, int | None]]) -> None:
-        self.all = Gate("*", global_limit)
-        self._routes = {name: Gate(name, limit, self.all) for name, limit in routes}
+    def __init__(
+        self, global_limit: int | None, routes: Iterable[tuple[str, int | None]], previous: Shedding | None = None
+    ) -> None:
+        # After a reload the gates carry on (their limits updated): requests in flight under the
+        # old config still count against the caps the new one sets.
+        self.all: Gate = previous.all if previous is not None else Gate("*", global_limit)
+        self.all.limit = global_limit
+        self._routes: dict[str, Gate] = {}
+        for name, limit in routes:
+            gate = previous._routes.get(name) if previous is not None else None
+            if gate is None:
+                gate = Gate(name, limit, self.all)
+            gate.limit = limit
+            self._routes[name] = gate
 
     def gate(self, route: str | None) -> Gate:
         """The gate a request on `route` (None: forward-proxy form) passes through."""

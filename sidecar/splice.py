@@ -96,6 +96,7 @@ class TunnelRecord:
     #                    idle_timeout, drained, intercepted, client_timeout, bad_hello, or a REFUSALS reason
     detail: str = ""
     end: float = 0.0
+    would_deny: str | None = None  # report mode: the host rule that would have refused it
 
     @property
     def upstream(self) -> str:

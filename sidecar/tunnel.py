@@ -195,14 +195,15 @@ class Tunnels:
                 raise EgressError("loop", f"{host}:{port} is the sidecar's own listener")
             if port not in self.settings.connect_ports:
                 raise PolicyDenied("denied_port", "port", target)
-            self.policy.check_host(host, port)
+            # report mode: a host rule's refusal comes back as a reason, the tunnel goes on
+            would_deny = self.policy.check_host(host, port)
             if self.active >= self.settings.max_tunnels:
                 raise EgressError("overloaded", f"{self.active} tunnels open (limits.max_tunnels)")
         except EgressError as exc:
             self.refused(client, start, target, upstream, exc, answer=established is not None,
                          method="CONNECT" if source == "connect" else source)
             return False
-        record = TunnelRecord(start=start, host=host, port=port, source=source)
+        record = TunnelRecord(start=start, host=host, port=port, source=source, would_deny=would_deny)
         tunnel = Tunnel(self, client, record, buffered, established, check_sni, target)
         self.open_tunnels.add(tunnel)
         self._on_open()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import logging
+import os
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -101,15 +102,32 @@ class _DeferredTransport(httpx.AsyncBaseTransport):
             await self._inner.aclose()
 
 
+def tls_files_key(tls: TLS) -> tuple[tuple[int, int, int, int] | None, ...]:
+    """What identifies the contents of a pool's CA and client certificate files (stat, following
+    links, as credentials.SecretFile does): a file replaced, or a kubelet `..data` swap, changes it."""
+    keys: list[tuple[int, int, int, int] | None] = []
+    for path in (tls.ca_file, tls.cert_file, tls.key_file):
+        try:
+            stat = os.stat(path) if path else None
+        except OSError:
+            stat = None
+        keys.append((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) if stat is not None else None)
+    return tuple(keys)
+
+
 class Upstream:
     """Owns the one AsyncClient and the per-route pools; `send` is the hot path."""
 
     def __init__(self, config: Config, routes: Sequence[CompiledRoute], resolve: Resolve | None = None,
-                 contexts: TLSContexts | None = None) -> None:
+                 contexts: TLSContexts | None = None, previous: Upstream | None = None) -> None:
         self.config = config
         self.resolve = resolve
         self.contexts = contexts or TLSContexts()  # contexts started early (sidecar.tls), else built here
-        self.default_transport = self._transport(*default_pool(config))
+        # A reload keeps each pool whose settings and certificate files are unchanged (its open
+        # connections with it); any other is built anew and the old one is retired (`retired`).
+        self._previous = previous._by_key if previous is not None else {}
+        self._by_key: dict[tuple[object, ...], HTTP11Transport | _DeferredTransport] = {}
+        self.default_transport = self._pool(("default",), *default_pool(config))
         self.client = httpx.AsyncClient(
             transport=self.default_transport,
             cookies=httpx.Cookies(_NoCookies()),
@@ -128,12 +146,26 @@ class Upstream:
             settings = route_pool(route.config, config)
             if settings is None:
                 continue
-            self.route_transports[route.name] = self._transport(*settings)
+            self.route_transports[route.name] = self._pool(("route", route.name), *settings)
             tls = route.config.tls
             if tls is not None and tls.insecure_skip_verify:
                 log.warning("route %s: TLS verification is OFF (insecure_skip_verify)", route.name)
         if config.tls.insecure_skip_verify:
             log.warning("TLS verification is OFF for forward-proxy destinations (tls.insecure_skip_verify)")
+
+    def _pool(self, name: tuple[str, ...], tls: TLS, http2: bool) -> HTTP11Transport | _DeferredTransport:
+        key = (*name, tls, http2, self.config.pool, tls_files_key(tls))
+        transport = self._previous.get(key)
+        if transport is None:
+            transport = self._transport(tls, http2)
+        self._by_key[key] = transport
+        return transport
+
+    def retired(self, previous: Upstream) -> list[HTTP11Transport | _DeferredTransport]:
+        """The pools of `previous` this one did not keep: close them once their requests are done."""
+        kept = {id(transport) for transport in self._by_key.values()}
+        self._previous = {}
+        return [transport for transport in previous._by_key.values() if id(transport) not in kept]
 
     def _transport(self, tls: TLS, http2: bool) -> HTTP11Transport | _DeferredTransport:
         pool = self.config.pool

@@ -141,9 +141,13 @@ def base_config(ca_file: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def start_sidecar(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Sidecar:
-    config_path = tmp_path / f"sidecar-{config['listen']['port']}.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+def start_sidecar(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None,
+                  config_path: Path | None = None) -> Sidecar:
+    """Start the sidecar on `config`; `config_path`: where the config already is (a kubelet-style
+    volume, say) instead of a file written here."""
+    if config_path is None:
+        config_path = tmp_path / f"sidecar-{config['listen']['port']}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / f"sidecar-{config['listen']['port']}.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(

@@ -74,12 +74,12 @@ class Prometheus:
         stop_process(self.proc)
 
 
-def start_prometheus(tmp_path: Path, port: int, target: str, interval: str = "1s") -> Prometheus:
-    """Start /usr/bin/prometheus on 127.0.0.1:`port` scraping `target` (host:port) every `interval`."""
+def start_prometheus(tmp_path: Path, port: int, target: str | list[str], interval: str = "1s") -> Prometheus:
+    """Start /usr/bin/prometheus on 127.0.0.1:`port` scraping `target` (host:port, or several) every `interval`."""
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "scrape_configs": [{"job_name": "egress-sidecar", "scrape_interval": interval, "scrape_timeout": interval,
-                            "static_configs": [{"targets": [target]}]}],
+                            "static_configs": [{"targets": [target] if isinstance(target, str) else target}]}],
     }
     config_path = tmp_path / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))

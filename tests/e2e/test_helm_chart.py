@@ -414,6 +414,17 @@ def test_config_overrides_merge_and_pass_check_config_in_every_namespace(tmp_pat
     assert check.returncode == 0, check.stderr
 
 
+def test_policy_mode_value_sets_report_mode_over_the_config(tmp_path: Path) -> None:
+    maps = _config_maps({"sidecar": {"policyMode": "report", "config": {"policy": {"default": "deny"}}}})
+    merged = yaml.safe_load(maps[NAMESPACE])
+    assert (merged["policy"]["mode"], merged["policy"]["default"]) == ("report", "deny")
+    path = tmp_path / "config.yaml"
+    path.write_text(maps[NAMESPACE])
+    check = subprocess.run([sys.executable, "-m", "sidecar", "check-config", str(path)], capture_output=True,
+                           text=True, cwd=REPO, timeout=30, check=False)
+    assert check.returncode == 0, check.stderr
+
+
 def test_notes_tell_the_next_step() -> None:
     notes = render()["egress-sidecar/templates/NOTES.txt"]
     assert "kubectl label namespace <NAMESPACE> egress-sidecar.io/inject=true" in notes

@@ -66,7 +66,10 @@ def test_prometheus_counts_known_traffic_and_runs_every_dashboard_query(
                 {"name": "dead", "prefix": "/dead", "upstream": f"https://localhost:{dead_port}"}],
         # Only the test upstream's loopback address is allowed: 127.0.0.2 is a policy denial
         # (denied_ip) once the egress policy enforces ranges; before that, a refused connect.
-        policy={"allow_cidrs": ["127.0.0.1/32", "::1/128"], "connect_ports": [upstream.port]},
+        policy={"allow_cidrs": ["127.0.0.1/32", "::1/128"], "connect_ports": [upstream.port],
+                # Report mode with the tunnels' host on the deny list: each tunnel is a would-deny
+                # (the dashboard's rollout panel has data); routes ignore host rules.
+                "mode": "report", "deny_hosts": ["localhost"]},
     )
     prometheus = prometheus_for(sidecar)
     kinds: Counter[str] = Counter()
@@ -159,6 +162,8 @@ def test_prometheus_counts_known_traffic_and_runs_every_dashboard_query(
     assert prometheus.value('sum(egress_tunnel_duration_seconds_count)') == 3
     assert prometheus.value('sum(egress_tunnel_bytes_total{direction="down"})') > 3 * 5000
     assert prometheus.value("egress_tunnels_active") == 0
+    assert prometheus.value('sum(egress_would_deny_total{reason="host_denied"})') == 3
+    assert prometheus.value('sum(egress_config_reloads_total)') == 0 and prometheus.value("count(egress_config_info)") == 1
     # Every success went out on a new or a reused connection; the concurrent wave opened several.
     opened = prometheus.value('sum(egress_upstream_connections_opened_total{route="up"})')
     reused = prometheus.value('sum(egress_requests_on_reused_connection_total{route="up"})')

@@ -278,8 +278,12 @@ sidecar.httpsProxy is false (the webhook's per-pod egress-sidecar.io/set-https-p
 {{/* The sidecar config file: the documented default, or it with .Values.sidecar.config merged over. */}}
 {{- define "egress-sidecar.configFile" -}}
 {{- $default := .Files.Get "files/default.yaml" }}
-{{- if .Values.sidecar.config }}
-{{- mergeOverwrite ($default | fromYaml) (deepCopy .Values.sidecar.config) | toYaml }}
+{{- $overrides := deepCopy (.Values.sidecar.config | default dict) }}
+{{- if .Values.sidecar.policyMode }}
+{{- $overrides = mergeOverwrite $overrides (dict "policy" (dict "mode" .Values.sidecar.policyMode)) }}
+{{- end }}
+{{- if $overrides }}
+{{- mergeOverwrite ($default | fromYaml) $overrides | toYaml }}
 {{- else }}
 {{- $default }}
 {{- end }}
