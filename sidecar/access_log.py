@@ -18,6 +18,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import msgspec.structs
 
 from sidecar import log as log_module
 
@@ -32,7 +33,7 @@ def _ms(start: float, end: float) -> float | None:
 def access_fields(ex: Exchange) -> dict[str, Any]:
     """The access-log fields of one exchange (pure; the renderer adds `time` and `level`)."""
     request_id = ex.request_id
-    return {
+    fields: dict[str, Any] = {
         "request_id": request_id.decode("latin-1") if request_id is not None else None,
         "route": ex.route,
         "upstream": ex.upstream,
@@ -49,6 +50,9 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
         "bytes_out": ex.bytes_out,
         "reused": ex.reused,
     }
+    if ex.intercepted:
+        fields["intercepted"] = True
+    return fields
 
 
 # Tunnel outcomes logged at warning, with their reason: refusals after the 200 and failures.
@@ -100,12 +104,29 @@ class _AccessLine(msgspec.Struct, gc=False):
     time: str
 
 
+# The line of a request decrypted inside a tunnel: `intercepted: true` after `reused`, where
+# access_fields puts it (only such lines carry the key).
+_InterceptedAccessLine = msgspec.defstruct(
+    "_InterceptedAccessLine",
+    [(f.name, f.type) for f in msgspec.structs.fields(_AccessLine) if f.name not in ("event", "level", "time")]
+    + [("intercepted", bool), ("event", str), ("level", str), ("time", str)],
+    gc=False,
+)
+
+
 _encode = msgspec.json.Encoder().encode
 
 
 def render_access_line(ex: Exchange, time: str) -> bytes:
     """The JSON `access` line of `ex`, newline included (what structlog's JSON set-up writes)."""
     request_id = ex.request_id
+    if ex.intercepted:
+        return _encode(_InterceptedAccessLine(
+            request_id.decode("latin-1") if request_id is not None else None, ex.route, ex.upstream, ex.method,
+            ex.path, ex.status, ex.kind, _ms(ex.start, ex.end), _ms(ex.sent, ex.headers),
+            _ms(ex.sent, ex.first_event), _ms(ex.connect_start, ex.connect_end), _ms(ex.tls_start, ex.tls_end),
+            ex.bytes_in, ex.bytes_out, ex.reused, True, "access", "info", time,
+        )) + b"\n"
     return _encode(_AccessLine(
         request_id.decode("latin-1") if request_id is not None else None, ex.route, ex.upstream, ex.method,
         ex.path, ex.status, ex.kind, _ms(ex.start, ex.end), _ms(ex.sent, ex.headers), _ms(ex.sent, ex.first_event),

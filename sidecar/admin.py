@@ -63,6 +63,11 @@ class AdminApp:
             return 503, b"text/plain; charset=utf-8", b"draining\n"
         if not runtime.ready:
             return 503, b"text/plain; charset=utf-8", b"starting\n"
+        if runtime.interceptor is not None:
+            problem = runtime.interceptor.unready()
+            if problem is not None:
+                # The app containers wait (startup probe) for the CA bundle their trust env names.
+                return 503, b"text/plain; charset=utf-8", problem.encode() + b"\n"
         return 200, b"text/plain; charset=utf-8", b"ready\n"
 
     async def _config(self, scope: Scope) -> tuple[int, bytes, bytes]:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from sidecar.addresses import parse_ip_literal
 from sidecar.hostnames import canonical_host, check_patterns, never_applies
 
 
@@ -180,9 +181,14 @@ class HeaderValue(_Section, frozen=True):
 
 
 class Route(_Section, frozen=True):
+    """A named route: a path `prefix` sent to `upstream`, and/or `match_hosts` (exact names or
+    `*.suffix`) whose forward-proxy and intercepted requests take this route's settings while
+    going to the host the app asked for. Hosts a route matches are intercepted too (intercept.py)."""
+
     name: str
-    prefix: str
-    upstream: str
+    prefix: str | None = None
+    upstream: str | None = None
+    match_hosts: list[str] = []
     timeouts: RouteTimeouts = RouteTimeouts()
     retries: Retries | None = None
     circuit_breaker: CircuitBreaker | None = None
@@ -227,6 +233,20 @@ class Limits(_Section, frozen=True):
     max_tunnels: int = 1000  # open CONNECT tunnels; past it 503 overloaded
 
 
+class Intercept(_Section, frozen=True):
+    """Opt-in TLS interception inside CONNECT tunnels (sidecar/intercept.py, intercept_ca.py)."""
+
+    # Exact names and `*.suffix`, matched like host rules; routes' match_hosts are added to these.
+    hosts: list[str] = []
+    # Where the per-pod CA certificate and trust bundle are written (an emptyDir shared with the
+    # app containers). Never the CA key: that lives only in the sidecar's memory.
+    ca_dir: str = "/var/run/egress-sidecar/ca"
+    # The CA's lifetime from start; leaves are cut to it. Short, so a copied CA dies soon.
+    ca_validity: Seconds = Seconds(7 * 86400)
+    # Minted leaf certificates kept (least recently used dropped first).
+    leaf_cache: int = 1000
+
+
 class Inventory(_Section, frozen=True):
     """The egress inventory (admin /destinations): destinations seen, least recently seen evicted first."""
 
@@ -255,6 +275,7 @@ class Config(_Section, frozen=True):
     routes: list[Route] = []
     forwarding: Forwarding = Forwarding()
     limits: Limits = Limits()
+    intercept: Intercept = Intercept()
     inventory: Inventory = Inventory()
     metrics: Metrics = Metrics()
     log: Log = Log()
@@ -417,20 +438,30 @@ def check_semantics(config: Config) -> None:
         if route.name in seen:
             fail(f"{where}.name", f"duplicate route name {route.name!r}")
         seen.add(route.name)
-        if not route.prefix.startswith("/") or route.prefix.rstrip("/") == "":
+        if route.prefix is None and route.upstream is None and not route.match_hosts:
+            fail(f"{where}", "a route needs `prefix` and `upstream`, or `match_hosts`")
+        if (route.prefix is None) != (route.upstream is None):
+            fail(f"{where}.{'upstream' if route.upstream is None else 'prefix'}",
+                 "`prefix` and `upstream` go together")
+        if route.prefix is not None and (not route.prefix.startswith("/") or route.prefix.rstrip("/") == ""):
             fail(f"{where}.prefix", f"{route.prefix!r} must start with '/' and name a path segment")
-        # Routing compares prefixes without their trailing slash: `/a` and `/a/` are one prefix,
-        # and only one route could ever get its requests.
-        prefix = route.prefix.rstrip("/")
-        if prefix in prefixes:
-            fail(f"{where}.prefix", f"{route.prefix!r} is already the prefix of routes[{prefixes[prefix]}] "
-                 f"({config.routes[prefixes[prefix]].name!r}); this route could never apply")
-        prefixes[prefix] = index
-        if re.match(r"^https?://[^?#]*[?#]", route.upstream):
+        if route.prefix is not None:
+            # Routing compares prefixes without their trailing slash: `/a` and `/a/` are one prefix,
+            # and only one route could ever get its requests.
+            prefix = route.prefix.rstrip("/")
+            if prefix in prefixes:
+                fail(f"{where}.prefix", f"{route.prefix!r} is already the prefix of routes[{prefixes[prefix]}] "
+                     f"({config.routes[prefixes[prefix]].name!r}); this route could never apply")
+            prefixes[prefix] = index
+        if route.upstream is not None and re.match(r"^https?://[^?#]*[?#]", route.upstream):
             fail(f"{where}.upstream", f"{route.upstream!r} carries a query string or fragment; an upstream is "
                  "a base URL (scheme, host, optional path): the app's own query is sent as it wrote it")
-        if not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", route.upstream):
+        if route.upstream is not None and not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", route.upstream):
             fail(f"{where}.upstream", f"{route.upstream!r} must be an http:// or https:// base URL")
+        problem = check_patterns(route.match_hosts)
+        if problem is not None or "*" in (h.strip() for h in route.match_hosts):
+            fail(f"{where}.match_hosts", f"invalid host pattern {problem or repr('*')} (a route matches "
+                 "exact names or *.suffix, never every host)")
         for header, source in route.headers.items():
             if (source.value is None) == (source.file is None):
                 fail(f"{where}.headers.{header}", "set exactly one of `value` or `file`")
@@ -473,6 +504,25 @@ def check_semantics(config: Config) -> None:
             fail(f"policy.connect_ports[{index}]", f"port {port} is out of range 1-65535")
     if float(config.timeouts.tunnel_idle) <= 0:
         fail("timeouts.tunnel_idle", "must be longer than 0s")
+    intercept = config.intercept
+    problem = check_patterns(intercept.hosts)
+    if problem is not None or "*" in (h.strip() for h in intercept.hosts):
+        fail("intercept.hosts", f"invalid host pattern {problem or repr('*')} (exact names or *.suffix; "
+             "intercepting every host would break every certificate-pinning client)")
+    for index, host in enumerate(intercept.hosts):
+        try:
+            literal = parse_ip_literal(host.strip().removeprefix("*."))
+        except ValueError:
+            literal = None
+        if literal is not None:
+            fail(f"intercept.hosts[{index}]", f"{host!r} is an IP address: only names can be intercepted "
+                 "(the CA's name constraints exclude every address)")
+    if not os.path.isabs(intercept.ca_dir):
+        fail("intercept.ca_dir", f"{intercept.ca_dir!r} must be an absolute path")
+    if float(intercept.ca_validity) < 3600:
+        fail("intercept.ca_validity", "must be at least 1h")
+    if intercept.leaf_cache < 1:
+        fail("intercept.leaf_cache", "must be at least 1")
 
 
 def is_loopback_host(host: str) -> bool:

@@ -31,7 +31,7 @@ from sidecar.headers import (
     upstream_request_headers,
 )
 from sidecar.policy import PolicyDenied
-from sidecar.routing import Target
+from sidecar.routing import INTERCEPTED, Target
 from sidecar.runtime import Runtime, Snapshot
 from sidecar.shedding import Gate
 
@@ -166,6 +166,8 @@ class ForwardApp:
         # The config this request runs under, to its end, whatever a reload does meanwhile.
         active = runtime.active
         exchange = Exchange(start=time.perf_counter(), method=scope["method"], path=scope["path"])
+        if INTERCEPTED in scope:
+            exchange.intercepted = True
         runtime.request_started()
         active.in_flight += 1
         runtime.observer.started(exchange)

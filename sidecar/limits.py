@@ -306,6 +306,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             transport.write_eof()
             self._lingering = True
             self.loop.call_later(_LINGER_SECONDS, transport.close)
+        elif self.cycle is None or self.cycle.response_complete:
+            # TLS (an intercepted tunnel, intercept_tls.py) has no half-close: closing sends the
+            # answer, then close_notify, and reads on until the client's (no RST).
+            transport.write(self.responses[kind])
+            transport.close()
         else:
             # An earlier pipelined request's response is still going out: an answer written now
             # would land inside it, so the connection is only closed (uvicorn's 400 does worse).

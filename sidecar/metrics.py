@@ -190,6 +190,7 @@ class _Series:
     reused: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    intercepted: int = 0
     # (method as sent, status) -> the one-int cell of its requests_total series. Only standard
     # methods are cached here, so the dict stays bounded; the cells are shared with
     # `Metrics._requests`, which keeps the exposition's order.
@@ -215,6 +216,8 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("reused", "egress_requests_on_reused_connection", "Requests sent on a pooled connection that was already open"),
     ("bytes_in", "egress_request_bytes", "Request body bytes sent upstream"),
     ("bytes_out", "egress_response_bytes", "Response body bytes relayed to the app"),
+    ("intercepted", "egress_intercepted_requests",
+     "Requests decrypted inside a CONNECT tunnel (TLS interception) and sent through the pool"),
 )
 _RL = ["route", "upstream"]
 
@@ -487,6 +490,8 @@ class Metrics:
             series.bytes_in += ex.bytes_in
         if ex.bytes_out:
             series.bytes_out += ex.bytes_out
+        if ex.intercepted:
+            series.intercepted += 1
         if ex.would_deny is not None:
             self.would_deny(ex.upstream, ex.would_deny)
         kind = ex.kind

@@ -14,6 +14,7 @@ A destination that is the sidecar's own listener is a loop (508), never forwarde
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # A host as it may appear in Host or an absolute URI: a DNS-ish name or an IPv4 literal in any
 # spelling the policy later normalises, or a bracketed IPv6 literal.
 _HOST_RE = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_.-]{0,252})|\[[0-9a-f:.%a-z]+\])$")
+# Scope key the intercepting protocol sets: the CONNECT authority (`host:port`) of the tunnel
+# whose decrypted requests the scope carries (sidecar/intercept.py).
+INTERCEPTED = "egress.intercepted"
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "localhost.", "0.0.0.0", "[::]"})
 
 
@@ -130,6 +134,16 @@ def _timeouts(global_timeouts: Timeouts, route: Route | None) -> dict[str, float
 
 
 def compile_route(route: Route, config: Config, injected: tuple[tuple[bytes, Any], ...] = ()) -> CompiledRoute:
+    if route.upstream is None:
+        # A match_hosts-only route goes wherever the app asked; its first pattern names it where an
+        # upstream is expected (the circuit breaker's key, `*.example.com:443`). No prefix.
+        shown = route.match_hosts[0].strip().lower()
+        return CompiledRoute(
+            name=route.name, prefix=b"", scheme="https", host=shown, port=DEFAULT_PORTS["https"],
+            base_path="", host_header=shown.encode(), timeouts=_timeouts(config.timeouts, route),
+            config=route, injected_headers=injected,
+        )
+    assert route.prefix is not None  # config.check_semantics: prefix and upstream go together
     scheme, _, rest = route.upstream.partition("://")
     authority, slash, base_path = rest.partition("/")
     host, port = split_authority(authority)
@@ -156,8 +170,16 @@ class Router:
     """Resolves ASGI scopes to Targets with tables built once from config."""
 
     def __init__(self, config: Config, routes: Iterable[CompiledRoute]) -> None:
+        routes = list(routes)
         # Longest prefix first, so /api/v2 wins over /api.
-        self.routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        self.routes = sorted((r for r in routes if r.prefix), key=lambda r: len(r.prefix), reverse=True)
+        # Routes whose settings apply to forwarded requests by destination host, first match wins.
+        self.host_routes = tuple(
+            (HostPatterns(r.config.match_hosts), r) for r in routes if r.config.match_hosts
+        )
+        # Bounded, so a stream of random names cannot grow memory.
+        self._route_for_host = functools.lru_cache(maxsize=4096)(self._route_for_host_uncached)
+        self._intercepted = functools.lru_cache(maxsize=4096)(self._intercepted_uncached)
         self.default_timeouts = _timeouts(config.timeouts, None)
         # Exact names or *.suffix, matched like the policy's host lists.
         self.plain_http_hosts = HostPatterns(config.policy.plain_http_hosts)
@@ -177,6 +199,11 @@ class Router:
         if not raw_path.isascii() or not query_bytes.isascii():
             raise EgressError("bad_request", "non-ASCII bytes in the request target")
         query = query_bytes.decode("ascii") if query_bytes else None
+        intercepted = scope.get(INTERCEPTED)
+        if intercepted is not None:
+            if not raw_path.startswith(b"/"):
+                raise EgressError("bad_request", "an intercepted request must be origin-form")
+            return self.intercepted_target(intercepted, raw_path, query)
         # h11 keeps the absolute URI in raw_path; httptools keeps only the path.
         lowered = raw_path[:8].lower()
         if lowered.startswith((b"http://", b"https://")):
@@ -221,12 +248,39 @@ class Router:
         except ValueError:
             return False  # not a valid host: the policy denies it as invalid_host
 
+    def _route_for_host_uncached(self, host: str) -> CompiledRoute | None:
+        try:
+            canonical = canonical_host(host)
+        except ValueError:
+            return None  # not a valid host: the policy denies it as invalid_host
+        for patterns, route in self.host_routes:
+            if patterns.matches(canonical):
+                return route
+        return None
+
+    def intercepted_target(self, authority: str, path: bytes, query: str | None) -> Target:
+        """The Target of a request decrypted inside a CONNECT tunnel: https to the tunnel's
+        authority (never the inner Host header: no fronting past the CONNECT check)."""
+        route, host, port, host_header = self._intercepted(authority)
+        return Target(route, "https", host, port, path.decode("ascii"), query, host_header)
+
+    def _intercepted_uncached(self, authority: str) -> tuple[CompiledRoute | None, str, int, bytes]:
+        # Per tunnel authority, not per request (cached in __init__): the tunnel checked it already.
+        host, port = split_authority(authority)
+        host = normalise_host(host)
+        port = port or DEFAULT_PORTS["https"]
+        route = self._route_for_host(host) if self.host_routes else None
+        shown = f"[{host}]" if ":" in host else host
+        host_header = shown if port == DEFAULT_PORTS["https"] else f"{shown}:{port}"
+        return route, host, port, host_header.encode("ascii")
+
     def _forward_target(self, authority: str, path: str, query: str | None) -> Target:
         try:
             host, port = split_authority(authority)
             host = normalise_host(host)
         except (ValueError, UnicodeError) as exc:
             raise EgressError("bad_request", f"bad destination: {exc}") from None
+        route = self._route_for_host(host) if self.host_routes else None
         if self._is_plain(host):
             scheme, port = "http", port or 80
         else:
@@ -236,7 +290,7 @@ class Router:
             raise EgressError("loop", f"{host}:{port} is the sidecar's own listener")
         shown = f"[{host}]" if ":" in host else host
         host_header = shown if port == DEFAULT_PORTS[scheme] else f"{shown}:{port}"
-        return Target(None, scheme, host, port, path, query, host_header.encode("ascii"))
+        return Target(route, scheme, host, port, path, query, host_header.encode("ascii"))
 
 
 def _header(scope: Mapping[str, Any], name: bytes) -> bytes | None:

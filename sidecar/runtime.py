@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sidecar.addresses import IPAddress
 from sidecar.config import Config, config_sha256
 from sidecar.credentials import injected_headers
+from sidecar.intercept import Interceptor, build_interceptor
 from sidecar.observe import Observer
 from sidecar.policy import EgressPolicy
 from sidecar.resilience import Resilience, ResilientSender
@@ -113,6 +114,9 @@ class Runtime:
     ready: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     tunnels: Tunnels | None = None  # CONNECT (and captured TLS) tunnels; set by build_runtime
+    # TLS interception (its CA lives as long as the process: a reload does not change which hosts
+    # are intercepted; it does change the routes their requests take). Set by build_runtime.
+    interceptor: Interceptor | None = None
     # The sidecar's own bound listeners (real ports), denied by every snapshot's policy.
     listeners: list[tuple[str, int]] = field(default_factory=list)
 
@@ -178,7 +182,7 @@ def build_runtime(config: Config, observer: Observer | None = None, contexts: TL
     observer = observer or Observer(config)
     resolve = PolicyResolve(EgressPolicy())  # replaced by the snapshot's policy below
     snapshot = build_snapshot(config, observer, resolve, contexts=contexts)
-    runtime = Runtime(active=snapshot, observer=observer, resolve=resolve)
+    runtime = Runtime(active=snapshot, observer=observer, resolve=resolve, interceptor=build_interceptor(config))
     resolve.policy = snapshot.policy
     tunnels = runtime.tunnels = Tunnels(
         TunnelSettings.from_config(config),

@@ -77,6 +77,18 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     started = time.perf_counter()
     log.info("starting", version=sidecar.__version__, pid=os.getpid())
     runtime = runtime or build_runtime(config, contexts=contexts)
+    if runtime.interceptor is not None:
+        from sidecar.intercept_ca import trust_roots
+
+        try:
+            bundle = runtime.interceptor.write_files(trust_roots(config.tls.ca_file))
+        except OSError as exc:
+            log.error("startup_failed", key="intercept.ca_dir", ca_dir=config.intercept.ca_dir,
+                      problem=f"cannot write the interception CA bundle: {exc.strerror}")
+            await runtime.upstream.aclose()
+            return 2
+        log.info("intercept_ca_written", bundle=str(bundle), hosts=[str(h) for h in
+                 runtime.interceptor.hosts_listed], not_after=runtime.interceptor.ca.not_after.isoformat())
     data = SignalFreeServer(_uvicorn_config(ForwardApp(runtime), config.listen.host, config.listen.port, config,
                                             limits.observer_report(runtime.observer, "-"), config.listen.http,
                                             runtime.tunnels))
@@ -134,6 +146,9 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
                 name = sock.getsockname()
                 runtime.add_listener(hosts[index] if index < 2 else name[0], name[1])
     acceptors = [_burst_acceptor(server) for server in (data, *servers[2:])]  # data and transparent
+    if runtime.interceptor is not None and runtime.tunnels is not None and config.listen.http == "httptools":
+        runtime.interceptor.attach(runtime.tunnels, _intercepting_protocol(data), float(config.limits.header_timeout),
+                                   limits.observer_report(runtime.observer, "-"))
     for warning in exposure_warnings(config):
         log.warning("insecure_setting", message=warning)
     runtime.ready = True
@@ -210,6 +225,16 @@ def _burst_acceptor(server: SignalFreeServer) -> BurstAcceptor:
         for sock in listener.sockets:
             acceptor.watch(sock)
     return acceptor
+
+
+def _intercepting_protocol(server: SignalFreeServer) -> Any:
+    """New instances of the data listener's protocol for intercepted tunnels (sidecar/intercept.py)."""
+    from sidecar.intercept_tls import intercepting_protocol
+
+    config = server.config
+    protocol: Any = intercepting_protocol(config.http_protocol_class)
+    return functools.partial(protocol, config=config,
+                             server_state=server.server_state, app_state=server.lifespan.state)
 
 
 def _tune_gc() -> None:

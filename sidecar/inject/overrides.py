@@ -30,6 +30,7 @@ DRAIN_GRACE = PREFIX + "drain-grace"
 SET_PROXY_ENV = PREFIX + "set-proxy-env"
 SET_HTTPS_PROXY = PREFIX + "set-https-proxy"  # "false": with set-proxy-env, HTTP_PROXY only
 NO_PROXY = PREFIX + "no-proxy"
+SET_TRUST_ENV = PREFIX + "set-trust-env"  # "false": no TLS trust variables for the interception CA
 LOCK = PREFIX + "lock"  # "true" | "false": the egress lock's init container (default: the chart's)
 
 _RESOURCES = {
@@ -49,6 +50,7 @@ KNOWN = frozenset(
         SET_PROXY_ENV,
         SET_HTTPS_PROXY,
         NO_PROXY,
+        SET_TRUST_ENV,
         LOCK,
         *_RESOURCES,
     }
@@ -77,6 +79,7 @@ class Overrides:
     set_proxy_env: bool = False
     set_https_proxy: bool = True  # HTTPS_PROXY beside HTTP_PROXY (CONNECT tunnels)
     no_proxy: tuple[str, ...] = ()
+    set_trust_env: bool = True  # only matters when interception is on
     lock: bool | None = None  # None: the chart's sidecar.lock.enabled
     unknown: tuple[str, ...] = ()  # our-prefix annotations we do not know: warned, not refused
 
@@ -137,6 +140,7 @@ def parse(annotations: Mapping[str, object]) -> Overrides:
         set_proxy_env=_bool(SET_PROXY_ENV, values[SET_PROXY_ENV]) if SET_PROXY_ENV in values else False,
         set_https_proxy=_bool(SET_HTTPS_PROXY, values[SET_HTTPS_PROXY]) if SET_HTTPS_PROXY in values else True,
         no_proxy=extras,
+        set_trust_env=_bool(SET_TRUST_ENV, values[SET_TRUST_ENV]) if SET_TRUST_ENV in values else True,
         lock=_bool(LOCK, values[LOCK]) if LOCK in values else None,
         unknown=tuple(sorted(k for k in values if k not in KNOWN)),
     )

@@ -25,6 +25,10 @@ from sidecar.metadata import NO_PROXY_ENTRIES as METADATA_NO_PROXY
 
 Patch = list[dict[str, Any]]
 PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")
+# What OpenSSL (Python ssl, Ruby, PHP), requests, curl, Node and git read for extra or replacement
+# trust: pointed at the interception bundle (system roots + the pod's CA) when interception is on.
+TRUST_ENV_NAMES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO")
+BUNDLE_FILE = "bundle.pem"  # sidecar/intercept_ca.py writes it
 # Kubernetes' default when the pod does not say (PodSpec.terminationGracePeriodSeconds).
 DEFAULT_TERMINATION_GRACE = 30
 # Headroom between the end of the sidecar's drain and the kubelet's SIGKILL.
@@ -67,6 +71,32 @@ def proxy_env(listen_port: int, no_proxy: tuple[str, ...], https: bool = True) -
     if https:
         env += [{"name": "HTTPS_PROXY", "value": proxy}, {"name": "https_proxy", "value": proxy}]
     return env + [{"name": "NO_PROXY", "value": skip}, {"name": "no_proxy", "value": skip}]
+
+
+def trust_env(ca_dir: str) -> list[dict[str, str]]:
+    """The trust variables for app containers, each naming the interception bundle."""
+    bundle = ca_dir.rstrip("/") + "/" + BUNDLE_FILE
+    return [{"name": name, "value": bundle} for name in TRUST_ENV_NAMES]
+
+
+def _app_ops(apps: list[dict[str, Any]], proxy: list[dict[str, str]] | None,
+             trust: list[dict[str, str]] | None, ca_mount: dict[str, Any] | None) -> Patch:
+    """Env (proxy and/or trust variables, replacing the app's own of those names) and the CA mount."""
+    # Only the names set here are replaced (set-https-proxy "false" leaves an app's own HTTPS_PROXY).
+    replaced = {e["name"] for e in (proxy or []) + (trust or [])}
+    patch: Patch = []
+    for index, container in enumerate(apps):
+        if proxy or trust:
+            kept = [
+                e for e in container.get("env") or []
+                if not (isinstance(e, dict) and e.get("name") in replaced)
+            ]
+            patch.append({"op": "add", "path": pointer("spec", "containers", index, "env"),
+                          "value": kept + (proxy or []) + (trust or [])})
+        if ca_mount is not None:
+            mounts = container.get("volumeMounts")
+            _append(patch, pointer("spec", "containers", index, "volumeMounts"), mounts, dict(ca_mount), first=False)
+    return patch
 
 
 def _set_env(container: dict[str, Any], name: str, value: str) -> None:
@@ -164,6 +194,18 @@ def _refuse_conflicts(
         raise InjectError(f"the pod already has a volume named {volume_name!r}")
 
 
+def _refuse_ca_conflicts(spec: dict[str, Any], apps: list[dict[str, Any]], name: str, ca_dir: str) -> None:
+    """The CA volume's name and mount path must be free in the pod and its app containers."""
+    volumes = spec.get("volumes")
+    if isinstance(volumes, list) and any(isinstance(v, dict) and v.get("name") == name for v in volumes):
+        raise InjectError(f"the pod already has a volume named {name!r}")
+    for container in apps:
+        for mount in container.get("volumeMounts") or []:
+            if isinstance(mount, dict) and mount.get("mountPath", "").rstrip("/") == ca_dir.rstrip("/"):
+                raise InjectError(f"container {container.get('name')!r} already mounts something at {ca_dir}, "
+                                  "where the interception CA goes")
+
+
 def _metadata_ops(
     pod: Mapping[str, Any], settings: Settings, admin: int, apps: list[dict[str, Any]]
 ) -> Patch:
@@ -246,7 +288,12 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
         if transparent in taken:
             raise InjectError(f"port {transparent} is the egress lock's transparent listener "
                               f"(listen.transparent_port) and already used by container {taken[transparent]!r}")
-    patch: Patch = []
+    ca_volume = settings.fresh_ca_volume()
+    ca_mount = None
+    if ca_volume is not None and settings.ca_dir is not None:
+        _refuse_ca_conflicts(spec, apps, ca_volume["name"], settings.ca_dir)
+        ca_mount = {"name": ca_volume["name"], "mountPath": settings.ca_dir, "readOnly": True}
+    proxy = None
     if over.set_proxy_env:
         no_proxy = settings.no_proxy + over.no_proxy
         if settings.metadata_identity and not locked:
@@ -254,17 +301,9 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
             # without a proxy anyway: let them go direct. With the lock they are captured and
             # decided by policy.metadata: identity, so the proxy may see them too.
             no_proxy += METADATA_NO_PROXY
-        env = proxy_env(listen, no_proxy, over.set_https_proxy)
-        ours = {e["name"] for e in env}  # set-https-proxy "false" leaves an app's own HTTPS_PROXY
-        for index, container in enumerate(apps):
-            kept = [
-                e
-                for e in container.get("env") or []
-                if not (isinstance(e, dict) and e.get("name") in ours)
-            ]
-            patch.append(
-                {"op": "add", "path": pointer("spec", "containers", index, "env"), "value": kept + env}
-            )
+        proxy = proxy_env(listen, no_proxy, over.set_https_proxy)
+    trust = trust_env(settings.ca_dir) if ca_mount is not None and settings.ca_dir and over.set_trust_env else None
+    patch: Patch = _app_ops(apps, proxy, trust, ca_mount)
     container = sidecar_container(settings, over)
     if settings.native:
         _append(patch, "/spec/initContainers", spec.get("initContainers"), container, first=True)
@@ -277,6 +316,8 @@ def pod_patch(pod: Mapping[str, Any], settings: Settings, *, namespace_opted_in:
         initial = spec.get("initContainers") if not settings.native else [container]
         _append(patch, "/spec/initContainers", initial, lock_container, first=True)
     _append(patch, "/spec/volumes", spec.get("volumes"), volume, first=False)
+    if ca_volume is not None:
+        patch.append({"op": "add", "path": "/spec/volumes/-", "value": ca_volume})
     grace = over.drain_grace_seconds if over.drain_grace_seconds is not None else settings.drain_grace
     needed = math.ceil(settings.pre_stop_seconds + grace) + GRACE_HEADROOM
     current = spec.get("terminationGracePeriodSeconds")

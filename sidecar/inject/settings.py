@@ -39,6 +39,9 @@ class Settings:
     admin_port: int
     drain_grace: float
     pre_stop_seconds: float = 0.0  # a preStop `sleep N` delays SIGTERM (fallback mode)
+    # TLS interception on: the CA volume (emptyDir) and the directory it is mounted at.
+    ca_volume: dict[str, Any] | None = None
+    ca_dir: str | None = None
     # The egress lock's init container (chart: egress-sidecar.lockContainer), and whether pods
     # get it by default (annotation egress-sidecar.io/lock decides per pod).
     lock_container: dict[str, Any] | None = None
@@ -66,6 +69,9 @@ class Settings:
 
     def fresh_volume(self) -> dict[str, Any]:
         return copy.deepcopy(self.volume)
+
+    def fresh_ca_volume(self) -> dict[str, Any] | None:
+        return copy.deepcopy(self.ca_volume)
 
 
 def env_value(container: dict[str, Any], name: str) -> str | None:
@@ -118,6 +124,17 @@ def from_mapping(raw: object) -> Settings:
     scrape = raw.get("prometheusAnnotations", True)
     if not isinstance(scrape, bool):
         raise SettingsError("`prometheusAnnotations` must be true or false")
+    intercept = raw.get("intercept")
+    ca_volume: dict[str, Any] | None = None
+    ca_dir: str | None = None
+    if intercept is not None:
+        if not isinstance(intercept, dict):
+            raise SettingsError("`intercept` must be a mapping with `caDir` and `volume`")
+        ca_dir, ca_volume = intercept.get("caDir"), intercept.get("volume")
+        if not isinstance(ca_dir, str) or not ca_dir.startswith("/"):
+            raise SettingsError("`intercept.caDir` must be an absolute path")
+        if not isinstance(ca_volume, dict) or not isinstance(ca_volume.get("name"), str):
+            raise SettingsError("`intercept.volume` must be a volume with a name")
     lock = raw.get("lock", {})
     if not isinstance(lock, dict) or not isinstance(lock.get("enabled", False), bool):
         raise SettingsError("`lock` must be a mapping with `enabled` (true or false) and `container`")
@@ -140,6 +157,8 @@ def from_mapping(raw: object) -> Settings:
         admin_port=_port(container, ADMIN_PORT_ENV),
         drain_grace=float(grace),
         pre_stop_seconds=_pre_stop_seconds(container),
+        ca_volume=ca_volume,
+        ca_dir=ca_dir,
         lock_container=lock_container,
         lock_default=bool(lock.get("enabled", False)),
         transparent_port=int(transparent) if transparent is not None else None,

@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -273,3 +274,72 @@ def test_installed_wheel_serves_the_injector_as_non_root_on_a_read_only_root(ins
         stop_process(process)
     assert process.returncode == 0, log_path.read_text()
     assert "Traceback" not in log_path.read_text()
+
+
+def test_installed_wheel_intercepts_with_its_ca_key_nowhere_it_can_write(installed: Path, upstream: Any,
+                                                                        ca_file: str) -> None:
+    """Interception as in the pod: uid 65532, read-only root, the CA directory a tmpfs (the emptyDir).
+    After start and a minted leaf, no file in any directory the sidecar's user can write holds a
+    private key; the app side sees only the certificate and the bundle."""
+    files = Path(tempfile.mkdtemp(prefix="egress-intercept-", dir=installed.parent))
+    os.chmod(files, 0o755)
+    ca_dir = files / "ca"
+    ca_dir.mkdir()
+    shutil.copy(ca_file, files / "upstream-ca.pem")
+    listen, admin = free_port(), free_port()
+    (files / "config.yaml").write_text(json.dumps({
+        "listen": {"port": listen}, "admin": {"host": "127.0.0.1", "port": admin},
+        "tls": {"ca_file": str(files / "upstream-ca.pem")},
+        "policy": {"allow_cidrs": ["127.0.0.0/8"], "connect_ports": [upstream.port]},
+        "resolve": {"upstream.test": "127.0.0.1"},
+        "intercept": {"hosts": ["upstream.test"], "ca_dir": str(ca_dir)},
+        "log": {"format": "json"},
+    }))
+    env = {"PATH": f"{installed / 'bin'}:/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1"}
+    # The emptyDir: a tmpfs for uid 65532 in the sidecar's private mount namespace, then / read-only.
+    inner = (f"mount -t tmpfs -o mode=0755,uid={UID},gid={UID},size=4m tmpfs {ca_dir} && "
+             f'mount -o remount,bind,ro / && exec setpriv --reuid {UID} --regid {UID} --clear-groups -- "$@"')
+    command = [str(installed / "bin" / "egress-sidecar"), "run", "--config", str(files / "config.yaml")]
+    log_path = files / "sidecar.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", inner,
+                                    "sh", *command], env=env, stdout=log, stderr=subprocess.STDOUT)
+    inside = Path(f"/proc/{process.pid}/root")  # the sidecar's own view of the file system
+    try:
+        def ready() -> bool:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, timeout=20, message="intercepting sidecar from the wheel ready")
+        bundle = (inside / str(ca_dir).lstrip("/") / "bundle.pem").read_bytes()
+        trust = ssl.create_default_context(cadata=bundle.decode())
+        with httpx.Client(proxy=f"http://127.0.0.1:{listen}", verify=trust, trust_env=False, timeout=10) as app:
+            response = app.get(f"https://upstream.test:{upstream.port}/echo")
+        assert response.status_code == 200  # TLS terminated by the sidecar: a leaf was minted
+        assert sorted(p.name for p in (inside / str(ca_dir).lstrip("/")).iterdir()) == ["bundle.pem", "ca.crt"]
+        # Every directory the sidecar's user can write to, as the sidecar sees them.
+        find = subprocess.run(
+            ["nsenter", "--target", str(process.pid), "--mount", "--", "setpriv", "--reuid", str(UID), "--regid",
+             str(UID), "--clear-groups", "--", "find", "/", "(", "-path", "/proc", "-o", "-path", "/sys", ")",
+             "-prune", "-o", "-type", "d", "-writable", "-print"],
+            capture_output=True, text=True, timeout=60, check=False)
+        writable = [Path(line) for line in find.stdout.splitlines() if line]
+        assert Path(str(ca_dir)) in writable and not any(str(d).startswith("/tmp") and d != ca_dir for d in writable)
+        scanned = 0
+        for directory in writable:
+            for path in (inside / str(directory).lstrip("/")).rglob("*"):
+                try:
+                    if path.is_file() and not path.is_symlink():
+                        scanned += 1
+                        assert b"PRIVATE KEY" not in path.read_bytes(), path
+                except OSError:
+                    continue
+        assert scanned >= 2
+    finally:
+        stop_process(process)
+    assert process.returncode == 0, log_path.read_text()
+    output = log_path.read_text()
+    assert "Traceback" not in output and "PRIVATE" not in output

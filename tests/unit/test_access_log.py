@@ -35,6 +35,8 @@ def exchanges() -> list[Exchange]:
                  tls_start=1.003, tls_end=1.005, headers=1.010, end=1.020, bytes_in=5, bytes_out=7, reused=False),
         Exchange(start=2.0, method="POST", path="/p\u00e9", route="-", upstream="h:8443", status=204, end=2.5,
                  sent=2.1, headers=2.4, reused=True),  # no request id, no connect or TLS step
+        Exchange(start=3.0, method="GET", path="/v1/charges", route="pay", upstream="api.pay.test:443", status=200,
+                 end=3.1, sent=3.01, headers=3.05, reused=True, intercepted=True),  # decrypted inside a tunnel
     ]
 
 
@@ -58,13 +60,14 @@ def test_the_fast_line_equals_structlogs_rendering_key_for_key(configure) -> Non
         access.emit(exchange)
     slow = lines(stream)
 
-    assert len(fast) == len(slow) == 2
+    assert len(fast) == len(slow) == 3
     for fast_line, slow_line in zip(fast, slow, strict=True):
         assert [k for k, _ in fast_line] == [k for k, _ in slow_line]
         assert [(k, v) for k, v in fast_line if k != "time"] == [(k, v) for k, v in slow_line if k != "time"]
         assert TIME.match(dict(fast_line)["time"])  # type: ignore[arg-type]
     assert dict(fast[0])["event"] == "access" and dict(fast[0])["tls_ms"] == 2.0
     assert dict(fast[1])["request_id"] is None and dict(fast[1])["path"] == "/p\u00e9"
+    assert "intercepted" not in dict(fast[0]) and dict(fast[2])["intercepted"] is True
 
 
 def test_above_info_no_access_line_is_written(configure) -> None:  # type: ignore[no-untyped-def]

@@ -398,7 +398,7 @@ def test_every_design_family_is_exposed_before_any_request() -> None:
         "egress_pool_wait_seconds": "histogram", "egress_upstream_connect_seconds": "histogram",
         "egress_upstream_tls_handshake_seconds": "histogram", "egress_upstream_connections_opened": "counter",
         "egress_requests_on_reused_connection": "counter", "egress_request_bytes": "counter",
-        "egress_response_bytes": "counter", "egress_errors": "counter", "egress_denied": "counter",
+        "egress_response_bytes": "counter", "egress_intercepted_requests": "counter", "egress_errors": "counter", "egress_denied": "counter",
         "egress_retries": "counter", "egress_build_info": "gauge", "egress_upstream_connections": "gauge",
         "egress_upstream_connections_limit": "gauge", "egress_would_deny": "counter",
         "egress_config_info": "gauge", "egress_config_reloads": "counter",

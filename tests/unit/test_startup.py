@@ -31,6 +31,7 @@ NOT_AT_START = [
     "httpcore", "h2", "h11", "hpack", "hyperframe", "anyio",  # httpx's stock transport: HTTP/2 pools only
     "importlib.metadata", "importlib.resources",  # versions come from the packages' own attributes
     "certifi",  # loaded by the TLS thread at run time, not by importing
+    "cryptography",  # the interception CA (sidecar/intercept_ca.py): only when interception is configured
     "sidecar.suggest", "publicsuffixlist",  # suggest-policy only
 ]
 

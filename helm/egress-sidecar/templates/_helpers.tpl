@@ -61,6 +61,21 @@ parent's, and this chart's coalesced values sit under the "egress-sidecar" key. 
 {{- toJson (dict "values" $values "appVersion" $appVersion "mode" $mode) }}
 {{- end }}
 
+{{/*
+egress-sidecar.intercept: whether the sidecar config turns TLS interception on (intercept.hosts or
+any route's match_hosts lists a name) and its ca_dir. Returns JSON {"enabled": bool, "caDir": path}.
+*/}}
+{{- define "egress-sidecar.intercept" -}}
+{{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson }}
+{{- $config := $ctx.values.sidecar.config | default dict }}
+{{- $intercept := $config.intercept | default dict }}
+{{- $enabled := gt (len ($intercept.hosts | default list)) 0 }}
+{{- range ($config.routes | default list) }}
+{{- if .match_hosts }}{{ $enabled = true }}{{ end }}
+{{- end }}
+{{- toJson (dict "enabled" $enabled "caDir" ($intercept.ca_dir | default "/var/run/egress-sidecar/ca")) }}
+{{- end }}
+
 {{- define "egress-sidecar.imageRef" -}}
 {{- $ctx := include "egress-sidecar.sidecarContext" . | fromJson }}
 {{- $image := $ctx.values.image }}
@@ -105,7 +120,8 @@ ports:
   - name: egress-admin
     containerPort: {{ $s.adminPort | int }}
     protocol: TCP
-{{- /* App containers start only once this succeeds (native sidecar ordering, KEP-753). */}}
+{{- /* App containers start only once this succeeds (native sidecar ordering, KEP-753). With
+interception on, /readyz also needs the CA bundle the app's trust variables name. */}}
 startupProbe:
   httpGet: {path: /readyz, port: egress-admin}
   periodSeconds: 1
@@ -143,6 +159,11 @@ volumeMounts:
   - name: egress-sidecar-config
     mountPath: /etc/egress-sidecar
     readOnly: true
+  {{- $intercept := include "egress-sidecar.intercept" . | fromJson }}
+  {{- if $intercept.enabled }}
+  - name: egress-sidecar-ca
+    mountPath: {{ $intercept.caDir }}
+  {{- end }}
 {{- end }}
 
 {{/*
@@ -177,6 +198,56 @@ volumeMounts:
 name: egress-sidecar-config
 configMap:
   name: {{ $ctx.values.sidecar.configMapName }}
+{{- end }}
+
+{{/*
+TLS interception (only when the sidecar config turns it on; each renders nothing otherwise):
+egress-sidecar.caVolume, the pod volume the sidecar writes its CA certificate and bundle to (never
+the key); egress-sidecar.caMount, its read-only mount for app containers; egress-sidecar.trustEnv,
+the variables that point the app's TLS libraries at the bundle. Static injection:
+
+  containers:
+    - name: app
+      env:
+        {{- include "egress-sidecar.trustEnv" . | nindent 8 }}
+      volumeMounts:
+        {{- include "egress-sidecar.caMount" . | nindent 8 }}
+  volumes:
+    - {{- include "egress-sidecar.volume" . | nindent 6 }}
+    {{- include "egress-sidecar.caVolume" . | nindent 4 }}
+*/}}
+{{- define "egress-sidecar.caVolumeSpec" -}}
+name: egress-sidecar-ca
+emptyDir:
+  medium: Memory
+  sizeLimit: 4Mi
+{{- end }}
+
+{{- define "egress-sidecar.caVolume" -}}
+{{- $intercept := include "egress-sidecar.intercept" . | fromJson }}
+{{- if $intercept.enabled -}}
+- {{- include "egress-sidecar.caVolumeSpec" . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "egress-sidecar.caMount" -}}
+{{- $intercept := include "egress-sidecar.intercept" . | fromJson }}
+{{- if $intercept.enabled -}}
+- name: egress-sidecar-ca
+  mountPath: {{ $intercept.caDir }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "egress-sidecar.trustEnv" -}}
+{{- $intercept := include "egress-sidecar.intercept" . | fromJson }}
+{{- if $intercept.enabled }}
+{{- $bundle := printf "%s/bundle.pem" $intercept.caDir }}
+{{- range list "SSL_CERT_FILE" "REQUESTS_CA_BUNDLE" "CURL_CA_BUNDLE" "NODE_EXTRA_CA_CERTS" "GIT_SSL_CAINFO" }}
+- name: {{ . }}
+  value: {{ $bundle | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -226,6 +297,13 @@ volume:
   {{- include "egress-sidecar.volume" . | nindent 2 }}
 noProxy: {{ toJson .Values.sidecar.noProxy }}
 prometheusAnnotations: {{ .Values.sidecar.prometheusAnnotations }}
+{{- $intercept := include "egress-sidecar.intercept" . | fromJson }}
+{{- if $intercept.enabled }}
+intercept:
+  caDir: {{ $intercept.caDir | quote }}
+  volume:
+    {{- include "egress-sidecar.caVolumeSpec" . | nindent 4 }}
+{{- end }}
 lock:
   enabled: {{ .Values.sidecar.lock.enabled }}
   transparentPort: {{ dig "listen" "transparent_port" 15006 (include "egress-sidecar.configFile" . | fromYaml) | toJson }}
