@@ -20,9 +20,10 @@ from sidecar.breaker import CLOSED, FAILURE_KINDS, OPEN, Breaker, Breakers, is_f
 from sidecar.config import Config
 from sidecar.errors import EgressError, classify
 from sidecar.hostnames import endpoint
-from sidecar.retry import Clock, ReplayableBody, RetryPolicy
+from sidecar.retry import Clock, RetryPolicy
 from sidecar.routing import CompiledRoute
 from sidecar.shedding import Shedding
+from sidecar.transport.replay import ReplayableBody
 
 # upstream.send: one try, the response body not read.
 Send = Callable[[httpx.Request, CompiledRoute | None], Awaitable[httpx.Response]]

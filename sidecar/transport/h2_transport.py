@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from sidecar.retry import ReplayableBody
+from sidecar._compat.httpx import build_response, in_memory_body
 from sidecar.transport.connect import Resolve, Trace, open_connection
 from sidecar.transport.h2_pool import CONNECT, RETRY, H2Origin, H2Pool, PoolClosed, PoolWaitTimeout
 from sidecar.transport.h2_request import Disconnected, Refused, StreamReset, may_replay, request_headers
-from sidecar.transport.transport import _in_memory_body, build_response
+from sidecar.transport.replay import ReplayableBody
 from sidecar.transport.wire import may_retry_on_fresh
 
 if TYPE_CHECKING:
@@ -295,7 +295,7 @@ class _Body:
     __slots__ = ("data", "empty", "kept")
 
     def __init__(self, stream: object, limit: int) -> None:
-        data = _in_memory_body(stream)
+        data = in_memory_body(stream)
         self.data = data
         self.kept: ReplayableBody | None = None
         if data is None:
