@@ -21,7 +21,7 @@ from sidecar.forward import ForwardApp
 from sidecar.runtime import build_runtime
 from sidecar.server import SignalFreeServer, _intercepting_protocol, _uvicorn_config
 from tests.conftest import base_config
-from tests.upstream import Upstream
+from tests.servers.upstream import Upstream
 
 
 def test_a_captured_tls_connection_to_an_intercepted_name_is_served_through_the_pool(

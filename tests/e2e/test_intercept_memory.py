@@ -20,7 +20,7 @@ from sidecar.runtime import build_runtime
 from sidecar.server import SignalFreeServer, _intercepting_protocol, _uvicorn_config
 from tests.conftest import base_config
 from tests.e2e.test_request_memory import REQUESTS, alive
-from tests.upstream import Upstream
+from tests.servers.upstream import Upstream
 
 
 def test_intercepted_requests_leave_no_cyclic_garbage(

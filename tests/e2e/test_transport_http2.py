@@ -14,9 +14,9 @@ import pytest
 import trustme
 
 from tests.conftest import Sidecar
-from tests.nginx_upstream import Logged, NginxUpstream
 from tests.prometheus import samples, scrape, total
-from tests.upstream import wait_until
+from tests.servers.nginx import Logged, NginxUpstream
+from tests.servers.upstream import wait_until
 
 
 @pytest.fixture
