@@ -14,17 +14,17 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sidecar.addresses import IPAddress
 from sidecar.config import Config, config_sha256
-from sidecar.credentials import injected_headers
-from sidecar.intercept import Interceptor, build_interceptor
-from sidecar.observe import Observer
-from sidecar.policy import EgressPolicy
-from sidecar.resilience import Resilience, ResilientSender
-from sidecar.routing import Router, compile_route
-from sidecar.tls import TLSContexts
-from sidecar.tunnel import Tunnels, TunnelSettings
-from sidecar.upstream import Upstream
+from sidecar.intercept.interceptor import Interceptor, build_interceptor
+from sidecar.observe.observer import Observer
+from sidecar.policy.addresses import IPAddress
+from sidecar.policy.egress import EgressPolicy
+from sidecar.proxy.credentials import injected_headers
+from sidecar.proxy.routing import Router, compile_route
+from sidecar.resilience.sender import Resilience, ResilientSender
+from sidecar.tunnel.tunnels import Tunnels, TunnelSettings
+from sidecar.upstream.client import Upstream
+from sidecar.upstream.tls import TLSContexts
 
 
 class PolicyResolve:

@@ -10,9 +10,9 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.policy import REASONS
+from sidecar.policy.egress import REASONS
 from tests.conftest import Sidecar, free_port, server_context
-from tests.upstream import Upstream, UpstreamServer
+from tests.servers.upstream import Upstream, UpstreamServer
 
 
 def denied_series(sidecar: Sidecar) -> dict[tuple[str, str], float]:

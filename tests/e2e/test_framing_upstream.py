@@ -1,4 +1,4 @@
-"""A hostile upstream (tests/transport_upstream.py HOSTILE: scripted raw bytes in one write)
+"""A hostile upstream (tests/servers/loop_upstream.py HOSTILE: scripted raw bytes in one write)
 against the transport and through the real sidecar: bytes after a complete response close
 that upstream connection and the app gets exactly the first response; a 101 is a
 protocol_error, never relayed; the next request is unharmed."""

@@ -31,7 +31,7 @@ import trustme
 
 from sidecar.inject.patch import trust_env
 from tests.conftest import Sidecar, server_context
-from tests.upstream import Upstream, UpstreamServer, _Handler, random_bytes, wait_until
+from tests.servers.upstream import Upstream, UpstreamServer, _Handler, random_bytes, wait_until
 
 INTERCEPTED = "api.intercept.test"  # intercepted through the route's match_hosts (credential injected)
 ALSO_INTERCEPTED = "other.intercept.test"  # intercepted through intercept.hosts only

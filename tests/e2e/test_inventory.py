@@ -11,7 +11,7 @@ import pytest
 import trustme
 
 from tests.conftest import Sidecar, server_context
-from tests.upstream import Upstream, UpstreamServer
+from tests.servers.upstream import Upstream, UpstreamServer
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_tunnels_are_in_the_inventory_and_report_mode_applies_to_them(
         done = len(shown) == 3 and all(d["bytes_received"] for k, d in shown.items() if k[1] == port)
         return shown if done else None
 
-    from tests.upstream import wait_until
+    from tests.servers.upstream import wait_until
 
     shown = wait_until(tunnels, 10, message="three tunnel entries, both open tunnels closed")
     allowed = shown[("localhost", port, "tunnel", None)]

@@ -20,7 +20,7 @@ from sidecar.inject.patch import pod_patch
 from sidecar.inject.settings import from_mapping as settings_from_mapping
 from tests.conftest import ROOT, free_port
 from tests.e2e.k8s_support import documents, find, injector_settings, render, validate
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 README = ROOT / "README.md"
 

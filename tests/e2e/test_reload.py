@@ -22,7 +22,7 @@ import yaml
 from tests.conftest import ROOT, Sidecar, base_config, server_context, start_sidecar
 from tests.k8s_secret import create_secret_volume, rotate_secret_volume
 from tests.processes import stop_process
-from tests.upstream import Upstream, UpstreamServer, wait_until
+from tests.servers.upstream import Upstream, UpstreamServer, wait_until
 
 VISIBLE = 2.0  # seconds: how soon a change must be seen
 

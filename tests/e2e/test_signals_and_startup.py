@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, Sidecar, base_config
-from tests.upstream import Upstream
+from tests.servers.upstream import Upstream
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import ROOT, Sidecar, free_port, server_context
 from tests.e2e.test_inventory import tunnel_get
 from tests.prometheus import start_prometheus
-from tests.upstream import Upstream, UpstreamServer, wait_until
+from tests.servers.upstream import Upstream, UpstreamServer, wait_until
 
 NAMES = ["localhost", "api.test", "a.svc.test", "b.svc.test", "c.svc.test", "new.test", "d.svc.test"]
 OBSERVED = {  # sidecar index -> forward-proxy hosts it is asked for

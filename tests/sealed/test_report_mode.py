@@ -20,7 +20,7 @@ from tests.conftest import Sidecar, base_config, start_sidecar
 from tests.sealed.catchers import Catchers
 from tests.sealed.dns import DNSServer
 from tests.sealed.test_ssrf import SIDECAR_CONFIG, VECTORS, Vector, assert_denied, error_lines, forward
-from tests.upstream import wait_until
+from tests.servers.upstream import wait_until
 
 # Refusals by the host rules are what report mode forwards; every other vector must still be refused.
 HOST_RULES = {"host_denied", "not_allowed"}

@@ -13,13 +13,13 @@ from prometheus_client import Counter
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import log as log_module
-from sidecar.access_log import access_fields
 from sidecar.config import Config, Log, Metrics
-from sidecar.metrics import BUCKETS
-from sidecar.metrics import Metrics as Metrics_
-from sidecar.observe import Exchange, Observer
-from sidecar.policy import REASONS
+from sidecar.observe import log as log_module
+from sidecar.observe.access_log import access_fields
+from sidecar.observe.metrics import BUCKETS
+from sidecar.observe.metrics import Metrics as Metrics_
+from sidecar.observe.observer import Exchange, Observer
+from sidecar.policy.egress import REASONS
 from tests.prometheus import promtool_check
 
 
