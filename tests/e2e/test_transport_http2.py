@@ -14,8 +14,8 @@ import pytest
 import trustme
 
 from tests.conftest import Sidecar
-from tests.servers.nginx import Logged, NginxUpstream
 from tests.prometheus import samples, scrape, total
+from tests.servers.nginx import Logged, NginxUpstream
 from tests.servers.upstream import wait_until
 
 
