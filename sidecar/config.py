@@ -86,7 +86,7 @@ class AdminListen(_Section, frozen=True):
     port: int = 15090
 
 
-class Pool(_Section, frozen=True):
+class PoolSettings(_Section, frozen=True):
     max_connections: int = 100
     # httpcore counts every connection against the keep-alive limit, so a lower value makes
     # it close and re-handshake connections under load: it equals max_connections, and
@@ -198,7 +198,7 @@ class Route(_Section, frozen=True):
     max_in_flight: int | None = None
 
 
-class Metrics(_Section, frozen=True):
+class MetricsSettings(_Section, frozen=True):
     enabled: bool = True
     max_upstreams: int = 100
 
@@ -266,7 +266,7 @@ class Lock(_Section, frozen=True):
 class Config(_Section, frozen=True):
     listen: Listen = Listen()
     admin: AdminListen = AdminListen()
-    pool: Pool = Pool()
+    pool: PoolSettings = PoolSettings()
     timeouts: Timeouts = Timeouts()
     tls: TLS = TLS()
     policy: Policy = Policy()
@@ -277,7 +277,7 @@ class Config(_Section, frozen=True):
     limits: Limits = Limits()
     intercept: Intercept = Intercept()
     inventory: Inventory = Inventory()
-    metrics: Metrics = Metrics()
+    metrics: MetricsSettings = MetricsSettings()
     log: Log = Log()
     drain: Drain = Drain()
     lock: Lock = Lock()

@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import functools
 import http.cookiejar
-import logging
 import os
 import ssl
 from collections.abc import Callable, Sequence
 
 import httpx
+import structlog
 
 from sidecar.config import TLS, Config, Retries
 from sidecar.proxy.routing import CompiledRoute
 from sidecar.upstream.tls import TLSContexts, default_pool, route_pool
 from sidecar.upstream.transport import H2Transport, HTTP11Transport, Resolve
 
-log = logging.getLogger("egress.upstream")
+log = structlog.get_logger("egress.upstream")
 
 
 class _NoCookies(http.cookiejar.CookieJar):
@@ -67,11 +67,11 @@ def tls_files_key(tls: TLS) -> tuple[tuple[int, int, int, int] | None, ...]:
     return tuple(keys)
 
 
-class Upstream:
+class UpstreamClient:
     """Owns the one AsyncClient and the per-route pools; `send` is the hot path."""
 
     def __init__(self, config: Config, routes: Sequence[CompiledRoute], resolve: Resolve | None = None,
-                 contexts: TLSContexts | None = None, previous: Upstream | None = None,
+                 contexts: TLSContexts | None = None, previous: UpstreamClient | None = None,
                  on_retry: RetryCounter | None = None) -> None:
         self.config = config
         self.resolve = resolve
@@ -105,7 +105,7 @@ class Upstream:
             self.route_transports[route.name] = self._pool(("route", route.name), *settings, route.config.retries)
             tls = route.config.tls
             if tls is not None and tls.insecure_skip_verify:
-                log.warning("route %s: TLS verification is OFF (insecure_skip_verify)", route.name)
+                log.warning(f"route {route.name}: TLS verification is OFF (insecure_skip_verify)", route=route.name)
         if config.tls.insecure_skip_verify:
             log.warning("TLS verification is OFF for forward-proxy destinations (tls.insecure_skip_verify)")
 
@@ -119,7 +119,7 @@ class Upstream:
         self._by_key[key] = transport
         return transport
 
-    def retired(self, previous: Upstream) -> list[Pool]:
+    def retired(self, previous: UpstreamClient) -> list[Pool]:
         """The pools of `previous` this one did not keep: close them once their requests are done."""
         kept = {id(transport) for transport in self._by_key.values()}
         self._previous = {}

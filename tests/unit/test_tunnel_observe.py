@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import Config
-from sidecar.config import Metrics as MetricsConfig
+from sidecar.config import MetricsSettings as MetricsConfig
 from sidecar.observe.access_log import tunnel_fields
 from sidecar.observe.metrics import Metrics
 from sidecar.policy.egress import PolicyDenied

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from sidecar.upstream.transport.h2_connection import H2Connection
 
 Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
-Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
+ConnectTrace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 # asyncio's own default when no handshake timeout is given; a None connect timeout still
 # should not let a silent peer hold a slot forever.
@@ -55,7 +55,7 @@ async def open_connection(
     ssl_context: ssl.SSLContext | None,
     resolve: Resolve | None,
     timeout: float | None,
-    trace: Trace | None,
+    trace: ConnectTrace | None,
     alpn: Collection[str | None] = _HTTP11_ONLY,
 ) -> None:
     """Connect `conn` to `origin`; on failure the socket is closed and an httpx error raised.
@@ -78,7 +78,7 @@ async def open_connection(
 
 
 async def _traced(
-    trace: Trace | None, event: str, info: dict[str, Any], step: Awaitable[None], conn: Dialable
+    trace: ConnectTrace | None, event: str, info: dict[str, Any], step: Awaitable[None], conn: Dialable
 ) -> None:
     """Run one connect step between httpcore's `.started` and `.complete`/`.failed` trace events."""
     if trace is None:

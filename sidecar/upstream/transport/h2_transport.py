@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import httpx
+import structlog
 
 from sidecar._compat.httpx import build_response, in_memory_body
-from sidecar.upstream.transport.connect import Resolve, Trace, open_connection
+from sidecar.upstream.transport.connect import ConnectTrace, Resolve, open_connection
 from sidecar.upstream.transport.h2_pool import CONNECT, RETRY, H2Origin, H2Pool, PoolClosed, PoolWaitTimeout
 from sidecar.upstream.transport.h2_request import (
     Disconnected,
@@ -45,7 +45,7 @@ from sidecar.upstream.transport.wire import may_retry_on_fresh
 if TYPE_CHECKING:
     from sidecar.upstream.transport.h2_connection import H2Connection, Stream
 
-log = logging.getLogger("egress.transport")
+log = structlog.get_logger("egress.transport")
 
 _DEFAULT_PORTS = {b"https": 443, b"http": 80}
 _NO_TIMEOUTS: dict[str, float | None] = {}
@@ -128,7 +128,7 @@ class H2Transport(httpx.AsyncBaseTransport):
             return await self._http11().handle_async_request(request)
         extensions = request.extensions
         timeouts = extensions.get("timeout") or _NO_TIMEOUTS
-        trace: Trace | None = extensions.get("trace")
+        trace: ConnectTrace | None = extensions.get("trace")
         url = request.url
         headers = request_headers(
             request.method.encode("ascii"), url.raw_scheme, url.netloc, url.raw_path, request.headers.raw
@@ -173,7 +173,7 @@ class H2Transport(httpx.AsyncBaseTransport):
         return origin
 
     async def _acquire(
-        self, origin: H2Origin, timeouts: dict[str, float | None], trace: Trace | None
+        self, origin: H2Origin, timeouts: dict[str, float | None], trace: ConnectTrace | None
     ) -> tuple[H2Connection, bool, float]:
         """A connection with a stream for us: a free one, one handed over in turn, or a new one."""
         pool = self._pool
@@ -218,7 +218,7 @@ class H2Transport(httpx.AsyncBaseTransport):
                 pool.dispatch(origin)
                 may_connect = pool.reserve_connect(origin)
 
-    async def _connect(self, origin: H2Origin, timeouts: dict[str, float | None], trace: Trace | None) -> H2Connection:
+    async def _connect(self, origin: H2Origin, timeouts: dict[str, float | None], trace: ConnectTrace | None) -> H2Connection:
         """Open a connection (the pool counted it already); hand it over once its settings came."""
         from sidecar.upstream.transport.h2_connection import H2Connection  # imports h2: first connection only
 
@@ -246,8 +246,8 @@ class H2Transport(httpx.AsyncBaseTransport):
     def _fall_back(self, origin: H2Origin) -> None:
         if not origin.http1:
             origin.http1 = True
-            log.warning("%s:%s offers no HTTP/2 (ALPN chose http/1.1): using HTTP/1.1 for it",
-                        origin.host, origin.port)
+            log.warning(f"{origin.host}:{origin.port} offers no HTTP/2 (ALPN chose http/1.1): using HTTP/1.1 for it",
+                        upstream=f"{origin.host}:{origin.port}")
         for waiter in list(origin.waiters):
             if not waiter.done():
                 waiter.set_result(RETRY)
@@ -255,7 +255,7 @@ class H2Transport(httpx.AsyncBaseTransport):
 
     async def _exchange(
         self, conn: H2Connection, stream: Stream, request: httpx.Request, body: _Body,
-        timeouts: dict[str, float | None], trace: Trace | None, reused: bool, waited: float,
+        timeouts: dict[str, float | None], trace: ConnectTrace | None, reused: bool, waited: float,
     ) -> httpx.Response:
         try:
             if trace is not None:

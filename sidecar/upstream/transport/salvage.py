@@ -35,13 +35,14 @@ error (the app is gone): logged at debug level only.
 from __future__ import annotations
 
 import asyncio
-import logging
+
+import structlog
 
 from sidecar.upstream.transport.connection import Connection
 from sidecar.upstream.transport.pool import Pool
 from sidecar.upstream.transport.wire import may_salvage
 
-log = logging.getLogger("egress.transport")
+log = structlog.get_logger("egress.transport")
 
 SALVAGE_BYTES = 64 * 1024
 SALVAGE_TIMEOUT = 1.0
@@ -131,7 +132,7 @@ class Salvage:
                 if not await conn.wait(min(left, max(contended - now, slice_))) and loop.time() >= deadline:
                     return
         except Exception as exc:  # noqa: BLE001 - nobody waits on a salvage: never the app's error
-            log.debug("salvage of an upstream connection failed: %r", exc)
+            log.debug("salvage_failed", error=repr(exc))
         finally:
             if not finished:
                 # Over a bound, failed, or cancelled (the transport is closing): close it as an

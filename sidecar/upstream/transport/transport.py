@@ -27,7 +27,7 @@ import httpx
 
 from sidecar._compat.httpx import build_response, in_memory_body
 from sidecar.upstream.transport import wire
-from sidecar.upstream.transport.connect import Resolve, Trace, open_connection
+from sidecar.upstream.transport.connect import ConnectTrace, Resolve, open_connection
 from sidecar.upstream.transport.connection import DISCONNECTED, Connection, ServerDisconnected
 from sidecar.upstream.transport.origin import Origin, OriginKey
 from sidecar.upstream.transport.pool import Pool, PoolClosed, PoolWaitTimeout
@@ -113,7 +113,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
             loop = self._loop = asyncio.get_running_loop()
         extensions = request.extensions
         timeouts = extensions.get("timeout") or _NO_TIMEOUTS
-        trace: Trace | None = extensions.get("trace")
+        trace: ConnectTrace | None = extensions.get("trace")
         origin = self._origin(request)
         outgoing = await _prepare(request)
         retried = False
@@ -146,7 +146,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         return origin
 
     async def _acquire(
-        self, origin: Origin, timeouts: dict[str, float | None], trace: Trace | None, fresh: bool
+        self, origin: Origin, timeouts: dict[str, float | None], trace: ConnectTrace | None, fresh: bool
     ) -> tuple[Connection, bool, float]:
         """A connection for `origin`: an idle one, a new one, or one a waiter is handed."""
         pool = self._pool
@@ -189,7 +189,7 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
         request: httpx.Request,
         outgoing: _Outgoing,
         timeouts: dict[str, float | None],
-        trace: Trace | None,
+        trace: ConnectTrace | None,
         reused: bool,
         waited: float,
     ) -> httpx.Response:
@@ -296,7 +296,7 @@ async def _send(
     request: httpx.Request,
     outgoing: _Outgoing,
     write_timeout: float | None,
-    trace: Trace | None,
+    trace: ConnectTrace | None,
 ) -> None:
     if trace is not None:
         await trace("http11.send_request_headers.started", {"request": request})
