@@ -1,4 +1,4 @@
-"""Micro-benchmark: what TLS interception's CA costs (sidecar/intercept_ca.py).
+"""Micro-benchmark: what TLS interception's CA costs (sidecar/intercept/ca.py).
 
 Measures, in this process, bounded in count:
 - creating the per-pod CA at start (two P-256 keys, the self-signed constrained certificate);
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sidecar.intercept_ca import InterceptCA
+from sidecar.intercept.ca import InterceptCA
 
 
 def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> None:

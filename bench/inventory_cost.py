@@ -1,4 +1,4 @@
-"""CPU cost of recording one request in the egress inventory (sidecar/inventory.py).
+"""CPU cost of recording one request in the egress inventory (sidecar/observe/inventory.py).
 
     .venv/bin/python -m bench.inventory_cost [--count 200000] [--destinations 50]
 
@@ -15,10 +15,10 @@ import sys
 import time
 
 from bench.observe_cost import per_call_us
-from sidecar import log as log_module
 from sidecar.config import Config, Inventory, Log
-from sidecar.inventory import Inventory as Destinations
-from sidecar.observe import Exchange, Observer
+from sidecar.observe import log as log_module
+from sidecar.observe.inventory import Inventory as Destinations
+from sidecar.observe.observer import Exchange, Observer
 
 
 def exchanges(destinations: int) -> list[Exchange]:

@@ -75,7 +75,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if not args.sources and args.prometheus is None:
             print("egress-sidecar: suggest-policy needs a SOURCE or --prometheus URL", file=sys.stderr)
             return 2
-        from sidecar.suggest import suggest as suggest_policy
+        from sidecar.policy.suggest import suggest as suggest_policy
 
         try:
             sys.stdout.write(suggest_policy(args.sources, args.prometheus, args.window, args.collapse))
@@ -88,8 +88,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return serve(cert=args.cert, key=args.key, host=args.host, port=args.port, settings=args.settings)
     if args.command == "lock":
-        from sidecar.lock import LockOptions
-        from sidecar.lock import main as lock_main
+        from sidecar.lock.install import LockOptions
+        from sidecar.lock.install import main as lock_main
 
         try:
             config = config_module.load(args.config)
@@ -102,9 +102,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except config_module.ConfigError as exc:
         print(f"egress-sidecar: {exc}", file=sys.stderr)
         return 2
-    from sidecar.tls import TLSContexts
+    from sidecar.upstream.tls import TLSContexts
 
-    # Load the pools' CA bundles in a thread while the server's modules import (sidecar.tls).
+    # Load the pools' CA bundles in a thread while the server's modules import (sidecar.upstream.tls).
     contexts = TLSContexts.start(config)
     from sidecar.server import run
 

@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
-from sidecar.addresses import parse_ip_literal
-from sidecar.hostnames import canonical_host, check_patterns, never_applies
+from sidecar.policy.addresses import parse_ip_literal
+from sidecar.policy.hostnames import canonical_host, check_patterns, never_applies
 
 
 class ConfigError(ValueError):
@@ -86,7 +86,7 @@ class AdminListen(_Section, frozen=True):
     port: int = 15090
 
 
-class Pool(_Section, frozen=True):
+class PoolSettings(_Section, frozen=True):
     max_connections: int = 100
     # httpcore counts every connection against the keep-alive limit, so a lower value makes
     # it close and re-handshake connections under load: it equals max_connections, and
@@ -102,7 +102,7 @@ class Timeouts(_Section, frozen=True):
     write: Seconds = Seconds(30)
     pool: Seconds = Seconds(1)
     # A CONNECT tunnel with no byte either way for this long is closed. Long, since clients
-    # keep their connections to an API open between calls (sidecar/tunnel.py).
+    # keep their connections to an API open between calls (sidecar/tunnel/tunnels.py).
     tunnel_idle: Seconds = Seconds(3600)
 
 
@@ -134,7 +134,7 @@ class Policy(_Section, frozen=True):
     # Destinations reached over plain HTTP instead of HTTPS (forward-proxy form only).
     plain_http_hosts: list[str] = []
     # Cloud metadata endpoints: deny (every request refused as denied_ip), or identity (only
-    # the workload's own credential paths, through the sidecar; sidecar/metadata.py).
+    # the workload's own credential paths, through the sidecar; sidecar/policy/metadata.py).
     metadata: Literal["deny", "identity"] = "deny"
     # Ports a CONNECT tunnel may reach (403 denied_port otherwise).
     connect_ports: list[int] = msgspec.field(default_factory=lambda: [443])
@@ -149,7 +149,7 @@ class RetryBudget(_Section, frozen=True):
 
 
 class Retries(_Section, frozen=True):
-    """A route's retries (sidecar/retry.py). Only tries that failed before a response started, or
+    """A route's retries (sidecar/resilience/retry.py). Only tries that failed before a response started, or
     answered with a status listed in `on`, of a method in `methods`, are retried."""
 
     attempts: int = 0  # retries after the first try
@@ -164,7 +164,7 @@ class Retries(_Section, frozen=True):
 
 
 class CircuitBreaker(_Section, frozen=True):
-    """Per upstream host:port (sidecar/breaker.py): open after `consecutive_failures` failures
+    """Per upstream host:port (sidecar/resilience/breaker.py): open after `consecutive_failures` failures
     within `window`, fail fast for `cooldown`, then let one probe through."""
 
     consecutive_failures: int = 0  # 0: off
@@ -198,7 +198,7 @@ class Route(_Section, frozen=True):
     max_in_flight: int | None = None
 
 
-class Metrics(_Section, frozen=True):
+class MetricsSettings(_Section, frozen=True):
     enabled: bool = True
     max_upstreams: int = 100
 
@@ -234,7 +234,7 @@ class Limits(_Section, frozen=True):
 
 
 class Intercept(_Section, frozen=True):
-    """Opt-in TLS interception inside CONNECT tunnels (sidecar/intercept.py, intercept_ca.py)."""
+    """Opt-in TLS interception inside CONNECT tunnels (sidecar/intercept/interceptor.py, intercept_ca.py)."""
 
     # Exact names and `*.suffix`, matched like host rules; routes' match_hosts are added to these.
     hosts: list[str] = []
@@ -254,7 +254,7 @@ class Inventory(_Section, frozen=True):
 
 
 class Lock(_Section, frozen=True):
-    """The egress lock (`egress-sidecar lock`, sidecar/lock.py): holes in it, and captured plain HTTP."""
+    """The egress lock (`egress-sidecar lock`, sidecar/lock/install.py): holes in it, and captured plain HTTP."""
 
     skip_cidrs: list[str] = []  # destinations the lock leaves alone: a hole, not covered by policy
     skip_ports: list[int] = []  # destination ports (TCP and UDP) left alone: a hole too
@@ -266,7 +266,7 @@ class Lock(_Section, frozen=True):
 class Config(_Section, frozen=True):
     listen: Listen = Listen()
     admin: AdminListen = AdminListen()
-    pool: Pool = Pool()
+    pool: PoolSettings = PoolSettings()
     timeouts: Timeouts = Timeouts()
     tls: TLS = TLS()
     policy: Policy = Policy()
@@ -277,7 +277,7 @@ class Config(_Section, frozen=True):
     limits: Limits = Limits()
     intercept: Intercept = Intercept()
     inventory: Inventory = Inventory()
-    metrics: Metrics = Metrics()
+    metrics: MetricsSettings = MetricsSettings()
     log: Log = Log()
     drain: Drain = Drain()
     lock: Lock = Lock()

@@ -104,7 +104,7 @@ def error_subject(exc: BaseException) -> str | None:
         if isinstance(current, NameNotResolved):
             return f"{current.host} does not resolve: {current.strerror}"
         # httpcore's pool re-raises with `raise exc from None`, which drops the cause its network
-        # backend (sidecar/guard.py) set but keeps it as the context. Only that explicit form is
+        # backend (sidecar/policy/guard.py) set but keeps it as the context. Only that explicit form is
         # followed: an implicit context (an error raised while handling an earlier one, say a
         # retry) is another failure, not this one's cause.
         if current.__cause__ is None and current.__suppress_context__:

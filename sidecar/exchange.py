@@ -60,7 +60,7 @@ class Exchange:
     tls_end: float = 0.0
     connects: int = 0  # TCP connections opened for this exchange (retries can open several)
     end: float = 0.0
-    intercepted: bool = False  # decrypted inside a CONNECT tunnel (sidecar/intercept_tls.py)
+    intercepted: bool = False  # decrypted inside a CONNECT tunnel (sidecar/intercept/terminate.py)
 
     def mark_sent(self) -> None:
         """Call right before handing the request to the transport (each attempt)."""

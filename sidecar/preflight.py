@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from typing import NoReturn
 
 from sidecar.config import TLS, Config, ConfigError, load
-from sidecar.credentials import CredentialError, header_source
+from sidecar.proxy.credentials import CredentialError, header_source
 
 
 def load_checked(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:

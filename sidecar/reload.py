@@ -4,7 +4,7 @@ file it names), and on SIGHUP.
 A Kubernetes ConfigMap volume is a directory of symlinks, `config.yaml -> ..data/config.yaml`;
 on an update the kubelet writes a new timestamped directory and renames a new `..data` link
 over the old one (kubernetes/pkg/volume/util/atomic_writer.go), as for Secrets
-(sidecar/credentials.py). So the watcher `stat`s each watched path, following the links,
+(sidecar/proxy/credentials.py). So the watcher `stat`s each watched path, following the links,
 every `interval` (0.5 s), and reloads when the (device, inode, size, mtime) of one changes: no
 inotify (which watches the link, not what it points to, and misses the rename of `..data`),
 nothing on the request path.
@@ -31,9 +31,9 @@ from typing import Any
 
 import msgspec
 
-from sidecar import log as log_module
 from sidecar import preflight
 from sidecar.config import Config
+from sidecar.observe import log as log_module
 from sidecar.runtime import Runtime, Snapshot, build_snapshot
 
 StatKey = tuple[int, int, int, int] | None

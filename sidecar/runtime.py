@@ -14,17 +14,17 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sidecar.addresses import IPAddress
 from sidecar.config import Config, config_sha256
-from sidecar.credentials import injected_headers
-from sidecar.intercept import Interceptor, build_interceptor
-from sidecar.observe import Observer
-from sidecar.policy import EgressPolicy
-from sidecar.resilience import Resilience, ResilientSender
-from sidecar.routing import Router, compile_route
-from sidecar.tls import TLSContexts
-from sidecar.tunnel import Tunnels, TunnelSettings
-from sidecar.upstream import Upstream
+from sidecar.intercept.interceptor import Interceptor, build_interceptor
+from sidecar.observe.observer import Observer
+from sidecar.policy.addresses import IPAddress
+from sidecar.policy.egress import EgressPolicy
+from sidecar.proxy.credentials import injected_headers
+from sidecar.proxy.routing import Router, compile_route
+from sidecar.resilience.sender import Resilience, ResilientSender
+from sidecar.tunnel.tunnels import Tunnels, TunnelSettings
+from sidecar.upstream.client import UpstreamClient
+from sidecar.upstream.tls import TLSContexts
 
 
 class PolicyResolve:
@@ -51,7 +51,7 @@ class Snapshot:
     config: Config
     router: Router
     policy: EgressPolicy
-    upstream: Upstream
+    upstream: UpstreamClient
     resilience: Resilience
     sender: ResilientSender  # upstream.send under this snapshot's resilience rules
     observer: Observer
@@ -83,7 +83,7 @@ def build_snapshot(
     policy = EgressPolicy.from_config(config, local_addresses)
     for host, port in listeners:
         policy.add_listener(host, port)
-    upstream = Upstream(config, routes, resolve=resolve, contexts=contexts, on_retry=observer.retried,
+    upstream = UpstreamClient(config, routes, resolve=resolve, contexts=contexts, on_retry=observer.retried,
                         previous=previous.upstream if previous is not None else None)
     forwarding = config.forwarding
     resilience = Resilience(config, routes, previous=previous.resilience if previous is not None else None)
@@ -134,7 +134,7 @@ class Runtime:
         return self.active.policy
 
     @property
-    def upstream(self) -> Upstream:
+    def upstream(self) -> UpstreamClient:
         return self.active.upstream
 
     @property

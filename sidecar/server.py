@@ -21,18 +21,19 @@ import uvicorn
 import uvloop
 
 import sidecar
-from sidecar import lifecycle, limits
-from sidecar import log as log_module
+from sidecar import lifecycle
 from sidecar._compat.uvicorn import SignalFreeServer, protocol_factory
-from sidecar.accept import BurstAcceptor
-from sidecar.admin import AdminApp, redacted_config
 from sidecar.config import Config
-from sidecar.forward import ForwardApp
-from sidecar.hostnames import endpoint
-from sidecar.policy import exposure_warnings
+from sidecar.ingress import protocol as limits
+from sidecar.ingress.accept import BurstAcceptor
+from sidecar.ingress.admin import AdminApp, redacted_config
+from sidecar.observe import log as log_module
+from sidecar.policy.egress import exposure_warnings
+from sidecar.policy.hostnames import endpoint
+from sidecar.proxy.app import ForwardApp
 from sidecar.reload import Reloader
 from sidecar.runtime import Runtime, build_runtime
-from sidecar.tls import TLSContexts
+from sidecar.upstream.tls import TLSContexts
 
 # In-flight work still running when the drain deadline passes gets this long, then is cut.
 _FORCE_CLOSE_AFTER = 1
@@ -47,7 +48,7 @@ def _uvicorn_config(
     if http == "httptools":
         protocol: type[Any] = limits.protocol_class(config.limits, report, tunnels)
     else:
-        from sidecar import h11_protocol  # only when asked for: the run path does not load h11
+        from sidecar.ingress import h11_protocol  # only when asked for: the run path does not load h11
 
         protocol = h11_protocol.protocol_class(config.limits, report)
     return uvicorn.Config(
@@ -78,7 +79,7 @@ async def serve(config: Config, runtime: Runtime | None = None, contexts: TLSCon
     log.info("starting", version=sidecar.__version__, pid=os.getpid())
     runtime = runtime or build_runtime(config, contexts=contexts)
     if runtime.interceptor is not None:
-        from sidecar.intercept_ca import trust_roots
+        from sidecar.intercept.ca import trust_roots
 
         try:
             bundle = runtime.interceptor.write_files(trust_roots(config.tls.ca_file))
@@ -201,7 +202,7 @@ def _transparent_server(config: Config, runtime: Runtime) -> tuple[SignalFreeSer
     port = config.listen.transparent_port
     if port is None:
         return None
-    from sidecar import transparent  # only where the listener is on
+    from sidecar.ingress import transparent  # only where the listener is on
 
     sockets = transparent.listening_sockets(port)
     report = limits.observer_report(runtime.observer, "-")
@@ -209,7 +210,7 @@ def _transparent_server(config: Config, runtime: Runtime) -> tuple[SignalFreeSer
                                      tunnels=runtime.tunnels)
     tls_handler = None
     if runtime.tunnels is not None:
-        from sidecar.captured_tls import CapturedTLS
+        from sidecar.tunnel.captured_tls import CapturedTLS
 
         tls_handler = CapturedTLS(runtime.tunnels, runtime.policy, float(config.limits.header_timeout),
                                   transparent.refusal_reporter(runtime.observer)).take
@@ -228,8 +229,8 @@ def _burst_acceptor(server: SignalFreeServer) -> BurstAcceptor:
 
 
 def _intercepting_protocol(server: SignalFreeServer) -> Any:
-    """New instances of the data listener's protocol for intercepted tunnels (sidecar/intercept.py)."""
-    from sidecar.intercept_tls import intercepting_protocol
+    """New instances of the data listener's protocol for intercepted tunnels (sidecar/intercept/interceptor.py)."""
+    from sidecar.intercept.terminate import intercepting_protocol
 
     config = server.config
     protocol: Any = intercepting_protocol(config.http_protocol_class)
@@ -267,7 +268,7 @@ async def _drain(runtime: Runtime, data: SignalFreeServer, grace: float, log: An
 
 
 def run(config: Config, contexts: TLSContexts | None = None, config_path: str | None = None) -> int:
-    """Entry point of `egress-sidecar run`; `contexts`: TLS contexts already being built (sidecar.tls);
+    """Entry point of `egress-sidecar run`; `contexts`: TLS contexts already being built (sidecar.upstream.tls);
     `config_path`: the file to watch and reload (None: SIGHUP re-reads the defaults and environment)."""
     log_module.configure(config.log)
     lifecycle.quiet_uvicorn()

@@ -4,7 +4,7 @@
 |--------------------------|-----------------------------------------------------------------|
 | `transport_micro`        | our HTTP11Transport vs httpx's default transport, 100 B over TLS |
 | `transport_reset_memory` | RSS growth per failed request, ours vs httpx's                  |
-| `limits_overhead`        | what the head limits (sidecar/limits.py) cost per request       |
+| `limits_overhead`        | what the head limits (sidecar/ingress/protocol.py) cost per request       |
 | `metrics_cost`           | `Metrics.record` alone, per request                             |
 | `observe_cost`           | the access-log line and the observer, per request               |
 

@@ -1,4 +1,4 @@
-"""What the head limits (sidecar/limits.py) cost per request, in process: `python -m bench.micro.limits_overhead`.
+"""What the head limits (sidecar/ingress/protocol.py) cost per request, in process: `python -m bench.micro.limits_overhead`.
 
 Feeds the same keep-alive request (12 header fields, one read) to uvicorn's HttpToolsProtocol
 and to our LimitedHttpToolsProtocol over a transport that discards writes, with a trivial ASGI
@@ -19,7 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from sidecar.config import Limits
-from sidecar.limits import protocol_class
+from sidecar.ingress.protocol import protocol_class
 
 REQUEST = (
     b"GET /up/100b?x=1 HTTP/1.1\r\nHost: 127.0.0.1:15001\r\nUser-Agent: bench/1.0\r\nAccept: */*\r\n"

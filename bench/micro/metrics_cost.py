@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 from bench.micro.observe_cost import per_call_us
 from sidecar.config import Config
-from sidecar.metrics import BUCKETS, Metrics
-from sidecar.observe import Exchange
+from sidecar.observe.metrics import BUCKETS, Metrics
+from sidecar.observe.observer import Exchange
 
 SHAPES = 64  # distinct exchanges per shape, cycled
 

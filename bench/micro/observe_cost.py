@@ -17,9 +17,9 @@ import time
 
 import structlog
 
-from sidecar import log as log_module
 from sidecar.config import Config, Log
-from sidecar.observe import Exchange, Observer
+from sidecar.observe import log as log_module
+from sidecar.observe.observer import Exchange, Observer
 
 EVENTS = (
     "connection.connect_tcp.started", "connection.connect_tcp.complete",

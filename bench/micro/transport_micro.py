@@ -34,7 +34,7 @@ import trustme
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-from sidecar.transport import HTTP11Transport
+from sidecar.upstream.transport import HTTP11Transport
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 BODY = "x" * 100
@@ -128,7 +128,7 @@ async def _one(transport: httpx.AsyncBaseTransport, url: httpx.URL, host: str) -
     response = await transport.handle_async_request(request)
     stream = response.stream
     try:
-        async for _chunk in stream:  # as sidecar/forward.py relays it
+        async for _chunk in stream:  # as sidecar/proxy/app.py relays it
             pass
     finally:
         await stream.aclose()  # type: ignore[union-attr]

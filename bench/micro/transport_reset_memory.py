@@ -36,7 +36,7 @@ import httpx
 import trustme
 import uvloop
 
-from sidecar.transport.transport import HTTP11Transport
+from sidecar.upstream.transport.transport import HTTP11Transport
 from tests.servers.upstream import UpstreamServer
 
 WARM_UP, COUNT, SECONDS = 300, int(os.environ.get("BENCH_COUNT", "20000")), 90.0

@@ -56,19 +56,19 @@ __all__ = [
 REWRITTEN: dict[str, tuple[str, str]] = {
     "uvicorn.protocols.http.httptools_impl.RequestResponseCycle.send": (
         "cfc84491029529db3be8833cf904f97a3cb18e0a7fd24199b43e694d59617a00",
-        "sidecar/cycle.py ProxyCycle.send, _start, _body",
+        "sidecar/ingress/writer.py ProxyCycle.send, _start, _body",
     ),
     "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol.data_received": (
         "02c2572f1df559070eba7f206a3f7e251782f5af4aaae194fc1ffb67f24c3873",
-        "sidecar/limits.py LimitedHttpToolsProtocol.data_received",
+        "sidecar/ingress/protocol.py LimitedHttpToolsProtocol.data_received",
     ),
     "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol.on_url": (
         "4670fe11c5fd50283d9bedf18736e4a232aeac6a226c39dbff19d3c0adde20e7",
-        "sidecar/limits.py LimitedHttpToolsProtocol.on_url",
+        "sidecar/ingress/protocol.py LimitedHttpToolsProtocol.on_url",
     ),
     "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol.on_headers_complete": (
         "7e259152e5aade71beacb5d1b28c319358b2b0e1f3a493655b5c354b5e7d4ef9",
-        "sidecar/limits.py on_headers_complete and sidecar/_compat/uvicorn.py adopt",
+        "sidecar/ingress/protocol.py on_headers_complete and sidecar/_compat/uvicorn.py adopt",
     ),
     "uvicorn.server.Server.serve": (
         "20557f5f925b5a3c755ee419fedf3c1752c3882102fb18e1c034a0c36d655586",

@@ -14,9 +14,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from sidecar import log as log_module
 from sidecar.inject.review import Reply, handle
 from sidecar.inject.settings import Settings
+from sidecar.observe import log as log_module
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -80,7 +80,7 @@ class Overrides:
     set_https_proxy: bool = True  # HTTPS_PROXY beside HTTP_PROXY (CONNECT tunnels)
     no_proxy: tuple[str, ...] = ()
     set_trust_env: bool = True  # only matters when interception is on
-    lock: bool | None = None  # None: the chart's sidecar.lock.enabled
+    lock: bool | None = None  # None: the chart's sidecar.lock.install.enabled
     unknown: tuple[str, ...] = ()  # our-prefix annotations we do not know: warned, not refused
 
 

@@ -21,14 +21,14 @@ from sidecar.inject.settings import (
     LISTEN_PORT_ENV,
     Settings,
 )
-from sidecar.metadata import NO_PROXY_ENTRIES as METADATA_NO_PROXY
+from sidecar.policy.metadata import NO_PROXY_ENTRIES as METADATA_NO_PROXY
 
 Patch = list[dict[str, Any]]
 PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")
 # What OpenSSL (Python ssl, Ruby, PHP), requests, curl, Node and git read for extra or replacement
 # trust: pointed at the interception bundle (system roots + the pod's CA) when interception is on.
 TRUST_ENV_NAMES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO")
-BUNDLE_FILE = "bundle.pem"  # sidecar/intercept_ca.py writes it
+BUNDLE_FILE = "bundle.pem"  # sidecar/intercept/ca.py writes it
 # Kubernetes' default when the pod does not say (PodSpec.terminationGracePeriodSeconds).
 DEFAULT_TERMINATION_GRACE = 30
 # Headroom between the end of the sidecar's drain and the kubelet's SIGKILL.

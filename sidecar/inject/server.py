@@ -10,12 +10,12 @@ import sys
 import uvicorn
 import uvloop
 
-from sidecar import log as log_module
 from sidecar._compat.uvicorn import SignalFreeServer  # uvicorn.Server that leaves signals to us
 from sidecar.config import Log
 from sidecar.inject import settings as settings_module
 from sidecar.inject.app import ASGIApp, Receive, Scope, Send, make_app
 from sidecar.inject.certreload import CertReloader
+from sidecar.observe import log as log_module
 
 
 def _bind(host: str, port: int) -> socket.socket:

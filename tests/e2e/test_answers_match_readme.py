@@ -10,7 +10,7 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.policy import REASONS
+from sidecar.policy.egress import REASONS
 from tests.conftest import Sidecar, free_port, server_context
 from tests.servers.upstream import Upstream, UpstreamServer
 

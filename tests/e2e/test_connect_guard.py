@@ -11,8 +11,8 @@ import httpx
 import pytest
 import trustme
 
-from sidecar.guard import guard_transport
-from sidecar.policy import EgressPolicy, PolicyDenied
+from sidecar.policy.egress import EgressPolicy, PolicyDenied
+from sidecar.policy.guard import guard_transport
 from tests.conftest import Sidecar, server_context
 from tests.servers.upstream import Upstream, UpstreamServer
 

@@ -1,7 +1,7 @@
 """Captured :443 (the egress lock) is intercepted like a CONNECT: the same hook, the same path.
 
 In-process, without iptables: a bare listener stands in for the transparent listener and hands
-each connection to the real `CapturedTLS` (sidecar/captured_tls.py) with the original destination
+each connection to the real `CapturedTLS` (sidecar/tunnel/captured_tls.py) with the original destination
 the kernel would report; from there everything is the sidecar's: ClientHello and SNI checks, the
 tunnel, the interception hook, TLS with the minted leaf, the forward path and the pool.
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 import uvloop
 
 from sidecar import config as cfg
-from sidecar import limits
-from sidecar.captured_tls import CapturedTLS
-from sidecar.forward import ForwardApp
+from sidecar.ingress import protocol as limits
+from sidecar.proxy.app import ForwardApp
 from sidecar.runtime import build_runtime
 from sidecar.server import SignalFreeServer, _intercepting_protocol, _uvicorn_config
+from sidecar.tunnel.captured_tls import CapturedTLS
 from tests.conftest import base_config
 from tests.servers.upstream import Upstream
 

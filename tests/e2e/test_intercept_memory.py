@@ -2,7 +2,7 @@
 
 As tests/e2e/test_request_memory.py, with the data listener in-process and the collector off,
 but the requests go through a CONNECT tunnel the sidecar intercepts: the app's TLS is terminated
-on the tunnel's transport and a second listener protocol serves it (sidecar/intercept_tls.py).
+on the tunnel's transport and a second listener protocol serves it (sidecar/intercept/terminate.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import uvloop
 
 from sidecar import config as cfg
-from sidecar import limits
-from sidecar.forward import ForwardApp
+from sidecar.ingress import protocol as limits
+from sidecar.proxy.app import ForwardApp
 from sidecar.runtime import build_runtime
 from sidecar.server import SignalFreeServer, _intercepting_protocol, _uvicorn_config
 from tests.conftest import base_config

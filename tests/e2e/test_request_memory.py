@@ -17,13 +17,13 @@ import httpx
 import uvloop
 
 from sidecar import config as cfg
-from sidecar import limits
-from sidecar.cycle import ProxyCycle
-from sidecar.forward import DisconnectWatch, ForwardApp, RequestBody
-from sidecar.observe import Exchange
+from sidecar.ingress import protocol as limits
+from sidecar.ingress.writer import ProxyCycle
+from sidecar.observe.observer import Exchange
+from sidecar.proxy.app import DisconnectWatch, ForwardApp, RequestBody
 from sidecar.runtime import build_runtime
 from sidecar.server import SignalFreeServer, _uvicorn_config
-from sidecar.transport.transport import ResponseStream
+from sidecar.upstream.transport.transport import ResponseStream
 from tests.conftest import base_config
 from tests.servers.upstream import Upstream
 

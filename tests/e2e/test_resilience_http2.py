@@ -72,7 +72,7 @@ def test_concurrent_requests_share_one_http2_connection(
 
 # nginx sends GOAWAY *before* the response of the last stream it accepts on a connection, and
 # ignores the streams above it. The transport finishes the streams at or below the GOAWAY's last
-# stream id and sends the others again on a new connection (sidecar/transport/h2_transport.py),
+# stream id and sends the others again on a new connection (sidecar/upstream/transport/h2_transport.py),
 # so no retry budget is needed.
 @pytest.mark.parametrize("mode", ["sequential", "concurrent"])
 def test_goaway_after_keepalive_requests_loses_no_request(

@@ -13,7 +13,7 @@ import httpx
 import uvloop
 
 from sidecar import config as cfg
-from sidecar.observe import Observer
+from sidecar.observe.observer import Observer
 from sidecar.runtime import build_runtime
 from tests.conftest import base_config
 from tests.servers.upstream import ResettingServer, Upstream

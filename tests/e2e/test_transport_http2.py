@@ -169,12 +169,12 @@ def test_http2_requests_leave_no_cyclic_garbage(no_cyclic_gc: None, ca_file: str
     import uvloop
 
     from sidecar import config as cfg
-    from sidecar import limits
-    from sidecar.forward import ForwardApp
+    from sidecar.ingress import protocol as limits
+    from sidecar.proxy.app import ForwardApp
     from sidecar.runtime import build_runtime
     from sidecar.server import SignalFreeServer, _uvicorn_config
-    from sidecar.transport.h2_connection import Stream
-    from sidecar.transport.h2_transport import H2ResponseStream
+    from sidecar.upstream.transport.h2_connection import Stream
+    from sidecar.upstream.transport.h2_transport import H2ResponseStream
     from tests.conftest import base_config
 
     server = NginxUpstream(ca, tmp_path / "nginx").start()

@@ -1,4 +1,4 @@
-"""The tunnel API other listeners build on, in-process (sidecar/tunnel.py's module doc).
+"""The tunnel API other listeners build on, in-process (sidecar/tunnel/tunnels.py's module doc).
 
 The real data listener (uvicorn on uvloop with the sidecar's protocol and runtime) or a bare
 asyncio listener standing in for the transparent one, real sockets, a recording upstream:
@@ -19,11 +19,11 @@ from typing import Any
 import uvloop
 
 from sidecar import config as cfg
-from sidecar import limits
-from sidecar.forward import ForwardApp
+from sidecar.ingress import protocol as limits
+from sidecar.proxy.app import ForwardApp
 from sidecar.runtime import Runtime, build_runtime
 from sidecar.server import SignalFreeServer, _uvicorn_config
-from sidecar.splice import Tunnel, TunnelRecord, _UpstreamSide
+from sidecar.tunnel.splice import Tunnel, TunnelRecord, _UpstreamSide
 from tests.conftest import base_config
 from tests.e2e.connect_support import TcpUpstream, client_hello
 from tests.servers.upstream import wait_until

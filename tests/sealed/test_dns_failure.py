@@ -21,7 +21,7 @@ from tests.sealed.test_ssrf import error_lines, forward, via_route
 def sidecar(system_resolver: None, ca_file: str, tmp_path: Path) -> Iterator[Sidecar]:
     config = base_config(ca_file, routes=[
         {"name": "gone", "prefix": "/gone", "upstream": "https://gone.test"},
-        # HTTP/2 routes dial through httpcore and the guard backend (sidecar/guard.py), not our transport.
+        # HTTP/2 routes dial through httpcore and the guard backend (sidecar/policy/guard.py), not our transport.
         {"name": "gone-h2", "prefix": "/gone-h2", "upstream": "https://gone-h2.test", "http2": True},
     ])
     started = start_sidecar(tmp_path, config)

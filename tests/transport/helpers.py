@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.transport import HTTP11Transport
+from sidecar.upstream.transport import HTTP11Transport
 from tests.servers.loop_upstream import Certs, Upstream, upstream
 
 TIMEOUTS = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}

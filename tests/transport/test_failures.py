@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from sidecar.errors import classify
-from sidecar.transport import HTTP11Transport
+from sidecar.upstream.transport import HTTP11Transport
 from tests.servers.loop_upstream import Certs, Upstream, run, seeded_bytes, upstream
 from tests.transport.helpers import certs, fetch, make_request, server, transport_for
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.transport import HTTP11Transport
+from sidecar.upstream.transport import HTTP11Transport
 from tests.servers.loop_upstream import GZIP_BODY, Certs, Upstream, rss_bytes, run, seeded_bytes
 from tests.transport.helpers import certs, fetch, make_request, plain_server, server, transport_for
 

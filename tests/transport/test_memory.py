@@ -19,8 +19,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from sidecar.transport import HTTP11Transport
-from sidecar.transport.connection import Connection
+from sidecar.upstream.transport import HTTP11Transport
+from sidecar.upstream.transport.connection import Connection
 from tests.servers.loop_upstream import Certs, Upstream, run
 from tests.transport.helpers import certs, make_request, server, transport_for
 

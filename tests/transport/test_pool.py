@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.transport.origin import Origin
-from sidecar.transport.pool import (
+from sidecar.upstream.transport.origin import Origin
+from sidecar.upstream.transport.pool import (
     Pool,
     PoolClosed,
     PoolWaitTimeout,
@@ -394,7 +394,7 @@ def test_close_all_closes_the_idle_and_fails_the_waiters() -> None:
 
 
 def test_origins_without_connections_are_forgotten_past_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sidecar.transport import pool as pool_module
+    from sidecar.upstream.transport import pool as pool_module
 
     monkeypatch.setattr(pool_module, "_MAX_ORIGINS", 3)
     pool: Pool[FakeConnection] = Pool(4, 4, None)

@@ -13,7 +13,7 @@ import sys
 import httpx
 import pytest
 
-from sidecar.transport.connection import HIGH_WATER
+from sidecar.upstream.transport.connection import HIGH_WATER
 from tests.servers.loop_upstream import (
     Certs,
     Upstream,

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from sidecar.transport import HTTP11Transport
+from sidecar.upstream.transport import HTTP11Transport
 from tests.servers.loop_upstream import Certs, Upstream, run, seeded_bytes, wait_for
 from tests.transport.helpers import certs, fetch, make_request, server, transport_for
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
-from sidecar.accept import BurstAcceptor
+from sidecar.ingress.accept import BurstAcceptor
 
 BURST = 64
 TURNS = 8
@@ -95,7 +95,7 @@ def test_a_closed_acceptor_takes_nothing_more_and_leaves_the_listener_open(
 _OUT_OF_DESCRIPTORS = """
 import asyncio, os, resource, socket, sys
 import uvloop
-from sidecar.accept import BurstAcceptor
+from sidecar.ingress.accept import BurstAcceptor
 
 class Made(asyncio.Protocol):
     count = 0

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar import log as log_module
-from sidecar.access_log import AccessLog
 from sidecar.config import Log
-from sidecar.observe import Exchange
+from sidecar.observe import log as log_module
+from sidecar.observe.access_log import AccessLog
+from sidecar.observe.observer import Exchange
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Breakers, is_failure_status
 from sidecar.config import CircuitBreaker, Seconds
+from sidecar.resilience.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Breakers, is_failure_status
 
 
 class Clock:
@@ -163,8 +163,8 @@ COUNTED = {"connect_error", "connect_timeout", "tls_error", "upstream_reset", "p
 
 
 def test_failure_kinds_are_exactly_the_upstreams_faults() -> None:
-    from sidecar.breaker import FAILURE_KINDS
     from sidecar.errors import ERRORS
+    from sidecar.resilience.breaker import FAILURE_KINDS
 
     assert FAILURE_KINDS == COUNTED
     # local capacity, policy, the app and the sidecar itself say nothing about the upstream

@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from sidecar.capture import captured_target, first_bytes_kind, parse_sockaddr
 from sidecar.errors import EgressError
-from sidecar.hostnames import HostPatterns
+from sidecar.ingress.capture import captured_target, first_bytes_kind, parse_sockaddr
+from sidecar.policy.hostnames import HostPatterns
 
 
 def test_sockaddr_in_and_in6_as_getsockopt_returns_them() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import config as config_module
-from sidecar.credentials import REDACTED, CredentialError, SecretFile, injected_headers, redact, render
+from sidecar.proxy.credentials import REDACTED, CredentialError, SecretFile, injected_headers, redact, render
 from tests.k8s_secret import create_secret_volume, rotate_secret_volume
 
 

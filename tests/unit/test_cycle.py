@@ -15,7 +15,7 @@ import pytest
 import uvloop
 from uvicorn.protocols.http.flow_control import FlowControl
 
-from sidecar.cycle import BODY_READY, ProxyCycle
+from sidecar.ingress.writer import BODY_READY, ProxyCycle
 
 
 class RecordingTransport:

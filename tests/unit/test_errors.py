@@ -11,7 +11,7 @@ import pytest
 
 from sidecar import config as cfg
 from sidecar.errors import ERRORS, EgressError, NameNotResolved, classify, error_head, error_subject
-from sidecar.forward import ForwardApp
+from sidecar.proxy.app import ForwardApp
 from sidecar.runtime import build_runtime
 
 

@@ -1,4 +1,4 @@
-"""Request framing rules (sidecar/framing.py), and the h11 listener's connection, which is
+"""Request framing rules (sidecar/ingress/framing.py), and the h11 listener's connection, which is
 sans-IO: fed bytes here, no sockets. Plus contract checks on the llhttp messages and the
 uvicorn seams those modules rely on."""
 
@@ -13,9 +13,9 @@ import pytest
 from sidecar._compat.h11 import H11Protocol, buffered
 from sidecar.config import Limits
 from sidecar.errors import EgressError
-from sidecar.framing import head_problem, parse_error_kind, request_framing
-from sidecar.h11_protocol import StrictH11Connection
-from sidecar.limits import HeadLimits
+from sidecar.ingress.framing import head_problem, parse_error_kind, request_framing
+from sidecar.ingress.h11_protocol import StrictH11Connection
+from sidecar.ingress.protocol import HeadLimits
 
 CL, TE = b"content-length", b"transfer-encoding"
 _LIMITS = HeadLimits.from_config(Limits())

@@ -13,9 +13,9 @@ import h2.events
 import h2.settings
 import pytest
 
-from sidecar.transport import h2_frames as f
-from sidecar.transport.h2_connection import STREAM_WINDOW, H2Connection, Stream
-from sidecar.transport.h2_request import Disconnected, Refused, StreamReset
+from sidecar.upstream.transport import h2_frames as f
+from sidecar.upstream.transport.h2_connection import STREAM_WINDOW, H2Connection, Stream
+from sidecar.upstream.transport.h2_request import Disconnected, Refused, StreamReset
 
 GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test"), (b":path", b"/")]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hpack
 from hyperframe.frame import Frame
 
-from sidecar.transport import h2_frames as f
+from sidecar.upstream.transport import h2_frames as f
 
 
 def test_header_blocks_decode_to_what_was_encoded() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.transport.h2_pool import CONNECT, H2Origin, H2Pool, PoolWaitTimeout
+from sidecar.upstream.transport.h2_pool import CONNECT, H2Origin, H2Pool, PoolWaitTimeout
 
 
 class Conn:

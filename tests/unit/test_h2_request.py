@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar.transport.h2_request import MAX_REPLAYS, may_replay, request_headers
+from sidecar.upstream.transport.h2_request import MAX_REPLAYS, may_replay, request_headers
 
 
 def test_pseudo_headers_come_first_and_host_becomes_the_authority() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.headers import (
+from sidecar.proxy.headers import (
     connection_tokens,
     downstream_response_headers,
     is_upgrade,
@@ -76,7 +76,7 @@ HOP_BY_HOP_NAMES = [b"connection", b"keep-alive", b"proxy-connection", b"proxy-a
 
 
 def test_the_hop_by_hop_table_is_exactly_rfc_9110s() -> None:
-    from sidecar.headers import HOP_BY_HOP
+    from sidecar.proxy.headers import HOP_BY_HOP
 
     assert HOP_BY_HOP == frozenset(HOP_BY_HOP_NAMES)
 
@@ -107,7 +107,7 @@ def test_the_apps_host_is_replaced_and_connection_tokens_read_only_when_present(
 
 
 def test_request_ids_are_read_and_made() -> None:
-    from sidecar.headers import new_request_id, request_id_of
+    from sidecar.proxy.headers import new_request_id, request_id_of
 
     assert request_id_of([(b"x-a", b"1"), (b"x-request-id", b"abc"), (b"x-request-id", b"def")]) == b"abc"
     assert request_id_of([(b"x-a", b"1")]) is None

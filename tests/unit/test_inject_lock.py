@@ -8,10 +8,10 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from sidecar import metadata
 from sidecar.inject import settings as settings_module
 from sidecar.inject.overrides import InjectError
 from sidecar.inject.patch import pod_patch
+from sidecar.policy import metadata
 from tests.unit.inject_data import RAW_SETTINGS, pod
 
 LOCK_CONTAINER: dict[str, Any] = {

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sidecar.intercept_ca import BUNDLE_FILE, CA_FILE, InterceptCA, name_constraints
+from sidecar.intercept.ca import BUNDLE_FILE, CA_FILE, InterceptCA, name_constraints
 
 PATTERNS = ["api.example.com", "*.stripe.com"]
 ROOTS = b"-----BEGIN CERTIFICATE-----\nroots stand-in\n-----END CERTIFICATE-----\n"

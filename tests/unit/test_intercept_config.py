@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from sidecar import config as cfg
-from sidecar.intercept import intercepted_patterns
-from sidecar.routing import INTERCEPTED, Router, compile_route
+from sidecar.intercept.interceptor import intercepted_patterns
+from sidecar.proxy.routing import INTERCEPTED, Router, compile_route
 
 CONFIG = cfg.from_mapping({
     "intercept": {"hosts": ["api.example.com", "*.Stripe.com."]},
@@ -83,7 +83,7 @@ def test_bad_interception_config_names_the_key(raw: dict[str, Any], key: str) ->
 def test_interception_is_unready_without_its_bundle_or_past_the_cas_end(tmp_path: Any) -> None:
     import datetime
 
-    from sidecar.intercept import build_interceptor
+    from sidecar.intercept.interceptor import build_interceptor
 
     interceptor = build_interceptor(cfg.from_mapping({"intercept": {"hosts": ["a.test"], "ca_dir": str(tmp_path)}}))
     assert interceptor is not None
@@ -96,5 +96,5 @@ def test_interception_is_unready_without_its_bundle_or_past_the_cas_end(tmp_path
 
 def test_international_names_are_intercepted_and_constrained_in_their_ascii_form() -> None:
     config = cfg.from_mapping({"intercept": {"hosts": ["*.Bücher.de", "straße.example."]}})
-    # As the host rules read them (sidecar.hostnames: UTS #46, non-transitional: ß stays ß).
+    # As the host rules read them (sidecar.policy.hostnames: UTS #46, non-transitional: ß stays ß).
     assert intercepted_patterns(config) == ["*.xn--bcher-kva.de", "xn--strae-oqa.example"]

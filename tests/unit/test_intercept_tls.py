@@ -1,10 +1,10 @@
-"""The seam onto the event loop's TLS protocol (sidecar/intercept_tls.py), with real sockets.
+"""The seam onto the event loop's TLS protocol (sidecar/intercept/terminate.py), with real sockets.
 
 A bare TCP server reads the client's first flight (its ClientHello) itself, as the tunnel does,
 then hands the connection and those bytes to `terminate`: the TLS handshake must complete with
 the minted leaf, ALPN http/1.1, and bytes must flow both ways through the app protocol. If
 uvloop's SSLProtocol changes its constructor or buffered-protocol calls, this fails: re-read
-uvloop/sslproto.pyx and adjust sidecar/intercept_tls.py.
+uvloop/sslproto.pyx and adjust sidecar/intercept/terminate.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable
 import pytest
 import uvloop
 
-from sidecar.intercept_ca import InterceptCA
-from sidecar.intercept_tls import intercepting_protocol, terminate
-from sidecar.routing import INTERCEPTED
+from sidecar.intercept.ca import InterceptCA
+from sidecar.intercept.terminate import intercepting_protocol, terminate
+from sidecar.proxy.routing import INTERCEPTED
 
 CA = InterceptCA(["*.seam.test"], validity=3600, cache_size=4)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sidecar.inventory import Inventory
-from sidecar.observe import Exchange
+from sidecar.observe.inventory import Inventory
+from sidecar.observe.observer import Exchange
 
 
 def exchange(upstream: str, route: str = "-", method: str = "GET", status: int = 200, end: float = 1.0,

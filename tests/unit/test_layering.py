@@ -30,11 +30,11 @@ class Layer:
 LAYERS: dict[str, Layer] = {
     "sidecar._compat": Layer((), "the seam for other libraries' internals depends on nothing of ours"),
     "sidecar.exchange": Layer((), "the per-request record every layer names imports nothing of the sidecar"),
-    "sidecar.transport": Layer(
-        ("sidecar.transport", "sidecar._compat"),
+    "sidecar.upstream.transport": Layer(
+        ("sidecar.upstream.transport", "sidecar._compat"),
         "the HTTP/1.1 transport is an httpx transport, reusable without the sidecar around it"),
     "sidecar.inject": Layer(
-        ("sidecar.inject", "sidecar.config", "sidecar.log", "sidecar.metadata", "sidecar._compat"),
+        ("sidecar.inject", "sidecar.config", "sidecar.observe.log", "sidecar.policy.metadata", "sidecar._compat"),
         "the webhook (`egress-sidecar inject`) runs in another pod: nothing of the data path"),
 }
 
@@ -122,11 +122,11 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_graph_is_read_from_source_including_type_only_imports() -> None:
-    assert "sidecar.forward" in GRAPH and "sidecar.transport.wire" in GRAPH
-    assert "sidecar.runtime" in _ours(GRAPH, "sidecar.forward")
-    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from sidecar.forward import ForwardApp\n"
+    assert "sidecar.proxy.app" in GRAPH and "sidecar.upstream.transport.wire" in GRAPH
+    assert "sidecar.runtime" in _ours(GRAPH, "sidecar.proxy.app")
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from sidecar.proxy.app import ForwardApp\n"
     tree = ast.parse(source)
-    assert any(isinstance(n, ast.ImportFrom) and n.module == "sidecar.forward" for n in ast.walk(tree))
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "sidecar.proxy.app" for n in ast.walk(tree))
 
 
 def test_cycle_finder_finds_a_type_only_cycle() -> None:

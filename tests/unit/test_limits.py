@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar import config as cfg
-from sidecar.limits import HeadLimits, render_error
+from sidecar.ingress.protocol import HeadLimits, render_error
 
 
 @pytest.mark.parametrize(

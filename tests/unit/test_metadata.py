@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from sidecar.config import from_mapping
-from sidecar.metadata import identity_refusal
-from sidecar.policy import EgressPolicy, PolicyDenied
-from sidecar.routing import Target
+from sidecar.policy.egress import EgressPolicy, PolicyDenied
+from sidecar.policy.metadata import identity_refusal
+from sidecar.proxy.routing import Target
 
 IMDS = "169.254.169.254"
 TOKEN = [(b"x-aws-ec2-metadata-token", b"AQAE...")]

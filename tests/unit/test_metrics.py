@@ -13,18 +13,18 @@ from prometheus_client import Counter
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import log as log_module
-from sidecar.access_log import access_fields
-from sidecar.config import Config, Log, Metrics
-from sidecar.metrics import BUCKETS
-from sidecar.metrics import Metrics as Metrics_
-from sidecar.observe import Exchange, Observer
-from sidecar.policy import REASONS
+from sidecar.config import Config, Log, MetricsSettings
+from sidecar.observe import log as log_module
+from sidecar.observe.access_log import access_fields
+from sidecar.observe.metrics import BUCKETS
+from sidecar.observe.metrics import Metrics as Metrics
+from sidecar.observe.observer import Exchange, Observer
+from sidecar.policy.egress import REASONS
 from tests.prometheus import promtool_check
 
 
 def observer(max_upstreams: int = 100, pools: dict[str, tuple[int, int]] | None = None) -> Observer:
-    config = Config(metrics=Metrics(max_upstreams=max_upstreams))
+    config = Config(metrics=MetricsSettings(max_upstreams=max_upstreams))
     return Observer(config, (lambda: pools) if pools is not None else None)
 
 
@@ -203,7 +203,7 @@ def test_exposition_speaks_openmetrics_only_when_asked() -> None:
 
 
 def test_metrics_disabled_means_no_registry() -> None:
-    assert Observer(Config(metrics=Metrics(enabled=False))).metrics is None
+    assert Observer(Config(metrics=MetricsSettings(enabled=False))).metrics is None
 
 
 def test_access_fields_name_every_step_and_never_the_query() -> None:
@@ -288,8 +288,8 @@ def test_a_transport_that_only_reports_reuse_still_counts_opens() -> None:
 KNOWN = {"route": "gh", "upstream": "api.example:443"}
 
 
-def known_metrics() -> Metrics_:
-    metrics = Metrics_(Config(), lambda: 3)
+def known_metrics() -> Metrics:
+    metrics = Metrics(Config(), lambda: 3)
     common = {"path": "/x", "route": "gh", "upstream": "api.example:443", "sent": 1.0}
     exchanges = [
         # reused connection: 2**-10 s pool wait, 0.25 s to headers (on a bound), 0.25 s in all
@@ -390,7 +390,7 @@ def test_known_exchanges_give_these_counts_sums_and_counters() -> None:
 
 
 def test_every_design_family_is_exposed_before_any_request() -> None:
-    metrics = Metrics_(Config(), lambda: 0, lambda: {"default": (0, 0)})
+    metrics = Metrics(Config(), lambda: 0, lambda: {"default": (0, 0)})
     families = egress_families(metrics.exposition("text/plain")[1].decode())
     assert {name: family.type for name, family in families.items()} == {
         "egress_requests": "counter", "egress_requests_in_flight": "gauge",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from sidecar import config as config_module
-from sidecar.policy import REASONS, EgressPolicy, PolicyDenied, exposure_warnings, local_addresses
+from sidecar.policy.egress import REASONS, EgressPolicy, PolicyDenied, exposure_warnings, local_addresses
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.addresses import denial_reason, embedded_ipv4, in_networks, parse_ip_literal, parse_network
+from sidecar.policy.addresses import (
+    denial_reason,
+    embedded_ipv4,
+    in_networks,
+    parse_ip_literal,
+    parse_network,
+)
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.hostnames import HostPatterns, canonical_host, check_patterns
+from sidecar.policy.hostnames import HostPatterns, canonical_host, check_patterns
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_patterns_of_each_kind_are_truthy() -> None:
 
 
 def test_an_allow_all_is_dead_only_under_a_deny_all() -> None:
-    from sidecar.hostnames import never_applies
+    from sidecar.policy.hostnames import never_applies
 
     assert never_applies(["*"], [" * "]) == "*"
     assert never_applies([" *"], ["*.example.com", "a.test"]) is None

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sidecar.policy import EgressPolicy, PolicyDenied
+from sidecar.policy.egress import EgressPolicy, PolicyDenied
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from sidecar import config as cfg
-from sidecar import log as log_module
+from sidecar.observe import log as log_module
 from sidecar.reload import changed_sections, restart_only, watched_files
 
 

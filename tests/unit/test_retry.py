@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from sidecar.config import Retries, RetryBudget, Seconds
-from sidecar.retry import Budget, RetryPolicy, full_jitter, reason_for_kind
-from sidecar.transport.replay import ReplayableBody
+from sidecar.resilience.retry import Budget, RetryPolicy, full_jitter, reason_for_kind
+from sidecar.upstream.transport.replay import ReplayableBody
 
 
 class Clock:

@@ -13,7 +13,7 @@ import pytest
 from httpx._transports.default import map_httpcore_exceptions
 
 from sidecar.errors import classify
-from sidecar.retry import reason_for_kind
+from sidecar.resilience.retry import reason_for_kind
 
 
 def _through_httpx(event: object) -> httpx.HTTPError:

@@ -8,7 +8,7 @@ import pytest
 
 from sidecar import config as cfg
 from sidecar.errors import EgressError
-from sidecar.routing import Router, compile_route, normalise_host, split_authority
+from sidecar.proxy.routing import Router, compile_route, normalise_host, split_authority
 
 CONFIG = cfg.from_mapping(
     {

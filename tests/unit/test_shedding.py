@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.errors import EgressError
-from sidecar.shedding import Shedding
+from sidecar.resilience.shedding import Shedding
 
 
 def test_route_cap_refuses_at_once_with_overloaded() -> None:

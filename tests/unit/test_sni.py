@@ -1,4 +1,4 @@
-"""The ClientHello parser (sidecar/sni.py) on real hellos from Python's ssl, split every way."""
+"""The ClientHello parser (sidecar/tunnel/sni.py) on real hellos from Python's ssl, split every way."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from sidecar.sni import (
+from sidecar.tunnel.sni import (
     MAX_HELLO_RECORDS,
     ClientHello,
     Incomplete,

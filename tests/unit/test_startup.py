@@ -19,10 +19,10 @@ import pytest
 
 import sidecar
 from sidecar import config as cfg
-from sidecar import policy
-from sidecar.metrics import Metrics
+from sidecar.observe.metrics import Metrics
+from sidecar.policy import egress as policy
 from sidecar.runtime import build_runtime
-from sidecar.tls import TLSContexts, pools
+from sidecar.upstream.tls import TLSContexts, pools
 
 # Modules the `run` path of a config without HTTP/2 routes never needs before it is ready.
 NOT_AT_START = [
@@ -31,8 +31,8 @@ NOT_AT_START = [
     "httpcore", "h2", "h11", "hpack", "hyperframe", "anyio",  # httpx's stock transport: HTTP/2 pools only
     "importlib.metadata", "importlib.resources",  # versions come from the packages' own attributes
     "certifi",  # loaded by the TLS thread at run time, not by importing
-    "cryptography",  # the interception CA (sidecar/intercept_ca.py): only when interception is configured
-    "sidecar.suggest", "publicsuffixlist",  # suggest-policy only
+    "cryptography",  # the interception CA (sidecar/intercept/ca.py): only when interception is configured
+    "sidecar.policy.suggest", "publicsuffixlist",  # suggest-policy only
 ]
 
 

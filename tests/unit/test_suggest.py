@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from sidecar import config as cfg
-from sidecar.suggest import collapse, merge, registrable_domain, render
+from sidecar.policy.suggest import collapse, merge, registrable_domain, render
 
 IS_PUBLIC = registrable_domain()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from sidecar.transport import wire
+from sidecar.upstream.transport import wire
 
 
 def test_head_keeps_headers_exactly_in_order_with_repeats() -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.access_log import tunnel_fields
 from sidecar.config import Config
-from sidecar.config import Metrics as MetricsConfig
-from sidecar.metrics import Metrics
-from sidecar.policy import PolicyDenied
-from sidecar.tunnel import REFUSALS, TunnelRecord
+from sidecar.config import MetricsSettings as MetricsConfig
+from sidecar.observe.access_log import tunnel_fields
+from sidecar.observe.metrics import Metrics
+from sidecar.policy.egress import PolicyDenied
+from sidecar.tunnel.tunnels import REFUSALS, TunnelRecord
 
 
 def record(outcome: str = "closed", host: str = "api.example.com", **fields: object) -> TunnelRecord:
