@@ -195,7 +195,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         for goal, met, shown in doc["goals"]:
             lines.append(_row([goal, {True: "yes", False: "NO", None: "–"}[met], shown]))
     if doc.get("h2_goals"):
-        lines += ["", "## Issue 18 goals (HTTP/2 route `sidecar-h2` vs HTTP/1.1 route `sidecar`, this run)", "",
+        lines += ["", "## HTTP/2 route goals (HTTP/2 route `sidecar-h2` vs HTTP/1.1 route `sidecar`, this run)", "",
                   _row(["goal", "met", "measured"]), _row(["---"] * 3)]
         for goal, met, shown in doc["h2_goals"]:
             lines.append(_row([goal, {True: "yes", False: "NO", None: "–"}[met], shown]))
