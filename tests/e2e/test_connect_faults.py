@@ -59,6 +59,9 @@ def test_upstream_reset_mid_tunnel_frees_everything(make_sidecar: Callable[..., 
         sock.close()
     settle(sidecar, base)
     assert metric(sidecar, "egress_tunnels_total", outcome="upstream_reset") >= 1
+    # The tunnel line is written as the tunnel ends, which may trail the descriptors' release.
+    wait_until(lambda: len([e for e in sidecar.logs() if e.get("event") == "tunnel"]) >= 5, 5,
+               message="one tunnel line per tunnel")
     lines = [e for e in sidecar.logs() if e.get("event") == "tunnel"]
     assert len(lines) == 5
 
