@@ -27,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = (
-    "addresses", "hostnames", "headers", "routing", "retry", "breaker", "errors", "transport.wire",
+    "policy.addresses", "policy.hostnames", "proxy.headers", "proxy.routing", "resilience.retry",
+    "resilience.breaker", "errors", "upstream.transport.wire", "upstream.transport.replay",
 )
 TARGET = 0.90
 # Exit codes mutmut records for a mutant the tests caught: a test failed (1, or 3: pytest's
@@ -94,10 +95,10 @@ EQUIVALENT: dict[str, str] = {
     f"sidecar.proxy.routing.x{_C}Router{_C}resolve__mutmut_136": "'ASCII' and 'ascii' name the same codec",
     f"sidecar.proxy.routing.x{_C}Router{_C}resolve__mutmut_139": "'ASCII' and 'ascii' name the same codec",
     # retry
-    f"sidecar.resilience.retry.x{_C}ReplayableBody{_C}__aiter____mutmut_9": "an exhausted async generator stops again",
-    f"sidecar.resilience.retry.x{_C}ReplayableBody{_C}__aiter____mutmut_10": "an exhausted async generator stops again",
-    f"sidecar.resilience.retry.x{_C}ReplayableBody{_C}__aiter____mutmut_16": "the kept chunks are never read once dropped",
-    f"sidecar.resilience.retry.x{_C}ReplayableBody{_C}__init____mutmut_7": "_done None is falsy like False",
+    f"sidecar.upstream.transport.replay.x{_C}ReplayableBody{_C}__aiter____mutmut_9": "an exhausted async generator stops again",
+    f"sidecar.upstream.transport.replay.x{_C}ReplayableBody{_C}__aiter____mutmut_10": "an exhausted async generator stops again",
+    f"sidecar.upstream.transport.replay.x{_C}ReplayableBody{_C}__aiter____mutmut_16": "the kept chunks are never read once dropped",
+    f"sidecar.upstream.transport.replay.x{_C}ReplayableBody{_C}__init____mutmut_7": "_done None is falsy like False",
     f"sidecar.resilience.retry.x{_C}Budget{_C}__init____mutmut_23": "an untouched ring entry holds zero counts",
     f"sidecar.resilience.retry.x{_C}Budget{_C}__init____mutmut_24": "an untouched ring entry holds zero counts",
 }

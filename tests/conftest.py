@@ -22,6 +22,7 @@ import trustme
 import yaml
 
 from tests.processes import stop_process
+from tests.servers.nginx import NginxUpstream
 from tests.servers.upstream import Upstream, UpstreamServer, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,21 @@ def fresh_upstream(ca: trustme.CA) -> Iterator[Upstream]:
     state = server.start()
     yield state
     server.stop()
+
+
+@pytest.fixture
+def nginx(ca: trustme.CA, tmp_path: Path) -> Iterator[Callable[..., NginxUpstream]]:
+    """Real nginx TLS upstreams (HTTP/2 by ALPN), started on demand with NginxUpstream's options."""
+    started: list[NginxUpstream] = []
+
+    def make(**kwargs: Any) -> NginxUpstream:
+        server = NginxUpstream(ca, tmp_path / f"nginx{len(started)}", **kwargs).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
 
 
 def free_port() -> int:

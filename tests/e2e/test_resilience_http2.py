@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import trustme
 
 from tests.conftest import Sidecar
 from tests.servers.nginx import NginxUpstream
-
-
-@pytest.fixture
-def nginx(ca: trustme.CA, tmp_path: Path) -> Iterator[Callable[..., NginxUpstream]]:
-    started: list[NginxUpstream] = []
-
-    def make(**kwargs: Any) -> NginxUpstream:
-        server = NginxUpstream(ca, tmp_path / f"nginx{len(started)}", **kwargs).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
 
 
 def routes(server: NginxUpstream, **h2: Any) -> list[dict[str, Any]]:

@@ -10,27 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trustme
 
 from tests.conftest import Sidecar
 from tests.prometheus import samples, scrape, total
 from tests.servers.nginx import Logged, NginxUpstream
 from tests.servers.upstream import wait_until
-
-
-@pytest.fixture
-def nginx(ca: trustme.CA, tmp_path: Path) -> Iterator[Callable[..., NginxUpstream]]:
-    started: list[NginxUpstream] = []
-
-    def make(**kwargs: Any) -> NginxUpstream:
-        server = NginxUpstream(ca, tmp_path / f"nginx{len(started)}", **kwargs).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
 
 
 def h2_route(server: NginxUpstream, **extra: Any) -> list[dict[str, Any]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
-
 import pytest
 
 from sidecar.tunnel.sni import (
@@ -14,18 +12,7 @@ from sidecar.tunnel.sni import (
     names_match,
     parse_client_hello,
 )
-
-
-def real_hello(server_hostname: str | None) -> bytes:
-    """The bytes Python's TLS client sends first for `server_hostname` (None: no SNI)."""
-    context = ssl.create_default_context()
-    if server_hostname is None:
-        context.check_hostname = False
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
+from tests.e2e.connect_support import client_hello as real_hello
 
 
 def refragment(hello: bytes, size: int) -> bytes:

@@ -39,6 +39,7 @@ from sidecar.upstream.transport.h2_request import (
     may_replay,
     request_headers,
 )
+from sidecar.upstream.transport.origin import origin_of
 from sidecar.upstream.transport.replay import ReplayableBody
 from sidecar.upstream.transport.wire import may_retry_on_fresh
 
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("egress.transport")
 
-_DEFAULT_PORTS = {b"https": 443, b"http": 80}
 _NO_TIMEOUTS: dict[str, float | None] = {}
 _ALPN = frozenset({"h2", "http/1.1"})
 _HTTP2 = b"HTTP/2"
@@ -158,16 +158,10 @@ class H2Transport(httpx.AsyncBaseTransport):
 
     def _origin(self, request: httpx.Request) -> H2Origin:
         url = request.url
-        key = (url.raw_scheme, url.raw_host, url.port)
-        origin = self._pool.origins.get(key)
+        origin = self._pool.origins.get((url.raw_scheme, url.raw_host, url.port))
         if origin is None:
-            scheme, host, port = key
-            if scheme not in _DEFAULT_PORTS:
-                raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
-            if not host:
-                raise httpx.UnsupportedProtocol("the request URL has no host")
-            name = host.decode("ascii")
-            origin = H2Origin(key, scheme == b"https", name, port or _DEFAULT_PORTS[scheme], name)
+            key, tls, name, port = origin_of(url)
+            origin = H2Origin(key, tls, name, port, name)
             origin.http1 = not origin.tls  # HTTP/2 is negotiated by ALPN only (no h2c)
             self._pool.origins[key] = origin
         return origin

@@ -29,11 +29,10 @@ from sidecar._compat.httpx import build_response, in_memory_body
 from sidecar.upstream.transport import wire
 from sidecar.upstream.transport.connect import ConnectTrace, Resolve, open_connection
 from sidecar.upstream.transport.connection import DISCONNECTED, Connection, ServerDisconnected
-from sidecar.upstream.transport.origin import Origin, OriginKey
+from sidecar.upstream.transport.origin import Origin, origin_of
 from sidecar.upstream.transport.pool import Pool, PoolClosed, PoolWaitTimeout
 from sidecar.upstream.transport.salvage import SALVAGE_BYTES, SALVAGE_CONTENDED, SALVAGE_TIMEOUT, Salvage
 
-_DEFAULT_PORTS = {b"https": 443, b"http": 80}
 _NO_TIMEOUTS: dict[str, float | None] = {}
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
@@ -132,16 +131,10 @@ class HTTP11Transport(httpx.AsyncBaseTransport):
 
     def _origin(self, request: httpx.Request) -> Origin:
         url = request.url
-        key: OriginKey = (url.raw_scheme, url.raw_host, url.port)
-        origin = self._pool.origin(key)
+        origin = self._pool.origin((url.raw_scheme, url.raw_host, url.port))
         if origin is None:
-            scheme, host, port = key
-            if scheme not in _DEFAULT_PORTS:
-                raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
-            if not host:
-                raise httpx.UnsupportedProtocol("the request URL has no host")
-            name = host.decode("ascii")
-            origin = Origin(key, scheme == b"https", name, port or _DEFAULT_PORTS[scheme], name)
+            key, tls, name, port = origin_of(url)
+            origin = Origin(key, tls, name, port, name)
             self._pool.remember(origin)
         return origin
 
